@@ -1,0 +1,53 @@
+"""The run directory: FAISS vector spaces, SQLite metadata, arrays and the manifest.
+
+This is the only package that touches disk. It hands out frozen records and numpy arrays, never ORM rows or
+FAISS's raw ``(D, I)``.
+"""
+
+from store.arrays import ChunkedArray, load_array, load_tensors, save_array, save_tensors
+from store.atomic import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from store.errors import (
+    ConfigMismatchError,
+    CorruptRunError,
+    RunNotFoundError,
+    SchemaVersionError,
+    StoreError,
+    UnknownExampleError,
+)
+from store.manifest import SCHEMA_VERSION, Manifest, load_manifest, save_manifest
+from store.metadata import ExampleRecord, MetadataStore
+from store.run import RunPaths, content_hash, fingerprint_arrays, verify_run
+from store.vectors import FaissVectorIndex, Hits, NumpyVectorIndex, VectorIndex, search_both_signs
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ChunkedArray",
+    "ConfigMismatchError",
+    "CorruptRunError",
+    "ExampleRecord",
+    "FaissVectorIndex",
+    "Hits",
+    "Manifest",
+    "MetadataStore",
+    "NumpyVectorIndex",
+    "RunNotFoundError",
+    "RunPaths",
+    "SchemaVersionError",
+    "StoreError",
+    "UnknownExampleError",
+    "VectorIndex",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "content_hash",
+    "fingerprint_arrays",
+    "load_array",
+    "load_manifest",
+    "load_tensors",
+    "save_array",
+    "save_manifest",
+    "save_tensors",
+    "search_both_signs",
+    "verify_run",
+]

@@ -1,0 +1,255 @@
+"""Contract tests run against every vector index, plus FAISS persistence and approximate recall."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from store.errors import CorruptRunError, RunNotFoundError
+from store.vectors import (
+    FaissVectorIndex,
+    Hits,
+    NumpyVectorIndex,
+    VectorIndex,
+    search_both_signs,
+)
+
+DIM = 12
+N = 300
+
+Factory = Callable[[int], VectorIndex]
+FACTORIES: dict[str, Factory] = {
+    "numpy": NumpyVectorIndex,
+    "faiss": lambda dim: FaissVectorIndex.create(dim),
+}
+
+
+@pytest.fixture(params=sorted(FACTORIES))
+def make_index(request: pytest.FixtureRequest) -> Factory:
+    return FACTORIES[request.param]
+
+
+def _data(seed: int = 0, n: int = N, dim: int = DIM) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    ids = rng.permutation(10 * n)[:n].astype(np.int64)  # sparse, unordered ids
+    queries = rng.standard_normal((7, dim)).astype(np.float32)
+    return vectors, ids, queries
+
+
+def _brute_force(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> list[Hits]:
+    scores = queries.astype(np.float64) @ vectors.astype(np.float64).T
+    out = []
+    for row in scores:
+        order = np.argsort(-row, kind="stable")[:k]
+        out.append(Hits(ids[order], row[order]))
+    return out
+
+
+def _assert_hits_match(got: list[Hits], want: list[Hits]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.ids.dtype == np.int64 and g.scores.dtype == np.float32
+        np.testing.assert_array_equal(g.ids, w.ids)
+        np.testing.assert_allclose(g.scores, w.scores, rtol=1e-5, atol=1e-5)
+
+
+class TestVectorIndexContract:
+    """Every VectorIndex implementation must pass these."""
+
+    def test_is_a_vector_index(self, make_index: Factory) -> None:
+        index = make_index(DIM)
+        assert isinstance(index, VectorIndex)
+        assert index.dim == DIM and index.ntotal == 0
+
+    def test_search_equals_brute_force(self, make_index: Factory) -> None:
+        vectors, ids, queries = _data()
+        index = make_index(DIM)
+        index.add(vectors[:100], ids[:100])
+        index.add(vectors[100:], ids[100:])
+        assert index.ntotal == N
+        np.testing.assert_array_equal(index.ids(), ids)
+        _assert_hits_match(index.search(queries, 10), _brute_force(vectors, ids, queries, 10))
+
+    def test_both_signs_are_highest_and_lowest(self, make_index: Factory) -> None:
+        vectors, ids, queries = _data(1)
+        index = make_index(DIM)
+        index.add(vectors, ids)
+        top, bottom = search_both_signs(index, queries, 5)
+        truth = queries.astype(np.float64) @ vectors.astype(np.float64).T
+        for q, (t, b) in enumerate(zip(top, bottom, strict=True)):
+            order = np.argsort(truth[q], kind="stable")
+            np.testing.assert_array_equal(t.ids, ids[order[::-1][:5]])
+            np.testing.assert_array_equal(b.ids, ids[order[:5]])
+            # Opponent scores are the true (negative) inner products, lowest first.
+            np.testing.assert_allclose(b.scores, truth[q, order[:5]], rtol=1e-5)
+            assert np.all(np.diff(b.scores) >= 0) and np.all(np.diff(t.scores) <= 0)
+            assert b.scores[0] < 0 < t.scores[0]
+
+    def test_k_larger_than_ntotal_is_clipped(self, make_index: Factory) -> None:
+        vectors, ids, queries = _data(2, n=4)
+        index = make_index(DIM)
+        index.add(vectors, ids)
+        hits = index.search(queries[:2], 50)
+        assert [len(h) for h in hits] == [4, 4]
+        assert set(hits[0].ids.tolist()) == set(ids.tolist())
+
+    def test_empty_index_returns_empty_hits(self, make_index: Factory) -> None:
+        _, _, queries = _data()
+        hits = make_index(DIM).search(queries[:3], 5)
+        assert [len(h) for h in hits] == [0, 0, 0]
+
+    def test_float64_is_converted(self, make_index: Factory) -> None:
+        vectors, ids, queries = _data(3)
+        index = make_index(DIM)
+        index.add(vectors.astype(np.float64), ids)
+        _assert_hits_match(
+            index.search(queries.astype(np.float64), 3), _brute_force(vectors, ids, queries, 3)
+        )
+
+    @pytest.mark.parametrize(
+        ("argument", "mutate"),
+        [
+            ("vectors", lambda v, i: (np.where(np.arange(v.size).reshape(v.shape) == 5, np.nan, v), i)),
+            ("vectors", lambda v, i: (np.where(np.arange(v.size).reshape(v.shape) == 5, np.inf, v), i)),
+            ("vectors", lambda v, i: (v[:, :-1], i)),
+            ("vectors", lambda v, i: (v.astype(np.int32), i)),
+            ("vectors", lambda v, i: (v[0], i[:1])),
+            ("ids", lambda v, i: (v, np.concatenate([i[:-1], i[:1]]))),
+            ("ids", lambda v, i: (v, i.astype(np.float32))),
+            ("ids", lambda v, i: (v, i[:-1])),
+            ("ids", lambda v, i: (v, -i - 1)),
+        ],
+    )
+    def test_bad_add_raises_naming_argument(self, make_index: Factory, argument: str, mutate) -> None:
+        vectors, ids, _ = _data(4, n=10)
+        index = make_index(DIM)
+        bad_vectors, bad_ids = mutate(vectors, ids)
+        with pytest.raises(ValueError, match=argument):
+            index.add(bad_vectors, bad_ids)
+        assert index.ntotal == 0
+
+    def test_ids_already_present_are_refused(self, make_index: Factory) -> None:
+        vectors, ids, _ = _data(5, n=10)
+        index = make_index(DIM)
+        index.add(vectors, ids)
+        with pytest.raises(ValueError, match=rf"ids.*{ids[3]}"):
+            index.add(vectors[3:4], ids[3:4])
+        assert index.ntotal == 10
+
+    @pytest.mark.parametrize(
+        ("argument", "queries", "k"),
+        [
+            ("queries", np.full((1, DIM), np.nan, np.float32), 3),
+            ("queries", np.ones((1, DIM + 1), np.float32), 3),
+            ("queries", np.ones((1, DIM), np.int64), 3),
+            ("queries", np.ones(DIM, np.float32), 3),
+            ("k", np.ones((1, DIM), np.float32), 0),
+            ("k", np.ones((1, DIM), np.float32), -2),
+            ("k", np.ones((1, DIM), np.float32), 2.5),
+        ],
+    )
+    def test_bad_search_raises_naming_argument(
+        self, make_index: Factory, argument: str, queries: np.ndarray, k: int
+    ) -> None:
+        vectors, ids, _ = _data(6, n=10)
+        index = make_index(DIM)
+        index.add(vectors, ids)
+        with pytest.raises(ValueError, match=rf"^{argument}:"):
+            index.search(queries, k)
+
+
+def test_numpy_ties_go_to_smaller_id() -> None:
+    index = NumpyVectorIndex(2)
+    index.add(np.ones((4, 2), np.float32), np.array([9, 3, 7, 1]))
+    np.testing.assert_array_equal(index.search(np.ones((1, 2), np.float32), 4)[0].ids, [1, 3, 7, 9])
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_faiss_save_load_gives_identical_results(tmp_path: Path, mmap: bool) -> None:
+    vectors, ids, queries = _data(7)
+    index = FaissVectorIndex.create(DIM)
+    index.add(vectors, ids)
+    path = tmp_path / "vectors" / "grad.faiss"
+    index.save(path)
+    assert [p.name for p in path.parent.iterdir()] == ["grad.faiss"]  # no temp file left
+
+    loaded = FaissVectorIndex.load(path, mmap=mmap)
+    assert (loaded.dim, loaded.ntotal) == (DIM, N)
+    np.testing.assert_array_equal(loaded.ids(), ids)
+    for a, b in zip(index.search(queries, 20), loaded.search(queries, 20), strict=True):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.scores, b.scores)
+    if mmap:
+        with pytest.raises(ValueError, match="read-only"):
+            loaded.add(vectors[:1], np.array([10**9]))
+
+
+def test_faiss_load_missing_and_corrupt(tmp_path: Path) -> None:
+    with pytest.raises(RunNotFoundError, match=r"nope.faiss"):
+        FaissVectorIndex.load(tmp_path / "nope.faiss")
+    bad = tmp_path / "bad.faiss"
+    bad.write_bytes(b"\x00garbage" * 64)
+    with pytest.raises(CorruptRunError, match=r"bad.faiss"):
+        FaissVectorIndex.load(bad)
+    # A valid FAISS file that is not an IndexIDMap2 is refused too.
+    import faiss
+
+    plain = tmp_path / "plain.faiss"
+    faiss.write_index(faiss.IndexFlatIP(DIM), str(plain))
+    with pytest.raises(CorruptRunError, match=r"plain.faiss"):
+        FaissVectorIndex.load(plain)
+
+
+def test_faiss_ivf_recall_against_exact() -> None:
+    rng = np.random.default_rng(8)
+    dim, n_clusters = 32, 40
+    centers = rng.standard_normal((n_clusters, dim)).astype(np.float32) * 3
+    assign = rng.integers(0, n_clusters, size=4000)
+    vectors = (centers[assign] + rng.standard_normal((4000, dim))).astype(np.float32)
+    ids = np.arange(4000, dtype=np.int64) * 2
+    queries = (centers[rng.integers(0, n_clusters, 50)] + rng.standard_normal((50, dim))).astype(np.float32)
+
+    exact = FaissVectorIndex.create(dim)
+    exact.add(vectors, ids)
+    approx = FaissVectorIndex.create(dim, factory="IVF16,Flat")
+    with pytest.raises(ValueError, match="train"):
+        approx.add(vectors, ids)
+    approx.train(vectors)
+    approx.add(vectors, ids)
+    approx.set_nprobe(8)
+
+    recalls = [
+        len(np.intersect1d(a.ids, e.ids)) / 10
+        for a, e in zip(approx.search(queries, 10), exact.search(queries, 10), strict=True)
+    ]
+    assert np.mean(recalls) >= 0.9
+
+
+def test_create_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="dim"):
+        FaissVectorIndex.create(0)
+    with pytest.raises(ValueError, match="factory"):
+        FaissVectorIndex.create(8, factory="NotAnIndex,,")
+    with pytest.raises(ValueError, match="nprobe"):
+        FaissVectorIndex.create(8).set_nprobe(4)
+
+
+def test_hits_are_read_only() -> None:
+    hits = Hits(np.array([1, 2]), np.array([0.5, 0.25]))
+    assert hits.ids.dtype == np.int64 and hits.scores.dtype == np.float32
+    with pytest.raises(ValueError):
+        hits.ids[0] = 7
+    assert hits.to_dict() == {"ids": [1, 2], "scores": [0.5, 0.25]}
+
+
+def test_faiss_reconstruct() -> None:
+    vectors, ids, _ = _data(9, n=20)
+    index = FaissVectorIndex.create(DIM)
+    index.add(vectors, ids)
+    np.testing.assert_array_equal(index.reconstruct(ids[[4, 0]]), vectors[[4, 0]])
+    with pytest.raises(ValueError, match="ids"):
+        index.reconstruct(np.array([10**9]))
