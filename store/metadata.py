@@ -216,9 +216,7 @@ class MetadataStore:
                 tables = set(sa.inspect(conn).get_table_names())
                 if "examples" not in tables:
                     if not create:
-                        raise CorruptRunError(
-                            f"{self.path}: not a run metadata database (no 'examples' table)"
-                        )
+                        raise CorruptRunError(f"{self.path}: not a run metadata database (no 'examples' table)")
                     Base.metadata.create_all(conn)
                     conn.execute(
                         sa.insert(cast(sa.Table, StoreInfoRow.__table__)),
@@ -364,11 +362,7 @@ class MetadataStore:
         """Returns the example ids of ``split``, ascending, as int64 ``[n]``."""
         check_split(split)
         with self.session_scope() as session:
-            stmt = (
-                sa.select(ExampleRow.example_id)
-                .where(ExampleRow.split == split)
-                .order_by(ExampleRow.example_id)
-            )
+            stmt = sa.select(ExampleRow.example_id).where(ExampleRow.split == split).order_by(ExampleRow.example_id)
             values = session.scalars(stmt).all()
         return np.asarray(values, dtype=np.int64).reshape(-1)
 
@@ -423,9 +417,7 @@ class MetadataStore:
         else:
             labels = list(_as_id_list(suggested_labels, "suggested_labels"))
             if len(labels) != len(id_list):
-                raise ValueError(
-                    f"suggested_labels: must have length {len(id_list)} like ids, got {len(labels)}"
-                )
+                raise ValueError(f"suggested_labels: must have length {len(id_list)} like ids, got {len(labels)}")
         rows = [
             {"b_id": i, "b_score": float(s), "b_label": lab}
             for i, s, lab in zip(id_list, score_arr.tolist(), labels, strict=True)
@@ -447,9 +439,7 @@ class MetadataStore:
     def _existing(self, session: Session, split: str, ids: Sequence[int]) -> set[int]:
         found: set[int] = set()
         for chunk in _chunks(sorted(set(ids))):
-            stmt = sa.select(ExampleRow.example_id).where(
-                ExampleRow.split == split, ExampleRow.example_id.in_(chunk)
-            )
+            stmt = sa.select(ExampleRow.example_id).where(ExampleRow.split == split, ExampleRow.example_id.in_(chunk))
             found.update(session.scalars(stmt))
         return found
 

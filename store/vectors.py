@@ -36,9 +36,7 @@ class Hits:
         ids = np.asarray(self.ids)
         scores = np.asarray(self.scores)
         if ids.ndim != 1 or scores.ndim != 1 or ids.shape != scores.shape:
-            raise ValueError(
-                f"ids, scores: must be 1-D of equal length, got shapes {ids.shape}, {scores.shape}"
-            )
+            raise ValueError(f"ids, scores: must be 1-D of equal length, got shapes {ids.shape}, {scores.shape}")
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"ids: must be integers, got dtype {ids.dtype}")
         ids = np.array(ids, dtype=np.int64)

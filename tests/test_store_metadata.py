@@ -156,9 +156,7 @@ def test_reopen_gives_same_records(tmp_path: Path) -> None:
     with MetadataStore(path, create=False) as store:
         got = store.get("train", range(100))
     expected = [
-        r
-        if r.example_id != 4
-        else ExampleRecord(**(r.to_dict() | {"suspect_score": 3.5, "suggested_label": 9}))
+        r if r.example_id != 4 else ExampleRecord(**(r.to_dict() | {"suspect_score": 3.5, "suggested_label": 9}))
         for r in records
     ]
     assert got == expected

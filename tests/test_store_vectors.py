@@ -106,9 +106,7 @@ class TestVectorIndexContract:
         vectors, ids, queries = _data(3)
         index = make_index(DIM)
         index.add(vectors.astype(np.float64), ids)
-        _assert_hits_match(
-            index.search(queries.astype(np.float64), 3), _brute_force(vectors, ids, queries, 3)
-        )
+        _assert_hits_match(index.search(queries.astype(np.float64), 3), _brute_force(vectors, ids, queries, 3))
 
     @pytest.mark.parametrize(
         ("argument", "mutate"),

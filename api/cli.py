@@ -1,0 +1,232 @@
+"""The `influence` command line: demo, index, explain, noise, dump, info."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-data influence service.")
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input ends with one readable line on stderr and exit status 2, never a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from indexer import IndexerError
+        from store import StoreError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, KeyError, FileNotFoundError, StoreError, IndexerError) as err:
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+            typer.echo(f"error: {msg}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def load_task(spec: str):
+    """`path/to/file.py:function` or `module:function` -> the Task it returns."""
+    from indexer import Task
+
+    if ":" not in spec:
+        raise ValueError(f"TASK must be 'path/to/file.py:function' or 'module:function', got {spec!r}")
+    target, func = spec.rsplit(":", 1)
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise FileNotFoundError(f"TASK file not found: {target}")
+        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
+        sys.path.insert(0, str(path.parent.resolve()))
+        mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    else:
+        module = importlib.import_module(target)
+    if not hasattr(module, func):
+        raise ValueError(f"TASK {spec!r}: {target} has no function {func!r}")
+    task = getattr(module, func)()
+    if not isinstance(task, Task):
+        raise ValueError(f"TASK {spec!r} returned {type(task).__name__}, not an indexer.Task")
+    return task
+
+
+def render_preview(preview: str) -> list[str]:
+    """An image preview ('row/row/...') as lines; any other preview as one line."""
+    rows = preview.split("/")
+    if len(rows) >= 4 and len({len(r) for r in rows}) == 1:
+        return [r * 1 for r in rows]
+    return [preview[:60]]
+
+
+def format_explanation(exp, *, images: bool = True) -> str:
+    from indexer.demo import digit_preview  # noqa: F401  (shade alphabet documented there)
+
+    head = (
+        f"test example {exp.test_id}: predicted {exp.prediction} "
+        f"(p={max(exp.probabilities):.2f})"
+        + (f", label {exp.label}" if exp.label is not None else "")
+        + f"  [method {exp.method}, explaining class {exp.target}]"
+    )
+    lines = [head]
+    for title, group in (
+        ("proponents (support the prediction)", exp.proponents),
+        ("opponents (push against it)", exp.opponents),
+    ):
+        lines.append(f"  {title}:")
+        if not group:
+            lines.append("    (none)")
+        blocks = [render_preview(p.preview) for p in group] if images else []
+        if images and blocks and all(len(b) > 1 for b in blocks):
+            width = len(blocks[0][0])
+            lines.append("    " + "  ".join(f"#{p.example_id:<{width - 1}}" for p in group))
+            lines.append("    " + "  ".join(f"y={p.label:<{width - 2}}" for p in group))
+            for r in range(len(blocks[0])):
+                lines.append("    " + "  ".join(b[r] for b in blocks))
+            lines.append("    " + "  ".join(f"{p.score:<{width}.3g}"[:width] for p in group))
+        else:
+            lines.append(f"    {'example_id':>10} {'score':>12} {'label':>5} {'pred':>5} {'loss':>8}  preview")
+            for p in group:
+                lines.append(
+                    f"    {p.example_id:>10} {p.score:>12.5g} {p.label:>5} {p.prediction:>5} {p.loss:>8.3f}  "
+                    f"{p.preview[:50]}"
+                )
+    return "\n".join(lines)
+
+
+@app.command()
+@friendly_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="run directory to build")] = Path("runs/demo"),
+    k: Annotated[int, typer.Option(help="proponents/opponents shown")] = 5,
+    n: Annotated[int, typer.Option(help="misclassified test digits explained")] = 3,
+    method: Annotated[str, typer.Option(help="lissa|exact|representer|grad-dot|grad-cos")] = "lissa",
+) -> None:
+    """Digits MLP with flipped labels: index it and explain misclassified test digits."""
+    from api import build_index
+    from indexer.demo import digits_task
+
+    typer.echo("training a 64-32-10 MLP on scikit-learn digits (30 training labels flipped)...")
+    task = digits_task()
+    index = build_index(task, out)
+    info = index.info()["extra"]
+    typer.echo(
+        f"run directory: {out}  (train acc {info['train_accuracy']:.3f}, test acc {info['test_accuracy']:.3f}, "
+        f"representer fidelity {info['representer']['fidelity']:.4f})"
+    )
+    preds = index.logits(index.test_features[:]).argmax(1)
+    wrong = [int(i) for i in index.test_ids[preds != index.test_labels]][:n]
+    for exp in index.explain(test_ids=wrong, k=k, method=method):
+        typer.echo("")
+        typer.echo(format_explanation(exp))
+    png = out / "explanations.png"
+    save_grid(index, index.explain(test_ids=wrong, k=k, method=method), png)
+    typer.echo(f"\nsaved {png}; try: influence explain {out} --test-id {wrong[0] if wrong else 0} --method exact")
+
+
+def save_grid(index, explanations, path: Path) -> None:
+    """A PNG grid: each query digit, then its proponents and opponents with scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from indexer.demo import SHADES
+
+    def image(preview: str) -> np.ndarray:
+        return np.array([[SHADES.index(c) for c in row] for row in preview.split("/")], float)
+
+    if not explanations:
+        return
+    k = max(max(len(e.proponents), len(e.opponents)) for e in explanations)
+    fig, axes = plt.subplots(
+        len(explanations), 1 + 2 * k, figsize=(1.3 * (1 + 2 * k), 1.6 * len(explanations)), squeeze=False
+    )
+    for row, exp in zip(axes, explanations, strict=True):
+        for ax in row:
+            ax.axis("off")
+        q = index.metadata.get("test", [exp.test_id])[0]
+        row[0].imshow(image(q.preview), cmap="gray_r")
+        row[0].set_title(f"test {exp.test_id}\npred {exp.prediction} y {exp.label}", fontsize=7)
+        for j, p in enumerate(exp.proponents):
+            row[1 + j].imshow(image(p.preview), cmap="Greens")
+            row[1 + j].set_title(f"+ y={p.label}\n{p.score:.3g}", fontsize=7)
+        for j, p in enumerate(exp.opponents):
+            row[1 + k + j].imshow(image(p.preview), cmap="Reds")
+            row[1 + k + j].set_title(f"- y={p.label}\n{p.score:.3g}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@app.command()
+@friendly_errors
+def index(
+    task: Annotated[str, typer.Argument(help="path/to/file.py:function or module:function returning a Task")],
+    out: Annotated[Path, typer.Option("--out", help="run directory (resumed if it exists)")],
+) -> None:
+    """Build (or resume) a run directory for a Task."""
+    from api import build_index
+
+    idx = build_index(load_task(task), out)
+    typer.echo(json.dumps(idx.info(), indent=2, default=str))
+
+
+@app.command()
+@friendly_errors
+def explain(
+    run: Annotated[Path, typer.Argument(help="run directory")],
+    test_id: Annotated[list[int], typer.Option("--test-id", help="stored test example id (repeatable)")],
+    k: Annotated[int, typer.Option(help="number of proponents and of opponents")] = 10,
+    method: Annotated[str, typer.Option(help="lissa|exact|representer|grad-dot|grad-cos")] = "lissa",
+    label: Annotated[int | None, typer.Option(help="explain this class instead of the prediction")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Why did the model predict this test example? Proponents and opponents."""
+    from api import open_index
+
+    with open_index(run) as idx:
+        targets = None if label is None else [label] * len(test_id)
+        exps = idx.explain(test_ids=test_id, k=k, method=method, targets=targets)
+    if as_json:
+        typer.echo(json.dumps([e.to_dict() for e in exps], indent=2))
+    else:
+        typer.echo("\n\n".join(format_explanation(e) for e in exps))
+
+
+@app.command()
+@friendly_errors
+def info(
+    run: Annotated[Path, typer.Argument(help="run directory")],
+    verify: Annotated[bool, typer.Option(help="check FAISS and SQLite agree")] = False,
+) -> None:
+    """Show a run directory's manifest summary."""
+    from api import open_index
+    from store import verify_run
+
+    with open_index(run) as idx:
+        out = idx.info()
+    if verify:
+        problems = verify_run(run)
+        out["verify"] = problems or "ok"
+        if problems:
+            typer.echo(json.dumps(out, indent=2, default=str))
+            raise typer.Exit(1)
+    typer.echo(json.dumps(out, indent=2, default=str))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,151 @@
+"""The Task: a trained torch classifier, its data, its loss, and the body/head split.
+
+The head is the trailing part of the model that `indexer.translate` turns into a pure JAX function; the body
+runs once per example (torch, no grad) and its outputs, the cut features h_i, are cached in the run directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .errors import TaskError
+from .translate import TranslatedHead, flatten_modules, split_sequential, translate_head
+
+
+def default_preview(x: Any) -> str:
+    """A short human-readable preview of an input: text as is, tensors by shape and range."""
+    if isinstance(x, str):
+        return x[:200]
+    if isinstance(x, torch.Tensor | np.ndarray):
+        a = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x)
+        return f"array{list(a.shape)} min={a.min():.3g} max={a.max():.3g}"
+    return repr(x)[:200]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Task:
+    """What to index: a trained classifier and its train/test datasets of `(x, y)` pairs.
+
+    Args:
+        model: the trained torch classifier (logits out). For `nn.Sequential` the head defaults to the trailing
+            layers that translate to JAX.
+        train: training dataset yielding `(x, y)` with integer labels.
+        test: optional test dataset, same form; its examples are the stored queries.
+        l2: the lambda of (lambda/2)||theta_head||^2 (weights and biases) added to the mean training loss.
+        head_layers: number of trailing (flattened) Sequential layers forming the head; None = automatic.
+        body, head: an explicit split (both modules) for models that are not `nn.Sequential`.
+        batch_size: batch size of the body forward pass.
+        preview: x -> short string stored as the example's preview.
+        train_ids, test_ids: the Task's own example ids (default: positions in the datasets).
+        name: a label for the manifest.
+    """
+
+    model: nn.Module
+    train: Dataset
+    test: Dataset | None = None
+    l2: float = 0.0
+    head_layers: int | None = None
+    body: nn.Module | None = None
+    head: nn.Module | None = None
+    batch_size: int = 256
+    preview: Callable[[Any], str] = default_preview
+    train_ids: Sequence[int] | None = None
+    test_ids: Sequence[int] | None = None
+    name: str = "task"
+    _split: tuple[nn.Module, list[nn.Module]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise TaskError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
+        if not isinstance(self.l2, int | float) or not math.isfinite(self.l2) or self.l2 < 0:
+            raise TaskError(f"l2 must be a finite number >= 0, got {self.l2!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise TaskError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        for name in ("train", "test"):
+            ds = getattr(self, name)
+            if ds is None and name == "test":
+                continue
+            if not hasattr(ds, "__len__") or not hasattr(ds, "__getitem__"):
+                raise TaskError(f"{name} must be a map-style dataset with __len__ and __getitem__, got {ds!r}")
+            if len(ds) == 0:
+                raise TaskError(f"{name} dataset is empty")
+        for name in ("train_ids", "test_ids"):
+            ids = getattr(self, name)
+            ds = self.train if name == "train_ids" else self.test
+            if ids is None:
+                continue
+            if ds is None or len(ids) != len(ds):
+                raise TaskError(f"{name} must have one id per example ({0 if ds is None else len(ds)}), got {len(ids)}")
+            arr = np.asarray(ids)
+            if arr.dtype.kind not in "iu" or len(np.unique(arr)) != len(arr) or (arr < 0).any():
+                raise TaskError(f"{name} must be unique non-negative integers")
+        if (self.body is None) != (self.head is None):
+            raise TaskError("pass both body= and head= (or neither)")
+        if self.head is not None:
+            split = (self.body, flatten_modules(self.head))
+        else:
+            split = split_sequential(self.model, self.head_layers)
+        object.__setattr__(self, "_split", split)
+        self.model.eval()
+
+    @property
+    def body_module(self) -> nn.Module:
+        return self._split[0]
+
+    @property
+    def head_modules(self) -> list[nn.Module]:
+        return self._split[1]
+
+    def translated_head(self) -> TranslatedHead:
+        return translate_head(self.head_modules)
+
+    def head_forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = h
+        for layer in self.head_modules:
+            out = layer(out)
+        return out
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> np.ndarray:
+        """Body forward of a batch (no grad) -> cut features as float32 numpy."""
+        self.model.eval()
+        h = self.body_module(x)
+        return h.detach().cpu().numpy().astype(np.float32, copy=False)
+
+    def fingerprint(self) -> str:
+        """sha256 over the model's parameters and buffers (names, shapes, dtypes, values)."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            digest.update(name.encode())
+            digest.update(str(tuple(t.shape)).encode())
+            digest.update(str(t.dtype).encode())
+            digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+        return digest.hexdigest()
+
+    def ids(self, split: str) -> np.ndarray:
+        ds = self.train if split == "train" else self.test
+        own = self.train_ids if split == "train" else self.test_ids
+        if ds is None:
+            return np.zeros(0, np.int64)
+        return np.asarray(own, np.int64) if own is not None else np.arange(len(ds), dtype=np.int64)
+
+    def config(self) -> dict[str, Any]:
+        """The Task as JSON data for the manifest."""
+        return {
+            "name": self.name,
+            "l2": float(self.l2),
+            "n_train": len(self.train),
+            "n_test": 0 if self.test is None else len(self.test),
+            "head_layers": len(self.head_modules),
+            "body": type(self.body_module).__name__,
+        }

@@ -1,0 +1,97 @@
+"""Influence math in pure JAX: heads, objective, curvature products, solvers, representers, projections.
+
+Influence of training example i on query q (sign flipped so that helpful is positive):
+
+    score(q, i) = g_q^T (C + l2 I + damping I)^-1 g_i,   removing i changes the query loss by ~ score / n
+
+Reference: Koh & Liang 2017 (arXiv:1703.04730); Agarwal, Bullins & Hazan 2017 (arXiv:1602.03943);
+Yeh et al. 2018 (arXiv:1811.09720).
+"""
+
+import jax
+
+# float64 must be available for the exact reference checks; float32 inputs stay float32.
+jax.config.update("jax_enable_x64", True)
+
+from influence.head import (  # noqa: E402
+    HEAD_LAYER_KINDS,
+    apply_head,
+    flatten_params,
+    last_linear_index,
+    n_params,
+    penultimate_features,
+    validate_head_params,
+    validate_head_spec,
+)
+from influence.hvp import MatVec, compute_dense_curvature, make_head_matvec, make_hvp  # noqa: E402
+from influence.objective import (  # noqa: E402
+    compute_margins,
+    compute_objective,
+    compute_per_example_grads,
+    cross_entropy,
+    make_loss_fn,
+)
+from influence.projection import GaussianProjection, make_projection, project  # noqa: E402
+from influence.representer import (  # noqa: E402
+    augment_features,
+    compute_fidelity,
+    compute_representer_alpha,
+    compute_representer_embeddings,
+    compute_representer_logits,
+    compute_representer_queries,
+    fit_representer,
+)
+from influence.similarity import compute_scores, compute_self_influence, normalize_rows  # noqa: E402
+from influence.solvers import (  # noqa: E402
+    EigenSolver,
+    LissaConfig,
+    LissaDivergenceError,
+    SolveResult,
+    estimate_top_eigenvalue,
+    lissa,
+    resolve_damping,
+    solve_exact,
+    solve_lissa,
+)
+
+__all__ = [
+    "HEAD_LAYER_KINDS",
+    "EigenSolver",
+    "GaussianProjection",
+    "LissaConfig",
+    "LissaDivergenceError",
+    "MatVec",
+    "SolveResult",
+    "apply_head",
+    "augment_features",
+    "compute_dense_curvature",
+    "compute_fidelity",
+    "compute_margins",
+    "compute_objective",
+    "compute_per_example_grads",
+    "compute_representer_alpha",
+    "compute_representer_embeddings",
+    "compute_representer_logits",
+    "compute_representer_queries",
+    "compute_scores",
+    "compute_self_influence",
+    "cross_entropy",
+    "estimate_top_eigenvalue",
+    "fit_representer",
+    "flatten_params",
+    "last_linear_index",
+    "lissa",
+    "make_head_matvec",
+    "make_hvp",
+    "make_loss_fn",
+    "make_projection",
+    "n_params",
+    "normalize_rows",
+    "penultimate_features",
+    "project",
+    "resolve_damping",
+    "solve_exact",
+    "solve_lissa",
+    "validate_head_params",
+    "validate_head_spec",
+]

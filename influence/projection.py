@@ -1,0 +1,143 @@
+"""Seeded Gaussian Johnson-Lindenstrauss projection of gradients.
+
+    P [p, d] with P_rc ~ N(0, 1/d),   x -> x P,   E[<x P, y P>] = <x, y>,
+    Var[<x P, y P>] = (<x, y>^2 + ||x||^2 ||y||^2) / d
+
+Row r of P is drawn from ``jax.random.fold_in(PRNGKey(seed), r)``, so P is a pure function of (seed, r): it
+is generated block by block (the full [p, d] matrix never needs to be in memory), the same seed always gives
+the same projection, and the block size is only a memory/speed knob that never changes the result.
+
+Reference: Johnson & Lindenstrauss 1984; Park et al. 2023, "TRAK: Attributing Model Behavior at Scale"
+(arXiv:2303.14186), which projects per-example gradients the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import DTypeLike
+
+DEFAULT_BLOCK_SIZE = 4096
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _projection_rows(key: jax.Array, start: jax.Array, block: int, d: int, dtype: jnp.dtype) -> jax.Array:
+    """Rows start .. start + block - 1 of P; row r is N(0, I_d / d) drawn from fold_in(key, r)."""
+    indices = start + jnp.arange(block, dtype=jnp.uint32)
+    keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(indices)
+    return jax.vmap(lambda k: jax.random.normal(k, (d,), dtype=dtype))(keys) / jnp.sqrt(jnp.asarray(d, dtype))
+
+
+@functools.lru_cache(maxsize=32)
+def _block_fn(block: int, d: int, dtype_name: str) -> Callable[..., jax.Array]:
+    dtype = jnp.dtype(dtype_name)
+
+    @jax.jit
+    def fn(acc: jax.Array, G_block: jax.Array, key: jax.Array, start: jax.Array) -> jax.Array:
+        return acc + G_block @ _projection_rows(key, start, block, d, dtype)
+
+    return fn
+
+
+@functools.lru_cache(maxsize=32)
+def _rows_fn(block: int, d: int, dtype_name: str) -> Callable[..., jax.Array]:
+    dtype = jnp.dtype(dtype_name)
+    return jax.jit(lambda key, start: _projection_rows(key, start, block, d, dtype))
+
+
+@dataclass(frozen=True, kw_only=True)
+class GaussianProjection:
+    """A seeded Gaussian JL projection from p to d dimensions, entries N(0, 1/d).
+
+    Attributes:
+        p: input dimension.
+        d: output dimension.
+        seed: PRNG seed; the projection is a pure function of (p, d, seed).
+    """
+
+    p: int
+    d: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.p) or self.p <= 0:
+            raise ValueError(f"p must be a positive int, got {self.p!r}")
+        if not _is_int(self.d) or self.d <= 0:
+            raise ValueError(f"d must be a positive int, got {self.d!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+
+    def project(self, G: np.ndarray, *, block_size: int = DEFAULT_BLOCK_SIZE) -> np.ndarray:
+        """Returns G P, shape [m, d], in G's float dtype, generating P block_size rows at a time.
+
+        Args:
+            G: [m, p] (or [p]).
+            block_size: rows of P per step (does not change the result).
+        """
+        if not _is_int(block_size) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        G = np.asarray(G)
+        single = G.ndim == 1
+        G2 = G[None] if single else G
+        if G2.ndim != 2 or G2.shape[1] != self.p:
+            raise ValueError(f"G must have shape [m, {self.p}], got shape {G.shape}")
+        dtype = G2.dtype if np.issubdtype(G2.dtype, np.floating) else np.dtype(np.float64)
+        G2 = G2.astype(dtype, copy=False)
+        block = min(block_size, self.p)
+        fn = _block_fn(block, self.d, dtype.name)
+        key = jax.random.PRNGKey(self.seed)
+        acc = jnp.zeros((G2.shape[0], self.d), dtype=dtype)
+        for start in range(0, self.p, block):
+            stop = min(start + block, self.p)
+            G_block = G2[:, start:stop]
+            if stop - start < block:
+                G_block = np.concatenate([G_block, np.zeros((G2.shape[0], block - (stop - start)), dtype=dtype)], 1)
+            acc = fn(acc, jnp.asarray(G_block), key, jnp.asarray(start, dtype=jnp.uint32))
+        out = np.asarray(acc)
+        return out[0] if single else out
+
+    def matrix(self, *, dtype: DTypeLike = np.float64, block_size: int = DEFAULT_BLOCK_SIZE) -> np.ndarray:
+        """Returns the dense P [p, d] (for tests and small p only)."""
+        if not _is_int(block_size) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        dtype = np.dtype(dtype)
+        block = min(block_size, self.p)
+        fn = _rows_fn(block, self.d, dtype.name)
+        key = jax.random.PRNGKey(self.seed)
+        parts = [np.asarray(fn(key, jnp.asarray(start, dtype=jnp.uint32))) for start in range(0, self.p, block)]
+        return np.concatenate(parts)[: self.p]
+
+
+def make_projection(p: int, d: int, *, seed: int) -> GaussianProjection:
+    """Returns the seeded Gaussian projection from p to d dimensions (entries N(0, 1/d)).
+
+    Reference: Johnson & Lindenstrauss 1984; Park et al. 2023 (arXiv:2303.14186).
+    """
+    return GaussianProjection(p=p, d=d, seed=seed)
+
+
+def project(G: np.ndarray, *, d: int, seed: int, block_size: int = DEFAULT_BLOCK_SIZE) -> np.ndarray:
+    """Returns G P for the seeded Gaussian projection P [p, d] (p = G.shape[-1]), entries N(0, 1/d).
+
+    <G_a P, G_b P> ~= <G_a, G_b>, unbiased with variance (<a, b>^2 + ||a||^2 ||b||^2) / d.
+
+    Reference: Johnson & Lindenstrauss 1984; Park et al. 2023 (arXiv:2303.14186).
+
+    Args:
+        G: [m, p] (or [p]).
+        d: output dimension.
+        seed: PRNG seed.
+        block_size: rows of P generated per step (does not change the result).
+    """
+    G = np.asarray(G)
+    if G.ndim not in (1, 2):
+        raise ValueError(f"G must have shape [m, p], got shape {G.shape}")
+    return make_projection(G.shape[-1], d, seed=seed).project(G, block_size=block_size)

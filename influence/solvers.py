@@ -1,0 +1,423 @@
+"""Inverse curvature-vector products s = (C + l2 I + damping I)^-1 v.
+
+LiSSA (stochastic/truncated Neumann series):
+
+    x_0 = v,   x_{j+1} = v + x_j - (A x_j) / scale,   s ~= x_depth / scale,   A = C + l2 I + damping I
+
+which converges to A^-1 v when 0 < eig(A) < 2 scale; the error after depth steps is at most
+(1 - lambda_min / scale)^depth ||A^-1 v||. Exact alternatives: an eigendecomposition of the dense curvature
+(``EigenSolver``, reusable across damping values) and a dense linear solve (``solve_exact``).
+
+References: Agarwal, Bullins & Hazan 2017, "Second-Order Stochastic Optimization for Machine Learning in
+Linear Time" (arXiv:1602.03943); Koh & Liang 2017, "Understanding Black-box Predictions via Influence
+Functions" (arXiv:1703.04730).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import DTypeLike
+
+from influence.hvp import MatVec
+
+AUTO_DAMPING_RATIO = 1e-3
+"""Automatic damping keeps lambda_min(C + l2 I + damping I) >= 1e-3 lambda_max (condition number <= ~1000)."""
+
+MAX_SCALE_DOUBLINGS = 5
+
+
+class LissaDivergenceError(RuntimeError):
+    """LiSSA stayed non-finite or worse than x = 0 after the scale was doubled MAX_SCALE_DOUBLINGS times."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LissaConfig:
+    """Options of the LiSSA solver; None means automatic.
+
+    Attributes:
+        depth: recursion steps; None = min(max_depth, ceil(scale / lambda_floor * ln(1 / tol))).
+        scale: must exceed lambda_max(C + l2 I + damping I) / 2; None = 1.5 x a power-iteration estimate.
+        damping: added to the diagonal; None = ``resolve_damping`` (max(0, 1e-3 lambda_max - l2)).
+        repeats: independent runs averaged (only useful for stochastic matvecs).
+        max_depth: cap on the automatic depth.
+        power_iters: power-iteration steps for the top eigenvalue.
+        tol: target relative error used by the automatic depth.
+        seed: seed of the power-iteration start vector.
+    """
+
+    depth: int | None = None
+    scale: float | None = None
+    damping: float | None = None
+    repeats: int = 1
+    max_depth: int = 20_000
+    power_iters: int = 100
+    tol: float = 1e-2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.depth is not None and (not _is_int(self.depth) or self.depth <= 0):
+            raise ValueError(f"depth must be a positive int or None, got {self.depth!r}")
+        if self.scale is not None and (not _is_real(self.scale) or not math.isfinite(self.scale) or self.scale <= 0):
+            raise ValueError(f"scale must be a finite float > 0 or None, got {self.scale!r}")
+        if self.damping is not None and (
+            not _is_real(self.damping) or not math.isfinite(self.damping) or self.damping < 0
+        ):
+            raise ValueError(f"damping must be a finite float >= 0 or None, got {self.damping!r}")
+        if not _is_int(self.repeats) or self.repeats < 1:
+            raise ValueError(f"repeats must be an int >= 1, got {self.repeats!r}")
+        if not _is_int(self.max_depth) or self.max_depth < 1:
+            raise ValueError(f"max_depth must be an int >= 1, got {self.max_depth!r}")
+        if not _is_int(self.power_iters) or self.power_iters < 1:
+            raise ValueError(f"power_iters must be an int >= 1, got {self.power_iters!r}")
+        if not _is_real(self.tol) or not 0 < self.tol < 1:
+            raise ValueError(f"tol must be a float in (0, 1), got {self.tol!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """Solutions of (C + l2 I + damping I) x = v for each row v of V.
+
+    Attributes:
+        x: solutions [m, p].
+        residual: ||(C + l2 I + damping I) x - v|| / ||v|| per row [m] (0 where v = 0).
+        method: solver name.
+        depth: LiSSA steps run (0 for direct solvers).
+        scale: LiSSA scale finally used (after any divergence-guard doublings).
+        damping: damping added on top of the matvec.
+        top_eigenvalue: the lambda_max estimate of the matvec used (NaN when not computed).
+    """
+
+    x: np.ndarray
+    residual: np.ndarray
+    method: str
+    depth: int
+    scale: float
+    damping: float
+    top_eigenvalue: float = float("nan")
+
+
+def estimate_top_eigenvalue(
+    matvec: MatVec, p: int, *, iters: int = 100, seed: int = 0, dtype: DTypeLike = jnp.float64
+) -> float:
+    """Estimates the largest-magnitude eigenvalue of a symmetric matvec by power iteration.
+
+    u_0 ~ N(0, I), u_{k+1} = A u_k / ||A u_k||; returns the Rayleigh quotient u^T A u / u^T u.
+
+    Args:
+        matvec: v -> A v on vectors [p].
+        p: dimension.
+        iters: power-iteration steps.
+        seed: seed of the random start.
+        dtype: dtype of the iterate.
+
+    Returns:
+        the eigenvalue estimate (a float; <= the true value for PSD A).
+    """
+    if not _is_int(p) or p <= 0:
+        raise ValueError(f"p must be a positive int, got {p!r}")
+    if not _is_int(iters) or iters < 1:
+        raise ValueError(f"iters must be an int >= 1, got {iters!r}")
+    u = jax.random.normal(jax.random.PRNGKey(seed), (p,), dtype=dtype)
+    u = u / jnp.linalg.norm(u)
+    for _ in range(iters):
+        w = jnp.asarray(matvec(u)).astype(dtype)
+        norm = jnp.linalg.norm(w)
+        if not bool(jnp.isfinite(norm)) or float(norm) == 0.0:
+            break
+        u = w / norm
+    return float(jnp.vdot(u, jnp.asarray(matvec(u)).astype(dtype)) / jnp.vdot(u, u))
+
+
+def lissa(
+    matvec: MatVec,
+    v: jax.Array,
+    *,
+    depth: int | jax.Array,
+    scale: float | jax.Array,
+    damping: float | jax.Array,
+) -> jax.Array:
+    """Estimates (A + damping I)^-1 v by the LiSSA recursion, A the matrix of matvec.
+
+    x_0 = v, x_{j+1} = v + x_j - (A x_j + damping x_j) / scale, result x_depth / scale.
+    Converges when 0 < eig(A + damping I) < 2 scale; error <= (1 - lambda_min / scale)^depth ||solution||.
+    Pure: ``lax.fori_loop`` with depth static or traced; batch over rows of V [m, p] with ``jax.vmap``.
+
+    Reference: Agarwal, Bullins & Hazan 2017 (arXiv:1602.03943); Koh & Liang 2017 (arXiv:1703.04730).
+
+    Args:
+        matvec: v -> A v on vectors [p].
+        v: right-hand side [p].
+        depth: recursion steps.
+        scale: scale (> lambda_max(A + damping I) / 2).
+        damping: added to the diagonal.
+
+    Returns:
+        the estimate [p], in the dtype of v.
+    """
+    v = jnp.asarray(v)
+
+    def body(_: Any, x: jax.Array) -> jax.Array:
+        ax = jnp.asarray(matvec(x)).astype(v.dtype) + damping * x
+        return v + x - ax / scale
+
+    return jax.lax.fori_loop(0, depth, body, v) / scale
+
+
+def resolve_damping(top_eigenvalue: float, l2: float, damping: float | None) -> float:
+    """Returns the damping to add: explicit damping unchanged, else max(0, 1e-3 top_eigenvalue - l2).
+
+    The automatic choice lifts the smallest eigenvalue of C + l2 I + damping I (C PSD) to at least
+    1e-3 lambda_max, so the condition number is <= ~1000 and LiSSA converges within its automatic depth
+    (~1500 ln(1/tol) steps); when l2 alone already does that, no damping is added. Damping biases the solution
+    towards g / damping in flat directions, the usual regularisation of influence functions (Koh & Liang 2017,
+    arXiv:1703.04730).
+
+    Args:
+        top_eigenvalue: lambda_max of C + l2 I.
+        l2: the L2 coefficient already in the matvec.
+        damping: an explicit damping, or None for automatic.
+    """
+    if damping is not None:
+        if not _is_real(damping) or not math.isfinite(damping) or damping < 0:
+            raise ValueError(f"damping must be a finite float >= 0 or None, got {damping!r}")
+        return float(damping)
+    if not _is_real(top_eigenvalue) or not math.isfinite(top_eigenvalue):
+        raise ValueError(f"top_eigenvalue must be finite, got {top_eigenvalue!r}")
+    return max(0.0, AUTO_DAMPING_RATIO * float(top_eigenvalue) - float(l2))
+
+
+def _auto_depth(config: LissaConfig, scale: float, floor: float) -> int:
+    if config.depth is not None:
+        return int(config.depth)
+    if floor <= 0:
+        return config.max_depth
+    return int(min(config.max_depth, max(1, math.ceil(scale / floor * math.log(1.0 / config.tol)))))
+
+
+def _residuals(batched_matvec: MatVec, x: jax.Array, v: jax.Array, damping: float) -> np.ndarray:
+    r = jnp.asarray(batched_matvec(x)).astype(v.dtype) + damping * x - v
+    r_norm = np.asarray(jnp.linalg.norm(r, axis=1), dtype=np.float64)
+    v_norm = np.asarray(jnp.linalg.norm(v, axis=1), dtype=np.float64)
+    zero = v_norm == 0
+    out = np.where(zero, 0.0, r_norm / np.where(zero, 1.0, v_norm))
+    return np.where(np.isfinite(out), out, np.inf)
+
+
+def _check_rhs(V: Any) -> jax.Array:
+    V = jnp.asarray(V)
+    if V.ndim != 2:
+        raise ValueError(f"V must have shape [m, p], got shape {V.shape}")
+    if not jnp.issubdtype(V.dtype, jnp.floating):
+        raise ValueError(f"V must be a floating array, got dtype {V.dtype}")
+    if not bool(jnp.all(jnp.isfinite(V))):
+        raise ValueError("V must be finite, got NaN or inf entries")
+    return V
+
+
+@functools.lru_cache(maxsize=4)
+def _lissa_runners(matvec: MatVec) -> tuple[Callable[..., jax.Array], Callable[[jax.Array], jax.Array]]:
+    """Jitted batched LiSSA and the batched matvec for one matvec; depth, scale and damping are traced.
+
+    Cached per matvec object so that repeated solves (one per query) compile once; kept small because a
+    matvec holds its training features on the device.
+    """
+
+    def one(v: jax.Array, depth: jax.Array, scale: jax.Array, damping: jax.Array) -> jax.Array:
+        return lissa(matvec, v, depth=depth, scale=scale, damping=damping)
+
+    return jax.jit(jax.vmap(one, in_axes=(0, None, None, None))), jax.vmap(matvec)
+
+
+def solve_lissa(
+    matvec: MatVec,
+    V: jax.Array,
+    *,
+    config: LissaConfig,
+    l2: float = 0.0,
+    min_eigenvalue_floor: float | None = None,
+    top_eigenvalue: float | None = None,
+) -> SolveResult:
+    """Solves (A + damping I) x = v for every row of V by LiSSA, A = C + l2 I the matrix of matvec.
+
+    lambda_max(A) is estimated once by power iteration (or taken from ``top_eigenvalue``); damping is
+    ``resolve_damping(lambda_max, l2, config.damping)``; scale = 1.5 (lambda_max + damping) unless given; the
+    automatic depth is min(max_depth, ceil(scale / floor * ln(1 / tol))) with floor = min_eigenvalue_floor
+    (default l2 + damping, a lower bound on the spectrum for PSD C), or max_depth when floor is 0.
+    All m right-hand sides run at once (vmap over the matvec). Divergence guard: while any result is
+    non-finite or has residual > 1 (worse than x = 0), the scale is doubled and the solve rerun, at most
+    MAX_SCALE_DOUBLINGS times; after that ``LissaDivergenceError`` is raised (C is then not PSD enough for
+    LiSSA: use GGN curvature or more damping).
+
+    Reference: Agarwal, Bullins & Hazan 2017 (arXiv:1602.03943); Koh & Liang 2017 (arXiv:1703.04730).
+
+    Args:
+        matvec: v -> (C + l2 I) v on vectors [p] (vmap-able).
+        V: right-hand sides [m, p].
+        config: LiSSA options.
+        l2: the L2 coefficient already inside matvec (used for automatic damping and the default floor).
+        min_eigenvalue_floor: lower bound on lambda_min(C + l2 I + damping I) for the automatic depth.
+        top_eigenvalue: precomputed lambda_max(C + l2 I), to skip the power iteration.
+
+    Returns:
+        a SolveResult with x [m, p] in the dtype of V and one residual per row.
+    """
+    if not isinstance(config, LissaConfig):
+        raise ValueError(f"config must be a LissaConfig, got {type(config).__name__}")
+    if not _is_real(l2) or not math.isfinite(l2) or l2 < 0:
+        raise ValueError(f"l2 must be a finite float >= 0, got {l2!r}")
+    if min_eigenvalue_floor is not None and (not _is_real(min_eigenvalue_floor) or min_eigenvalue_floor < 0):
+        raise ValueError(f"min_eigenvalue_floor must be a float >= 0 or None, got {min_eigenvalue_floor!r}")
+    V = _check_rhs(V)
+    p = V.shape[1]
+    needs_top = config.scale is None or config.damping is None
+    if top_eigenvalue is None and needs_top:
+        top_eigenvalue = estimate_top_eigenvalue(matvec, p, iters=config.power_iters, seed=config.seed)
+    top = float("nan") if top_eigenvalue is None else float(top_eigenvalue)
+    damping = resolve_damping(top, l2, config.damping)
+    scale = float(config.scale) if config.scale is not None else 1.5 * (top + damping)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(
+            f"automatic scale is {scale!r} from top_eigenvalue={top!r}: the curvature must be positive; "
+            "pass LissaConfig(scale=...) explicitly"
+        )
+    floor = float(min_eigenvalue_floor) if min_eigenvalue_floor is not None else float(l2) + damping
+
+    run, batched_matvec = _lissa_runners(matvec)
+    damping_arr = jnp.asarray(damping, dtype=V.dtype)
+    for attempt in range(MAX_SCALE_DOUBLINGS + 1):
+        depth = _auto_depth(config, scale, floor)
+        x = jnp.zeros_like(V)
+        for _ in range(config.repeats):
+            x = x + run(V, jnp.asarray(depth), jnp.asarray(scale, dtype=V.dtype), damping_arr)
+        x = x / config.repeats
+        residual = _residuals(batched_matvec, x, V, damping)
+        if bool(jnp.all(jnp.isfinite(x))) and bool(np.all(residual <= 1.0)):
+            return SolveResult(
+                x=np.asarray(x),
+                residual=residual,
+                method="lissa",
+                depth=depth,
+                scale=scale,
+                damping=damping,
+                top_eigenvalue=top,
+            )
+        if attempt < MAX_SCALE_DOUBLINGS:
+            scale *= 2.0
+    raise LissaDivergenceError(
+        f"LiSSA diverged (non-finite or residual > 1, max residual {float(np.max(residual)):.3g}) even with "
+        f"scale={scale:.6g} after {MAX_SCALE_DOUBLINGS} doublings, damping={damping:.6g}: the curvature is "
+        "probably not positive definite; use curvature='ggn' or a larger damping"
+    )
+
+
+class EigenSolver:
+    """Exact inverse via one eigendecomposition C = Q diag(lam) Q^T (float64), reusable for any damping.
+
+    solve(v) = Q diag(1 / (lam + damping)) Q^T v.
+    """
+
+    def __init__(self, eigenvalues: np.ndarray, eigenvectors: np.ndarray) -> None:
+        eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
+        eigenvectors = np.asarray(eigenvectors, dtype=np.float64)
+        if eigenvalues.ndim != 1 or eigenvalues.size == 0:
+            raise ValueError(f"eigenvalues must have shape [p] with p >= 1, got shape {eigenvalues.shape}")
+        p = eigenvalues.shape[0]
+        if eigenvectors.shape != (p, p):
+            raise ValueError(f"eigenvectors must have shape ({p}, {p}), got shape {eigenvectors.shape}")
+        if not (np.all(np.isfinite(eigenvalues)) and np.all(np.isfinite(eigenvectors))):
+            raise ValueError("eigenvalues and eigenvectors must be finite, got NaN or inf entries")
+        order = np.argsort(eigenvalues)
+        self.eigenvalues = eigenvalues[order]
+        self.eigenvectors = eigenvectors[:, order]
+
+    @classmethod
+    def from_dense(cls, C: np.ndarray) -> EigenSolver:
+        """Builds the solver from a dense symmetric curvature C [p, p] (symmetrised, eigh in float64)."""
+        C = np.asarray(C, dtype=np.float64)
+        if C.ndim != 2 or C.shape[0] != C.shape[1] or C.shape[0] == 0:
+            raise ValueError(f"C must be a square matrix [p, p], got shape {C.shape}")
+        if not np.all(np.isfinite(C)):
+            raise ValueError("C must be finite, got NaN or inf entries")
+        eigenvalues, eigenvectors = np.linalg.eigh(0.5 * (C + C.T))
+        return cls(eigenvalues, eigenvectors)
+
+    @classmethod
+    def from_arrays(cls, eigenvalues: np.ndarray, eigenvectors: np.ndarray) -> EigenSolver:
+        """Rebuilds the solver from ``to_arrays()``: eigenvalues [p], eigenvectors [p, p] as columns."""
+        return cls(eigenvalues, eigenvectors)
+
+    def to_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (eigenvalues [p] ascending, eigenvectors [p, p] as columns), float64, for persistence."""
+        return self.eigenvalues.copy(), self.eigenvectors.copy()
+
+    @property
+    def top_eigenvalue(self) -> float:
+        """Largest eigenvalue of C."""
+        return float(self.eigenvalues[-1])
+
+    @property
+    def min_eigenvalue(self) -> float:
+        """Smallest eigenvalue of C."""
+        return float(self.eigenvalues[0])
+
+    def solve(self, V: np.ndarray, *, damping: float = 0.0) -> np.ndarray:
+        """Returns (C + damping I)^-1 v for each row v of V [m, p] (or a single v [p]), in V's float dtype.
+
+        Raises:
+            ValueError: if some lam + damping <= 0 (up to rounding): the system is singular or indefinite.
+        """
+        if not _is_real(damping) or not math.isfinite(damping):
+            raise ValueError(f"damping must be a finite float, got {damping!r}")
+        V_arr = np.asarray(V)
+        p = self.eigenvalues.shape[0]
+        if V_arr.shape[-1:] != (p,) or V_arr.ndim not in (1, 2):
+            raise ValueError(f"V must have shape [m, {p}] or [{p}], got shape {V_arr.shape}")
+        shifted = self.eigenvalues + float(damping)
+        threshold = p * np.finfo(np.float64).eps * max(1.0, float(np.max(np.abs(shifted))))
+        if shifted[0] <= threshold:
+            raise ValueError(
+                f"damping={damping!r} makes the system singular or indefinite: min eigenvalue "
+                f"{self.min_eigenvalue!r} + damping = {shifted[0]!r} <= {threshold:.3g}"
+            )
+        Q = self.eigenvectors
+        coeffs = V_arr.astype(np.float64) @ Q
+        x = (coeffs / shifted) @ Q.T
+        out_dtype = V_arr.dtype if np.issubdtype(V_arr.dtype, np.floating) else np.float64
+        return x.astype(out_dtype)
+
+
+def solve_exact(C: np.ndarray, V: np.ndarray, *, damping: float = 0.0) -> np.ndarray:
+    """Returns (C + damping I)^-1 v for each row v of V [m, p] (or v [p]) by ``jnp.linalg.solve``.
+
+    Args:
+        C: dense curvature [p, p].
+        V: right-hand sides [m, p] or [p].
+        damping: added to the diagonal.
+    """
+    C_arr = jnp.asarray(C)
+    V_arr = jnp.asarray(V)
+    if C_arr.ndim != 2 or C_arr.shape[0] != C_arr.shape[1]:
+        raise ValueError(f"C must be a square matrix [p, p], got shape {C_arr.shape}")
+    if V_arr.shape[-1:] != (C_arr.shape[0],) or V_arr.ndim not in (1, 2):
+        raise ValueError(f"V must have shape [m, {C_arr.shape[0]}] or [{C_arr.shape[0]}], got shape {V_arr.shape}")
+    A = C_arr + damping * jnp.eye(C_arr.shape[0], dtype=C_arr.dtype)
+    x = jnp.linalg.solve(A, V_arr.T).T
+    return np.asarray(x)

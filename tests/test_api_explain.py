@@ -1,0 +1,156 @@
+"""End to end on digits: build, explain with every method, exactness against dense references, reopen."""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from api import METHODS, open_index
+from store import ConfigMismatchError, UnknownExampleError
+
+pytestmark = pytest.mark.slow
+
+
+def tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.name.endswith(("-wal", "-shm")):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_topk_equals_argsort_of_dense_scores(digits_mlp_run, method):
+    index = open_index(digits_mlp_run)
+    test_ids = [0, 7, 11]
+    exps = index.explain(test_ids=test_ids, k=8, method=method)
+    dense = index.pairwise_scores(test_ids, method=method)
+    for exp, row in zip(exps, dense, strict=True):
+        top = np.argsort(-row, kind="stable")[:8]
+        top = top[row[top] > 0]
+        assert [p.example_id for p in exp.proponents] == top.tolist()
+        np.testing.assert_allclose([p.score for p in exp.proponents], row[top], rtol=2e-3, atol=1e-6)
+        bottom = np.argsort(row, kind="stable")[:8]
+        bottom = bottom[row[bottom] < 0]
+        assert [p.example_id for p in exp.opponents] == bottom.tolist()
+        assert all(p.label == index.train_labels[p.example_id] for p in exp.proponents + exp.opponents)
+    index.close()
+
+
+def test_lissa_matches_exact_on_the_mlp_head(digits_mlp_run):
+    index = open_index(digits_mlp_run)
+    g = index.query_gradients(np.asarray(index.test_features[:5]), np.asarray(index.test_labels[:5]))
+    x_lissa, diag = index.solve(g, "lissa")
+    x_exact, _ = index.solve(g, "exact")
+    rel = np.linalg.norm(x_lissa - x_exact, axis=1) / np.linalg.norm(x_exact, axis=1)
+    assert rel.max() <= 1e-2, (rel, diag)
+    assert diag["residual_max"] <= 1e-2
+    index.close()
+
+
+def test_representer_fidelity(digits_mlp_run):
+    index = open_index(digits_mlp_run)
+    assert index.manifest.extra["representer"]["fidelity"] >= 0.99
+    index.close()
+
+
+def test_logreg_exact_scores_equal_the_closed_form(digits_logreg_task, digits_logreg_run):
+    """score_i = g_q^T H^-1 g_i with H the Hessian of mean CE + (l2/2)||theta||^2, built independently in torch."""
+    from api import Index
+    from influence import LissaConfig
+
+    index = Index(digits_logreg_run, lissa=LissaConfig(damping=0.0))
+    task = digits_logreg_task
+    lin = task.model[0]
+    x, y = (t.double() for t in task.train.tensors[:1]), task.train.tensors[1]
+    (x,) = x
+    w0 = torch.cat([lin.bias.detach().double()[:, None], lin.weight.detach().double()], 1)  # bias first
+
+    def per_example_loss(w, xs, ys):
+        logits = xs @ w[:, 1:].T + w[:, 0]
+        return torch.nn.functional.cross_entropy(logits, ys, reduction="none")
+
+    def objective(w):
+        return per_example_loss(w, x, y).mean() + 0.5 * task.l2 * (w**2).sum()
+
+    hess = torch.autograd.functional.hessian(objective, w0).reshape(w0.numel(), w0.numel())
+    xq, _ = task.test.tensors
+    xq = xq[:4].double()
+    pred = (xq @ w0[:, 1:].T + w0[:, 0]).argmax(1)
+    gq = torch.stack(
+        [
+            torch.autograd.functional.jacobian(
+                lambda w, i=i: per_example_loss(w, xq[i : i + 1], pred[i : i + 1]).sum(), w0
+            ).flatten()
+            for i in range(4)
+        ]
+    )
+    rows = torch.arange(0, len(x), 97)
+    gi = torch.stack(
+        [
+            torch.autograd.functional.jacobian(
+                lambda w, i=i: per_example_loss(w, x[i : i + 1], y[i : i + 1]).sum(), w0
+            ).flatten()
+            for i in rows.tolist()
+        ]
+    )
+    closed = (torch.linalg.solve(hess, gq.T).T @ gi.T).numpy()
+
+    dense = index.pairwise_scores([0, 1, 2, 3], method="exact")[:, rows.numpy()]
+    np.testing.assert_allclose(dense, closed, rtol=1e-3, atol=1e-5 * np.abs(closed).max())
+    lissa = index.pairwise_scores([0, 1, 2, 3], method="lissa")
+    exact = index.pairwise_scores([0, 1, 2, 3], method="exact")
+    assert np.corrcoef(lissa.ravel(), exact.ravel())[0, 1] >= 0.99
+    index.close()
+
+
+def test_reopen_gives_identical_explanations(digits_mlp_run):
+    first = [e.to_dict() for e in open_index(digits_mlp_run).explain(test_ids=[1, 2], k=5, method="exact")]
+    second = [e.to_dict() for e in open_index(digits_mlp_run).explain(test_ids=[1, 2], k=5, method="exact")]
+    assert first == second
+
+
+def test_raw_inputs_need_the_task_and_match_stored_queries(digits_mlp_task, digits_mlp_run):
+    index = open_index(digits_mlp_run, task=digits_mlp_task)
+    x = digits_mlp_task.test.tensors[0][:2]
+    from_inputs = index.explain(inputs=x, k=5, method="grad-dot")
+    stored = index.explain(test_ids=[0, 1], k=5, method="grad-dot")
+    for a, b in zip(from_inputs, stored, strict=True):
+        assert [p.example_id for p in a.proponents] == [p.example_id for p in b.proponents]
+        assert a.test_id is None and a.prediction == b.prediction
+    with pytest.raises(ValueError, match="task="):
+        open_index(digits_mlp_run).explain(inputs=x)
+    with pytest.raises(ValueError, match="NaN"):
+        index.explain(inputs=torch.full((1, 64), float("nan")))
+    with pytest.raises(ValueError, match="shape"):
+        index.explain(inputs=torch.zeros(1, 63))
+    with pytest.raises(ValueError, match="dtype"):
+        index.explain(inputs=torch.zeros(1, 64, dtype=torch.int64))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"test_ids": [10_000]}, UnknownExampleError, "10000"),
+        ({"test_ids": [-1]}, UnknownExampleError, "-1"),
+        ({"test_ids": [0], "k": 0}, ValueError, "k must be"),
+        ({"test_ids": [0], "method": "magic"}, ValueError, "magic"),
+        ({"test_ids": [0], "targets": [10]}, ValueError, "targets"),
+        ({}, ValueError, "exactly one"),
+    ],
+)
+def test_bad_queries_get_clear_errors_and_write_nothing(digits_mlp_run, kwargs, error, match):
+    before = tree_digest(digits_mlp_run)
+    index = open_index(digits_mlp_run)
+    with pytest.raises(error, match=match):
+        index.explain(**kwargs)
+    index.close()
+    assert tree_digest(digits_mlp_run) == before
+
+
+def test_another_model_is_refused(digits_mlp_run, digits_logreg_task):
+    with pytest.raises(ConfigMismatchError, match="fingerprint"):
+        open_index(digits_mlp_run, task=digits_logreg_task)

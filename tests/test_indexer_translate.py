@@ -1,0 +1,93 @@
+"""JAX translations of torch heads reproduce the torch logits; torch and JAX per-example gradients agree."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import influence as inf
+from indexer import Task, UnsupportedLayerError, split_sequential, translate_head
+from indexer.errors import HeadMismatchError, TaskError
+from indexer.gradients import compute_torch_per_example_grads
+from indexer.translate import check_head_logits
+
+
+def every_layer_head() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(12, 16),
+        nn.LayerNorm(16),
+        nn.GELU(),
+        nn.Dropout(0.3),
+        nn.Sequential(nn.Linear(16, 16), nn.Tanh()),
+        nn.Linear(16, 8, bias=False),
+        nn.GELU(approximate="tanh"),
+        nn.Linear(8, 8),
+        nn.Sigmoid(),
+        nn.Linear(8, 8),
+        nn.ReLU(),
+        nn.Identity(),
+        nn.Linear(8, 5),
+    ).eval()
+
+
+def test_jax_head_reproduces_torch_logits():
+    model = every_layer_head()
+    body, head = split_sequential(model)
+    assert isinstance(body, nn.Identity)
+    translated = translate_head(head)
+    h = torch.randn(64, 3, 4)
+    with torch.no_grad():
+        expected = model(h).numpy()
+    got = np.asarray(inf.apply_head(translated.spec, translated.params, h.numpy()))
+    assert np.max(np.abs(got - expected)) <= 1e-5
+    assert translated.n_classes == 5
+    assert translated.n_params == sum(p.numel() for p in model.parameters())
+
+
+def test_conv_body_is_split_off_and_unsupported_head_layer_is_named():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+    body, head = split_sequential(model)
+    assert [type(m) for m in head] == [nn.ReLU, nn.Flatten, nn.Linear]
+    assert isinstance(body, nn.Sequential) and isinstance(body[0], nn.Conv2d)
+    with pytest.raises(UnsupportedLayerError, match="Conv2d"):
+        translate_head(split_sequential(model, head_layers=4)[1])
+    with pytest.raises(UnsupportedLayerError, match="Linear"):
+        translate_head([nn.ReLU()])
+
+
+def test_logit_check_refuses_a_mismatch():
+    a = np.zeros((3, 2))
+    assert check_head_logits(a, a + 1e-7, tolerance=1e-5) <= 1e-7
+    with pytest.raises(HeadMismatchError, match="max abs diff"):
+        check_head_logits(a, a + 1e-2, tolerance=1e-5)
+
+
+def test_torch_and_jax_per_example_gradients_agree():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 4)).double().eval()
+    _, head = split_sequential(model)
+    translated = translate_head(head)
+    h = np.random.default_rng(0).normal(size=(33, 6))
+    y = np.random.default_rng(1).integers(0, 4, size=33)
+    theta, unravel = inf.flatten_params(translated.params)
+    g_jax = np.asarray(inf.compute_per_example_grads(translated.spec, unravel, theta, h, y, batch_size=8))
+    g_torch = compute_torch_per_example_grads(head, h, y, batch_size=10)
+    np.testing.assert_allclose(g_jax, g_torch, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"l2": -1.0}, "l2"),
+        ({"l2": float("nan")}, "l2"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"train": []}, "empty"),
+    ],
+)
+def test_task_rejects_bad_arguments(kwargs, match):
+    ds = torch.utils.data.TensorDataset(torch.zeros(4, 3), torch.zeros(4, dtype=torch.int64))
+    args = {"model": nn.Sequential(nn.Linear(3, 2)), "train": ds} | kwargs
+    with pytest.raises(TaskError, match=match):
+        Task(**args)

@@ -1,0 +1,66 @@
+"""Seeded Gaussian projection and the similarity helpers."""
+
+import numpy as np
+import pytest
+
+from influence import (
+    compute_scores,
+    compute_self_influence,
+    make_projection,
+    normalize_rows,
+    project,
+)
+
+
+def test_projection_is_deterministic_and_block_size_invariant() -> None:
+    G = np.random.default_rng(0).normal(size=(4, 50))
+    a = project(G, d=16, seed=3)
+    np.testing.assert_array_equal(a, project(G, d=16, seed=3))
+    np.testing.assert_allclose(project(G, d=16, seed=3, block_size=7), a, rtol=1e-12, atol=1e-14)
+    assert not np.allclose(project(G, d=16, seed=4), a)
+    proj = make_projection(50, 16, seed=3)
+    P = proj.matrix()
+    np.testing.assert_allclose(G @ P, a, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(proj.project(G[0]), a[0], rtol=1e-12, atol=1e-14)
+
+
+def test_projection_keeps_float32() -> None:
+    G = np.ones((2, 10), dtype=np.float32)
+    assert project(G, d=4, seed=0).dtype == np.float32
+
+
+def test_projection_entries_have_variance_one_over_d() -> None:
+    P = make_projection(400, 64, seed=1).matrix()
+    assert abs(P.mean()) < 3 / np.sqrt(P.size) / 8
+    assert P.var() * 64 == pytest.approx(1.0, rel=0.03)
+
+
+def test_projection_preserves_inner_products_better_with_larger_d() -> None:
+    rng = np.random.default_rng(1)
+    G = rng.normal(size=(20, 300))
+    exact = G @ G.T
+    errors = []
+    for d in (16, 1024):
+        Z = project(G, d=d, seed=0)
+        errors.append(np.linalg.norm(Z @ Z.T - exact) / np.linalg.norm(exact))
+    assert errors[1] < 0.2 and errors[1] < errors[0] / 3
+    # Unbiased: averaged over seeds the projected inner product approaches the exact one.
+    mean = np.mean([project(G[:2], d=32, seed=s) @ project(G[:2], d=32, seed=s).T for s in range(40)], axis=0)
+    assert np.linalg.norm(mean - exact[:2, :2]) / np.linalg.norm(exact[:2, :2]) < 0.1
+
+
+def test_projection_validation() -> None:
+    with pytest.raises(ValueError, match="d must be"):
+        make_projection(10, 0, seed=0)
+    with pytest.raises(ValueError, match=r"G must have shape \[m, 10\]"):
+        make_projection(10, 4, seed=0).project(np.ones((2, 9)))
+
+
+def test_similarity_helpers() -> None:
+    G = np.array([[3.0, 4.0], [0.0, 0.0]])
+    np.testing.assert_allclose(normalize_rows(G), [[0.6, 0.8], [0.0, 0.0]])
+    Q = np.array([[1.0, 2.0]])
+    np.testing.assert_allclose(compute_scores(Q, G), [[11.0, 0.0]])
+    np.testing.assert_allclose(compute_self_influence(G, 2 * G), [50.0, 0.0])
+    with pytest.raises(ValueError, match="agree on d"):
+        compute_scores(Q, np.ones((2, 3)))
