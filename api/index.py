@@ -8,7 +8,6 @@ candidates and the scores are recomputed exactly from the cached features.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -32,7 +31,7 @@ from store import (
     search_both_signs,
 )
 
-from .records import Explanation, Influencer
+from .records import Explanation, Influencer, Suspect
 
 METHODS = ("lissa", "exact", "representer", "grad-dot", "grad-cos")
 SPACE_OF = {
@@ -378,6 +377,15 @@ class Index:
             return q @ emb.T
         return self.train_scores(method, q, np.arange(len(self.train_ids)))
 
+    def find_label_noise(self, **kwargs: Any) -> list[Suspect]:
+        """Every training example ranked by how likely its label is wrong, most suspicious first.
+
+        See `api.noise.find_label_noise` for the signals and options.
+        """
+        from .noise import find_label_noise
+
+        return find_label_noise(self, **kwargs)
+
     def info(self) -> dict[str, Any]:
         m = self.manifest
         return {
@@ -408,5 +416,3 @@ class Index:
     def __repr__(self) -> str:
         return f"Index({str(self.paths.root)!r}, n_train={len(self.train_ids)}, n_test={len(self.test_ids)})"
 
-
-_ = math
