@@ -205,6 +205,70 @@ def explain(
 
 @app.command()
 @friendly_errors
+def noise(
+    run: Annotated[Path, typer.Argument(help="run directory")],
+    top: Annotated[int, typer.Option(help="suspects shown")] = 20,
+    method: Annotated[
+        str, typer.Option(help="fused|self-influence|loss|margin|representer|confident-learning")
+    ] = "fused",
+    out: Annotated[Path | None, typer.Option(help="write every suspect to .csv, .parquet or .json")] = None,
+) -> None:
+    """Rank training examples by how likely their label is wrong (most suspicious first)."""
+    from api import open_index
+
+    with open_index(run) as idx:
+        suspects = idx.find_label_noise(method=method)
+    if out is not None:
+        write_suspects(suspects, out)
+    typer.echo(f"{'rank':>4} {'example_id':>10} {'score':>10} {'label':>5} {'suggested':>9}  preview")
+    for rank, s in enumerate(suspects[:top], 1):
+        preview = s.preview if "/" not in s.preview else "(image)"
+        typer.echo(f"{rank:>4} {s.example_id:>10} {s.score:>10.4g} {s.label:>5} {s.suggested_label:>9}  {preview[:50]}")
+    if out is not None:
+        typer.echo(f"wrote {len(suspects)} suspects to {out}")
+
+
+def write_suspects(suspects, out: Path) -> None:
+    """Suspects to .csv / .parquet / .json (atomically)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from store import atomic_path, atomic_write_json
+
+    rows = [s.to_dict() for s in suspects]
+    if out.suffix == ".json":
+        atomic_write_json(out, rows)
+        return
+    if out.suffix not in (".csv", ".parquet"):
+        raise ValueError(f"--out must end in .csv, .parquet or .json, got {str(out)!r}")
+    flat = [
+        {k: v for k, v in r.items() if k != "signals"} | {f"signal_{k}": v for k, v in r["signals"].items()}
+        for r in rows
+    ]
+    table = pa.Table.from_pylist(flat)
+    with atomic_path(out) as tmp:
+        (pq.write_table if out.suffix == ".parquet" else pacsv.write_csv)(table, tmp)
+
+
+@app.command()
+@friendly_errors
+def dump(
+    run: Annotated[Path, typer.Argument(help="run directory")],
+    out: Annotated[Path, typer.Option("--out", help="Parquet file to write")],
+    k: Annotated[int, typer.Option(help="proponents and opponents kept per query")] = 100,
+    method: Annotated[str, typer.Option(help="lissa|exact|representer|grad-dot|grad-cos")] = "lissa",
+) -> None:
+    """Stream top-k scores of every stored test example to Parquet."""
+    from api import open_index
+
+    with open_index(run) as idx:
+        path = idx.dump(out, k=k, method=method)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+@friendly_errors
 def info(
     run: Annotated[Path, typer.Argument(help="run directory")],
     verify: Annotated[bool, typer.Option(help="check FAISS and SQLite agree")] = False,

@@ -1,0 +1,287 @@
+"""The label-noise job: every training example ranked by how likely its label is wrong, with a suggested label.
+
+Signals (higher = more suspicious), each selectable as `method`:
+
+- ``self-influence``: g_i^T (C + l2 I + d I)^-1 g_i at the example's own label (d = the index's damping).
+  Exact from the stored dense eigendecomposition when the head has it (heads up to ``exact_max_params``,
+  e.g. the digits MLP); otherwise from the top-``rank`` eigenpairs of C + l2 I (Lanczos on the JAX
+  curvature matvec over up to ``curvature_rows`` training rows, computed once), with the remaining
+  directions at curvature l2 + d (see ``influence.noise``). One Lanczos run replaces n LiSSA runs; the
+  per-example work is then one gradient and one [p, k] product, chunked.
+- ``loss``: the model's training cross-entropy; ``margin``: minus the logit margin z_y - max_{c != y} z_c.
+- ``representer``: alpha_{i, y_i} = (1 - p_{i, y_i}) / (2 lambda n) of the representer fit (Yeh et al. 2018).
+- ``confident-learning``: max_{c != y} p_oos[c] - p_oos[y] with p_oos from K-fold refits of the head's last
+  linear layer on the cached penultimate features (L2 softmax regression, warm-started from the model).
+- ``grad-cos``: the gradient-cosine self score, 1 for every example (a negative control).
+- ``fused`` (default): mean rank percentile of self-influence, loss and confident-learning.
+
+``suggested_label`` is the most probable other class under p_oos when that is confident, else the model's
+prediction. Scores and suggested labels are written to the run's SQLite (``suspect_score``); the expensive
+intermediate arrays (self-influence, p_oos) are cached under ``arrays/`` so an interrupted job resumes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import influence as inf
+from influence import noise as nz
+from store import atomic_write_json, load_array, save_array
+
+from .records import Suspect
+
+if TYPE_CHECKING:
+    from .index import Index
+
+SIGNALS = ("self-influence", "loss", "margin", "representer", "confident-learning", "grad-cos")
+NOISE_METHODS = (*SIGNALS, "fused")
+FUSED_SIGNALS = ("self-influence", "loss", "confident-learning")
+DEFAULT_SIGNALS = ("loss", "margin", "representer", "confident-learning")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoiseSignals:
+    """All label-noise signals of one run, aligned with `ids` (the index's training rows).
+
+    Attributes:
+        ids: training example ids [n].
+        labels: given labels [n].
+        predictions: the model's predictions [n].
+        signals: name -> scores [n], higher = more suspicious.
+        oos_probs: K-fold out-of-sample probabilities [n, C].
+        suggested: suggested labels [n].
+        info: how each signal was computed (solver, rank, seconds).
+    """
+
+    ids: np.ndarray
+    labels: np.ndarray
+    predictions: np.ndarray
+    signals: dict[str, np.ndarray]
+    oos_probs: np.ndarray
+    suggested: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def score(self, method: str) -> np.ndarray:
+        if method == "fused":
+            return nz.fuse_ranks({s: self.signals[s] for s in FUSED_SIGNALS})
+        return self.signals[method]
+
+
+def _check_method(method: Any) -> str:
+    if method not in NOISE_METHODS:
+        raise ValueError(f"method must be one of {NOISE_METHODS}, got {method!r}")
+    return method
+
+
+def _check_top(top: Any, n: int) -> int:
+    if top is None:
+        return n
+    if isinstance(top, bool) or not isinstance(top, int | np.integer) or top < 1:
+        raise ValueError(f"top must be None or an int >= 1, got {top!r}")
+    return min(int(top), n)
+
+
+def _check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be an int in [{lo}, {hi if hi is not None else 'inf'}), got {value!r}")
+    return int(value)
+
+
+def _grad_chunk_rows(p: int) -> int:
+    return int(min(4096, max(64, 2**24 // max(p, 1))))
+
+
+# ------------------------------------------------------------------------------------------ signals
+def _cached(index: Index, name: str, config: dict[str, Any]) -> np.ndarray | None:
+    """The cached array `arrays/<name>.npy` when it was computed with the same config, else None."""
+    meta = index.paths.arrays_dir / f"{name}.json"
+    path = index.paths.array(name)
+    if path.exists() and meta.exists():
+        try:
+            if json.loads(meta.read_text()) == config:
+                return np.asarray(load_array(path, mmap=False))
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def _save_cached(index: Index, name: str, config: dict[str, Any], arr: np.ndarray) -> None:
+    save_array(index.paths.array(name), arr)
+    atomic_write_json(index.paths.arrays_dir / f"{name}.json", config)
+
+
+def compute_self_influence(
+    index: Index, *, rank: int = 64, curvature_rows: int = 20_000, seed: int = 0, progress: bool = True
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Self-influence g_i^T (C + l2 I + d I)^-1 g_i of every training row, [n], and how it was computed."""
+    p = int(index.theta.shape[0])
+    exact = index.paths.array("curvature_eigenvalues").exists()
+    n = len(index.train_ids)
+    config: dict[str, Any] = {"solver": "exact" if exact else "low-rank", "damping": index.damping}
+    if not exact:
+        config.update(rank=min(rank, p - 1), curvature_rows=min(curvature_rows, n), seed=seed)
+    cached = _cached(index, "noise_self_influence", config)
+    if cached is not None:
+        return cached, {**config, "cached": True}
+    if exact:
+        solver = index.eigen_solver
+        lam, Q = solver.eigenvalues, solver.eigenvectors
+        complement = None
+    else:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=config["curvature_rows"], replace=False))
+        h = np.asarray(index.train_features[rows])
+        matvec = inf.make_head_matvec(
+            index.spec,
+            index.unravel,
+            index.theta,
+            h,
+            index.train_labels[rows],
+            l2=index.l2,
+            curvature=index.manifest.methods["curvature"],
+            batch_size=None if len(rows) <= 8192 else 4096,
+        )
+        lam, Q = nz.compute_top_eigenpairs(matvec, p, k=config["rank"], seed=seed)
+        complement = index.l2 + index.damping
+        if complement <= 0:
+            complement = float(lam[-1]) + index.damping
+        config["complement"] = complement
+    out = np.empty(n, np.float64)
+    step = _grad_chunk_rows(p)
+    for start in tqdm(range(0, n, step), desc="self-influence", unit="chunk", disable=not progress):
+        sl = slice(start, min(start + step, n))
+        g = index.query_gradients(np.asarray(index.train_features[sl]), index.train_labels[sl])
+        out[sl] = nz.compute_self_influence_eigen(g, lam, Q, damping=index.damping, complement=complement)
+    _save_cached(index, "noise_self_influence", config, out)
+    return out, config
+
+
+def compute_oos_probs(
+    index: Index, *, folds: int = 5, seed: int = 0, max_iter: int = 300, progress: bool = True
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """K-fold out-of-sample probabilities [n, C] from refits of the last linear layer on cached features."""
+    lam = float(index.manifest.extra.get("representer", {}).get("lambda") or (index.l2 / 2 if index.l2 else 1e-3))
+    config = {"folds": folds, "seed": seed, "lambda": lam, "max_iter": max_iter}
+    cached = _cached(index, "noise_oos_probs", config)
+    if cached is not None:
+        return cached, {**config, "cached": True}
+    phi = np.asarray(load_array(index.paths.array("train_phi")))
+    last = index.params[inf.last_linear_index(index.spec)]
+    weight = np.asarray(last["weight"], np.float64)
+    bias = np.asarray(last.get("bias", np.zeros(weight.shape[0])), np.float64)
+    theta0 = np.concatenate([weight, bias[:, None]], axis=1)
+    bar = tqdm(total=folds, desc="out-of-sample folds", unit="fold", disable=not progress)
+    probs = nz.compute_out_of_sample_probs(
+        phi, index.train_labels, theta0, lam=lam, folds=folds, seed=seed, max_iter=max_iter, on_fold=lambda _: bar.update()
+    )
+    bar.close()
+    _save_cached(index, "noise_oos_probs", config, probs)
+    return probs, config
+
+
+def compute_noise_signals(
+    index: Index,
+    *,
+    signals: tuple[str, ...] | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    rank: int = 64,
+    curvature_rows: int = 20_000,
+    progress: bool = True,
+) -> NoiseSignals:
+    """Computes the named signals (default: all of SIGNALS) plus out-of-sample probabilities and suggestions."""
+    names = SIGNALS if signals is None else tuple(signals)
+    for s in names:
+        if s not in SIGNALS:
+            raise ValueError(f"signals must be a subset of {SIGNALS}, got {s!r}")
+    n = len(index.train_ids)
+    folds = _check_int(folds, "folds", 2, n)
+    rank = _check_int(rank, "rank", 1)
+    curvature_rows = _check_int(curvature_rows, "curvature_rows", 1)
+    labels = np.asarray(index.train_labels, np.int64)
+    logits = np.asarray(load_array(index.paths.array("train_logits")), np.float64)
+    predictions = logits.argmax(1)
+    out: dict[str, np.ndarray] = {}
+    info: dict[str, Any] = {}
+    if "loss" in names:
+        out["loss"] = np.asarray(inf.cross_entropy(logits, labels), np.float64)
+    if "margin" in names:
+        out["margin"] = -np.asarray(inf.compute_margins(logits, labels), np.float64)
+    if "representer" in names:
+        alpha = np.asarray(load_array(index.paths.array("representer_alpha")), np.float64)
+        out["representer"] = alpha[np.arange(n), labels]
+    probs, info["confident-learning"] = compute_oos_probs(index, folds=folds, seed=seed, progress=progress)
+    if "confident-learning" in names:
+        out["confident-learning"] = nz.confident_learning_scores(probs, labels)
+    if "self-influence" in names:
+        out["self-influence"], info["self-influence"] = compute_self_influence(
+            index, rank=rank, curvature_rows=curvature_rows, seed=seed, progress=progress
+        )
+    if "grad-cos" in names:
+        # cos(g_i, g_i) = 1 whenever g_i != 0: by construction it carries no information (negative control)
+        out["grad-cos"] = np.ones(n)
+    return NoiseSignals(
+        ids=np.asarray(index.train_ids, np.int64),
+        labels=labels,
+        predictions=predictions,
+        signals=out,
+        oos_probs=probs,
+        suggested=nz.suggest_labels(probs, labels, predictions),
+        info=info,
+    )
+
+
+def find_label_noise(
+    index: Index,
+    *,
+    method: str = "fused",
+    top: int | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    rank: int = 64,
+    curvature_rows: int = 20_000,
+    progress: bool = True,
+) -> list[Suspect]:
+    """Every training example ranked by how likely its label is wrong, most suspicious first.
+
+    Also writes every example's score and suggested label to the run's SQLite (``suspect_score``,
+    ``suggested_label``; read back with ``index.metadata.top_suspects``), in the same order.
+
+    Args:
+        index: an opened, complete Index.
+        method: one of "fused" (default), "self-influence", "loss", "margin", "representer",
+            "confident-learning", "grad-cos".
+        top: return only the first `top` suspects (all are still scored and stored); None = all.
+        folds: K of the out-of-sample refits (>= 2).
+        seed: seed of the fold assignment and of the low-rank solver.
+        rank: eigenpairs of the low-rank self-influence solver (heads without a dense eigendecomposition).
+        curvature_rows: training rows the low-rank solver's curvature is estimated on.
+        progress: show progress bars.
+    """
+    method = _check_method(method)
+    n = len(index.train_ids)
+    top = _check_top(top, n)
+    needed = (*DEFAULT_SIGNALS, *({"fused": FUSED_SIGNALS}.get(method, (method,))))
+    names = tuple(s for s in SIGNALS if s in needed)
+    result = compute_noise_signals(
+        index, signals=names, folds=folds, seed=seed, rank=rank, curvature_rows=curvature_rows, progress=progress
+    )
+    score = np.asarray(result.score(method), np.float64)
+    index.metadata.set_suspects(result.ids, score, result.suggested)
+    order = nz.rank_order(score, result.ids)[:top]
+    records = index.metadata.get("train", [int(v) for v in result.ids[order]])
+    return [
+        Suspect(
+            example_id=int(result.ids[i]),
+            score=float(score[i]),
+            label=int(result.labels[i]),
+            suggested_label=int(result.suggested[i]),
+            signals={k: float(v[i]) for k, v in result.signals.items()},
+            preview=r.preview,
+        )
+        for i, r in zip(order, records, strict=True)
+    ]
