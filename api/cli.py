@@ -288,6 +288,20 @@ def info(
     typer.echo(json.dumps(out, indent=2, default=str))
 
 
+@app.command()
+@friendly_errors
+def serve(
+    run: Annotated[Path, typer.Argument(help="run directory")],
+    host: Annotated[str, typer.Option(help="bind address (an API key is required off loopback)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    api_key: Annotated[str | None, typer.Option(help="required X-API-Key (or INFLUENCE_API_KEY)")] = None,
+) -> None:
+    """Serve the run directory over HTTP (FastAPI): /health, /examples/{id}, /explain, /noise, /docs."""
+    from api.service import serve as run_service
+
+    run_service(run, host=host, port=port, api_key=api_key)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
