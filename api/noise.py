@@ -87,8 +87,13 @@ def _check_top(top: Any, n: int) -> int:
 
 
 def _check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < lo or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be an int in [{lo}, {hi if hi is not None else 'inf'}), got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | np.integer)
+        or value < lo
+        or (hi is not None and value > hi)
+    ):
+        raise ValueError(f"{name} must be an int in [{lo}, {hi if hi is not None else 'inf'}], got {value!r}")
     return int(value)
 
 
@@ -176,7 +181,14 @@ def compute_oos_probs(
     theta0 = np.concatenate([weight, bias[:, None]], axis=1)
     bar = tqdm(total=folds, desc="out-of-sample folds", unit="fold", disable=not progress)
     probs = nz.compute_out_of_sample_probs(
-        phi, index.train_labels, theta0, lam=lam, folds=folds, seed=seed, max_iter=max_iter, on_fold=lambda _: bar.update()
+        phi,
+        index.train_labels,
+        theta0,
+        lam=lam,
+        folds=folds,
+        seed=seed,
+        max_iter=max_iter,
+        on_fold=lambda _: bar.update(),
     )
     bar.close()
     _save_cached(index, "noise_oos_probs", config, probs)

@@ -1,0 +1,300 @@
+"""Label-noise signals: self-influence from eigenpairs, out-of-sample probabilities, confident learning, fusion.
+
+    self_influence_i   = g_i^T (C + l2 I + d I)^-1 g_i
+                       = sum_j (q_j . g_i)^2 / (lam_j + d)                       (all p eigenpairs: exact)
+                       ~ sum_{j<=k} (q_j . g_i)^2 / (lam_j + d) + ||(I - Q_k Q_k^T) g_i||^2 / (l2 + d)
+                                                                                 (top-k eigenpairs, low rank)
+    p_oos              = softmax(Theta_(-f) phi_i) with Theta_(-f) refit on the other folds (K-fold)
+    confident learning = max_{c != y_i} p_oos[i, c] - p_oos[i, y_i]  (normalised margin, negated)
+    fused              = mean over signals of rank_percentile(signal)
+
+The low-rank form treats the directions outside the top-k eigenspace as having curvature l2 (their smallest
+possible value), so it equals the exact value when k = p and never under-weights a direction.
+
+Reference: Koh & Liang 2017 (arXiv:1703.04730) self-influence for mislabel detection; Schioppa et al. 2022
+(arXiv:2112.03052) Arnoldi / low-rank influence; Northcutt, Jiang & Chuang 2021 (arXiv:1911.00068) confident
+learning; Pleiss et al. 2020 / Pruthi et al. 2020 (arXiv:2002.08484) self-scores.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+import scipy.sparse.linalg
+import scipy.stats
+
+from influence.objective import cross_entropy
+
+
+# ------------------------------------------------------------------------------------------------ ranks
+def rank_percentiles(scores: np.ndarray) -> np.ndarray:
+    """Returns the average rank of each score divided by n, in (0, 1]; ties share their mean rank.
+
+    Args:
+        scores: [n], higher = more suspicious.
+    """
+    scores = np.asarray(scores, np.float64)
+    if scores.ndim != 1 or scores.size == 0:
+        raise ValueError(f"scores must have shape [n] with n >= 1, got shape {scores.shape}")
+    return scipy.stats.rankdata(scores, method="average") / scores.size
+
+
+def fuse_ranks(signals: Mapping[str, np.ndarray], weights: Mapping[str, float] | None = None) -> np.ndarray:
+    """Weighted mean of the rank percentiles of each signal, [n] (scale-free, so no signal dominates by units).
+
+    Args:
+        signals: name -> scores [n], higher = more suspicious.
+        weights: name -> weight (default 1 each).
+    """
+    if not signals:
+        raise ValueError("signals must name at least one signal, got none")
+    total = 0.0
+    out: np.ndarray | None = None
+    for name, s in signals.items():
+        w = 1.0 if weights is None else float(weights.get(name, 1.0))
+        r = w * rank_percentiles(s)
+        out = r if out is None else out + r
+        total += w
+    if out is None or total <= 0:
+        raise ValueError(f"weights must sum to > 0, got {weights!r}")
+    return out / total
+
+
+def rank_order(scores: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+    """Positions sorted by score descending, ties by id (or position) ascending."""
+    scores = np.asarray(scores, np.float64)
+    key = np.arange(scores.size) if ids is None else np.asarray(ids)
+    return np.lexsort((key, -scores))
+
+
+# ------------------------------------------------------------------------------------- self-influence
+def compute_self_influence_eigen(
+    grads: np.ndarray,
+    eigenvalues: np.ndarray,
+    eigenvectors: np.ndarray,
+    *,
+    damping: float,
+    complement: float | None = None,
+) -> np.ndarray:
+    """Returns g_i^T (C + d I)^-1 g_i from eigenpairs of C (which already includes l2), [n].
+
+    With all p eigenpairs this is exact: ||diag(lam + d)^-1/2 Q^T g_i||^2. With k < p (top-k), the part of
+    g_i outside span(Q) is divided by ``complement`` (the curvature assumed there, e.g. l2 + d).
+
+    Args:
+        grads: per-example gradients [n, p].
+        eigenvalues: [k] eigenvalues of C + l2 I.
+        eigenvectors: [p, k] orthonormal columns.
+        damping: d.
+        complement: curvature + damping assumed outside span(Q) (required when k < p).
+    """
+    g = np.asarray(grads, np.float64)
+    lam = np.asarray(eigenvalues, np.float64)
+    Q = np.asarray(eigenvectors, np.float64)
+    if g.ndim != 2 or Q.ndim != 2 or Q.shape[0] != g.shape[1] or lam.shape != (Q.shape[1],):
+        raise ValueError(
+            f"grads [n, p], eigenvalues [k], eigenvectors [p, k] must agree, got {g.shape}, {lam.shape}, {Q.shape}"
+        )
+    shifted = lam + float(damping)
+    if np.any(shifted <= 0):
+        raise ValueError(f"eigenvalues + damping must be > 0, got min {float(shifted.min())!r}")
+    coeffs = g @ Q
+    out = np.einsum("ij,ij->i", coeffs, coeffs / shifted)
+    if Q.shape[1] < Q.shape[0]:
+        if complement is None or not complement > 0:
+            raise ValueError(f"complement must be > 0 when only {Q.shape[1]} < {Q.shape[0]} eigenpairs are given")
+        rest = np.maximum(np.einsum("ij,ij->i", g, g) - np.einsum("ij,ij->i", coeffs, coeffs), 0.0)
+        out = out + rest / complement
+    return out
+
+
+def compute_top_eigenpairs(
+    matvec: Callable[[jax.Array], jax.Array], p: int, *, k: int, seed: int = 0, tol: float = 1e-4
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k eigenpairs of a symmetric PSD matvec by Lanczos (scipy ``eigsh``), (eigenvalues [k], Q [p, k]).
+
+    Args:
+        matvec: v -> C v on vectors [p].
+        p: dimension.
+        k: number of eigenpairs (1 <= k < p).
+        seed: seed of the Lanczos start vector.
+        tol: relative accuracy of the eigenvalues.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < p:
+        raise ValueError(f"k must be an int in [1, {p}), got {k!r}")
+
+    def mv(v: np.ndarray) -> np.ndarray:
+        return np.asarray(matvec(jnp.asarray(np.asarray(v, np.float32).ravel())), np.float64)
+
+    op = scipy.sparse.linalg.LinearOperator((p, p), matvec=mv, dtype=np.float64)
+    v0 = np.random.default_rng(seed).standard_normal(p)
+    lam, Q = scipy.sparse.linalg.eigsh(op, k=k, which="LA", v0=v0, tol=tol, ncv=min(p, max(2 * k + 1, 20)))
+    order = np.argsort(lam)[::-1]
+    return lam[order], Q[:, order]
+
+
+# ---------------------------------------------------------------------------- out-of-sample probabilities
+@functools.lru_cache(maxsize=1)
+def _softmax_objective() -> Callable[..., tuple[jax.Array, jax.Array]]:
+    def objective(theta: jax.Array, phi: jax.Array, y: jax.Array, lam: jax.Array) -> jax.Array:
+        return jnp.mean(cross_entropy(phi @ theta.T, y)) + lam * jnp.vdot(theta, theta)
+
+    return jax.jit(jax.value_and_grad(objective))
+
+
+def fit_softmax_regression(
+    phi_aug: np.ndarray, y: np.ndarray, theta0: np.ndarray, *, lam: float, max_iter: int = 300, tol: float = 1e-6
+) -> np.ndarray:
+    """Theta = argmin (1/n) sum_i CE(Theta phi_i, y_i) + lam ||Theta||^2 by L-BFGS from theta0, [C, d+1].
+
+    Args:
+        phi_aug: bias-augmented features [n, d+1].
+        y: labels [n].
+        theta0: warm start [C, d+1].
+        lam: L2 coefficient (> 0).
+        max_iter: L-BFGS iterations.
+        tol: gradient tolerance.
+    """
+    if not (math.isfinite(lam) and lam > 0):
+        raise ValueError(f"lam must be a finite float > 0, got {lam!r}")
+    theta0 = np.asarray(theta0, np.float64)
+    dtype = np.asarray(phi_aug).dtype if np.asarray(phi_aug).dtype == np.float64 else np.float32
+    vg = _softmax_objective()
+    phi_dev, y_dev = jnp.asarray(phi_aug, dtype), jnp.asarray(y)
+    lam_dev = jnp.asarray(lam, dtype)
+    shape = theta0.shape
+
+    def fun(flat: np.ndarray) -> tuple[float, np.ndarray]:
+        value, grad = vg(jnp.asarray(flat.reshape(shape), dtype), phi_dev, y_dev, lam_dev)
+        return float(value), np.asarray(grad, np.float64).ravel()
+
+    res = scipy.optimize.minimize(
+        fun, theta0.ravel(), jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": tol}
+    )
+    return np.asarray(res.x, np.float64).reshape(shape)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fold_assignments(n: int, folds: int, seed: int) -> np.ndarray:
+    """A seeded random fold id in [0, folds) for each of n rows, folds as equal as possible."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= n:
+        raise ValueError(f"folds must be an int in [2, {n}], got {folds!r}")
+    out = np.empty(n, np.int64)
+    out[np.random.default_rng(seed).permutation(n)] = np.arange(n) % folds
+    return out
+
+
+def compute_out_of_sample_probs(
+    phi_aug: np.ndarray,
+    y: np.ndarray,
+    theta0: np.ndarray,
+    *,
+    lam: float,
+    folds: int = 5,
+    seed: int = 0,
+    max_iter: int = 300,
+    on_fold: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """K-fold out-of-sample class probabilities [n, C]: each fold scored by a softmax regression fit on the rest.
+
+    Args:
+        phi_aug: bias-augmented features [n, d+1].
+        y: labels [n].
+        theta0: warm start [C, d+1] (the model's own last layer).
+        lam: L2 coefficient of lam ||Theta||^2.
+        folds: K.
+        seed: seed of the fold assignment.
+        max_iter: L-BFGS iterations per fold.
+        on_fold: called with the fold index after each fold (progress).
+    """
+    phi_aug = np.asarray(phi_aug)
+    y = np.asarray(y)
+    n = phi_aug.shape[0]
+    fold = fold_assignments(n, folds, seed)
+    probs = np.zeros((n, theta0.shape[0]), np.float64)
+    for f in range(folds):
+        held = fold == f
+        theta = fit_softmax_regression(phi_aug[~held], y[~held], theta0, lam=lam, max_iter=max_iter)
+        probs[held] = softmax(np.asarray(phi_aug[held], np.float64) @ theta.T)
+        if on_fold is not None:
+            on_fold(f)
+    return probs
+
+
+# ------------------------------------------------------------------------------------- confident learning
+def per_class_thresholds(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """t_c = mean of p[i, c] over examples labelled c (confident learning's per-class thresholds), [C]."""
+    probs = np.asarray(probs, np.float64)
+    labels = np.asarray(labels)
+    n_classes = probs.shape[1]
+    t = np.ones(n_classes)
+    for c in range(n_classes):
+        mask = labels == c
+        if mask.any():
+            t[c] = probs[mask, c].mean()
+    return t
+
+
+def confident_learning_scores(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Returns max_{c != y} p[i, c] - p[i, y_i] in [-1, 1], higher = more suspicious (negated normalised margin).
+
+    Reference: Northcutt, Jiang & Chuang 2021 (arXiv:1911.00068), "normalized_margin" ranking.
+    """
+    probs = np.asarray(probs, np.float64)
+    labels = np.asarray(labels, np.int64)
+    rows = np.arange(len(labels))
+    given = probs[rows, labels]
+    others = probs.copy()
+    others[rows, labels] = -np.inf
+    return others.max(axis=1) - given
+
+
+def suggest_labels(probs: np.ndarray, labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+    """Suggested label per example: the most probable other class under the out-of-sample probabilities when it
+    is confident (p >= its class threshold t_c, or above the given label's p), else the model's prediction.
+
+    Args:
+        probs: out-of-sample probabilities [n, C].
+        labels: given labels [n].
+        predictions: the model's predicted classes [n].
+    """
+    probs = np.asarray(probs, np.float64)
+    labels = np.asarray(labels, np.int64)
+    rows = np.arange(len(labels))
+    others = probs.copy()
+    others[rows, labels] = -np.inf
+    alt = others.argmax(axis=1)
+    p_alt = probs[rows, alt]
+    confident = (p_alt >= per_class_thresholds(probs, labels)[alt]) | (p_alt > probs[rows, labels])
+    return np.where(confident, alt, np.asarray(predictions, np.int64))
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def detection_auc(scores: np.ndarray, is_noisy: np.ndarray) -> float:
+    """ROC AUC of scores for the noisy rows (Mann-Whitney U with tied ranks averaged: a constant gives 0.5)."""
+    scores = np.asarray(scores, np.float64)
+    pos = np.asarray(is_noisy, bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"is_noisy must contain both classes, got {n_pos} noisy and {n_neg} clean")
+    ranks = scipy.stats.rankdata(scores, method="average")
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def fraction_found(order: np.ndarray, is_noisy: np.ndarray, checked: float) -> float:
+    """Fraction of the noisy rows among the first round(checked * n) positions of `order`."""
+    pos = np.asarray(is_noisy, bool)
+    m = round(checked * len(pos))
+    return float(pos[np.asarray(order)[:m]].sum() / max(pos.sum(), 1))

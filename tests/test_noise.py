@@ -1,0 +1,127 @@
+"""Label-noise job: planted flips on digits are found, results land in SQLite, self-influence is the pairwise
+diagonal, the grad-cos control is constant, bad input is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from influence import noise as nz
+
+N_FLIPS = 144  # 10% of the 1,437 digits training examples
+
+
+@pytest.fixture(scope="module")
+def noisy_digits(tmp_path_factory):
+    from api import build_index
+    from indexer.demo import digits_task, flip_labels, load_digits_split
+
+    task = digits_task(n_flips=N_FLIPS, seed=0)
+    _, y_true, _, _ = load_digits_split(0)
+    _, flips = flip_labels(y_true, N_FLIPS, 10, 0)
+    is_flip = np.zeros(len(y_true), bool)
+    is_flip[flips] = True
+    index = build_index(task, tmp_path_factory.mktemp("runs") / "digits-noisy", progress=False)
+    yield index, y_true, is_flip
+    index.close()
+
+
+@pytest.fixture(scope="module")
+def signals(noisy_digits):
+    from api.noise import compute_noise_signals
+
+    index, _, _ = noisy_digits
+    return compute_noise_signals(index, progress=False)
+
+
+def test_planted_flips_are_found(noisy_digits, signals):
+    _, y_true, is_flip = noisy_digits
+    auc = {m: nz.detection_auc(signals.score(m), is_flip) for m in (*signals.signals, "fused")}
+    assert auc["fused"] >= 0.97
+    assert auc["fused"] >= auc["loss"]
+    order = nz.rank_order(signals.score("fused"), signals.ids)
+    assert nz.fraction_found(order, is_flip, 0.10) >= 0.85  # precision@10% >= 0.85 with 10% flipped
+    found = order[:N_FLIPS][is_flip[order[:N_FLIPS]]]
+    assert np.mean(signals.suggested[found] == y_true[found]) >= 0.85
+
+
+def test_results_written_to_sqlite_in_order(noisy_digits):
+    index, _, _ = noisy_digits
+    suspects = index.find_label_noise(progress=False)
+    assert len(suspects) == len(index.train_ids)
+    scores = [s.score for s in suspects]
+    assert scores == sorted(scores, reverse=True)
+    stored = index.metadata.top_suspects(25)
+    assert [r.example_id for r in stored] == [s.example_id for s in suspects[:25]]
+    assert [r.suggested_label for r in stored] == [s.suggested_label for s in suspects[:25]]
+    assert stored[0].suspect_score == pytest.approx(suspects[0].score)
+    assert set(suspects[0].signals) >= {"self-influence", "loss", "confident-learning", "representer", "margin"}
+    top = index.find_label_noise(top=7, method="loss", progress=False)
+    assert len(top) == 7 and top[0].signals["loss"] >= top[-1].signals["loss"]
+
+
+def test_self_influence_is_the_pairwise_diagonal(noisy_digits, signals):
+    index, _, _ = noisy_digits
+    rows = np.array([0, 5, 17, 300, 1000])
+    g = index.query_gradients(np.asarray(index.train_features[rows]), index.train_labels[rows])
+    s, _ = index.solve(g, "exact")
+    pairwise = index.train_scores("exact", s, rows)  # [m, m]: query = training example i at its own label
+    np.testing.assert_allclose(np.diag(pairwise), signals.signals["self-influence"][rows], rtol=1e-4)
+
+
+def test_low_rank_self_influence_is_exact_when_the_complement_is():
+    rng = np.random.default_rng(0)
+    p = 12
+    q, _ = np.linalg.qr(rng.standard_normal((p, p)))
+    lam = np.concatenate([np.linspace(5.0, 1.0, 8), np.full(4, 0.3)])  # the last 4 eigenvalues equal the complement
+    C = (q * lam) @ q.T
+    g = rng.standard_normal((6, p))
+    exact = np.einsum("ij,ij->i", g, np.linalg.solve(C + 0.1 * np.eye(p), g.T).T)
+    full = nz.compute_self_influence_eigen(g, lam, q, damping=0.1)
+    low = nz.compute_self_influence_eigen(g, lam[:8], q[:, :8], damping=0.1, complement=0.3 + 0.1)
+    np.testing.assert_allclose(full, exact, rtol=1e-10)
+    np.testing.assert_allclose(low, exact, rtol=1e-10)
+
+
+def test_low_rank_eigenpairs_match_eigh():
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((40, 30))
+    C = a.T @ a / 40
+    lam, Q = nz.compute_top_eigenpairs(lambda v: jnp.asarray(C, jnp.float32) @ v, 30, k=5, tol=1e-8)
+    ref = np.linalg.eigvalsh(C)[::-1][:5]
+    np.testing.assert_allclose(lam, ref, rtol=1e-4)
+    np.testing.assert_allclose(np.abs(Q.T @ Q), np.eye(5), atol=1e-4)
+
+
+def test_grad_cos_control_is_constant(noisy_digits, signals):
+    _, _, is_flip = noisy_digits
+    s = signals.signals["grad-cos"]
+    assert np.all(s == s[0])
+    assert nz.detection_auc(s, is_flip) == pytest.approx(0.5)
+
+
+def test_bad_arguments_are_refused(noisy_digits):
+    index, _, _ = noisy_digits
+    with pytest.raises(ValueError, match="method"):
+        index.find_label_noise(method="tracin-magic", progress=False)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="top"):
+            index.find_label_noise(top=bad, progress=False)
+    with pytest.raises(ValueError, match="folds"):
+        index.find_label_noise(folds=1, progress=False)
+
+
+def test_fusion_and_ranking_helpers():
+    r = nz.rank_percentiles(np.array([3.0, 1.0, 2.0, 2.0]))
+    np.testing.assert_allclose(r, [1.0, 0.25, 0.625, 0.625])
+    fused = nz.fuse_ranks({"a": np.array([1.0, 2.0, 3.0]), "b": np.array([30.0, 20.0, 10.0])})
+    np.testing.assert_allclose(fused, [2 / 3, 2 / 3, 2 / 3])
+    np.testing.assert_array_equal(nz.rank_order(np.array([1.0, 5.0, 5.0, 0.0])), [1, 2, 0, 3])
+    probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.2, 0.7, 0.1]])
+    labels = np.array([0, 1, 0])
+    cl = nz.confident_learning_scores(probs, labels)
+    assert cl.argmax() == 2
+    assert nz.suggest_labels(probs, labels, probs.argmax(1)).tolist() == [0, 1, 1]
+    assert nz.detection_auc(np.array([0.1, 0.9, 0.2]), np.array([False, True, False])) == 1.0
