@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format typecheck bench clean
+.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,22 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(BIN)/python experiments/explain_latency.py
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package (needs root / apt).
+data:
+	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update && apt-get install -y dataset-fashion-mnist)
+
+# Peers live in a separate target directory, never in the project's dependencies.
+PEERS := .peers
+$(PEERS)/.cleanlab: $(STAMP)
+	$(BIN)/pip install -q --no-deps --target $(PEERS) cleanlab==2.9.0 pandas termcolor python-dateutil pytz tzdata
+	touch $@
+
+bench-noise: $(STAMP) $(PEERS)/.cleanlab
+	$(BIN)/python experiments/label_noise.py --cleanlab-path $(PEERS) --datasets digits-mlp --seeds 5
+
+bench-noise-fmnist: $(STAMP) $(PEERS)/.cleanlab data
+	$(BIN)/python experiments/label_noise.py --cleanlab-path $(PEERS) --datasets fmnist-logreg fmnist-mlp --seeds 5 --fmnist-train 20000 --out experiments/results/label_noise_fmnist.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
