@@ -200,6 +200,15 @@ class Index:
     def query_gradients(self, h: np.ndarray, targets: np.ndarray) -> np.ndarray:
         return np.asarray(inf.compute_per_example_grads(self.spec, self.unravel, self.theta, h, targets))
 
+    @cached_property
+    def deflation(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Top eigenpairs of the curvature stored at build time (deflated in LiSSA), if any."""
+        path = self.paths.array("curvature_top_eigenvalues")
+        if not path.exists():
+            return None
+        vecs = np.asarray(load_array(self.paths.array("curvature_top_eigenvectors")))
+        return np.asarray(load_array(path)), np.ascontiguousarray(vecs, dtype=self._train_h.dtype)
+
     def solve(self, g: np.ndarray, method: str) -> tuple[np.ndarray, dict[str, float]]:
         """(C + l2 I + dI)^-1 g for each row of g, by LiSSA or the dense eigendecomposition."""
         if method == "exact":
@@ -212,6 +221,7 @@ class Index:
             l2=self.l2,
             top_eigenvalue=self.top_eigenvalue,
             min_eigenvalue_floor=self.l2 + self.damping,
+            deflation=self.deflation,
         )
         diag = {
             "damping": result.damping,

@@ -54,6 +54,7 @@ class IndexConfig:
         projection_dim: dimension of the projected gradient space.
         projection_seed: seed of the Gaussian projection.
         exact_max_params: heads up to this many parameters get a dense eigendecomposition (method "exact").
+        deflation_rank: top eigenpairs of the curvature computed once and deflated in LiSSA (0 = plain LiSSA).
         representer_l2: Yeh et al.'s lambda of lambda||Theta||^2; None = l2/2 of the task, or 1e-3 if it is 0.
         logit_tolerance: max abs difference allowed between torch and JAX head logits (relative to max |logit|).
         chunk_rows: examples per resumable chunk.
@@ -65,6 +66,7 @@ class IndexConfig:
     projection_dim: int = 1024
     projection_seed: int = 0
     exact_max_params: int = 4096
+    deflation_rank: int = 64
     representer_l2: float | None = None
     logit_tolerance: float = 1e-4
     chunk_rows: int = 2048
@@ -77,6 +79,8 @@ class IndexConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.deflation_rank, int) or self.deflation_rank < 0:
+            raise ValueError(f"deflation_rank must be an int >= 0, got {self.deflation_rank!r}")
         if not isinstance(self.exact_max_params, int) or self.exact_max_params < 0:
             raise ValueError(f"exact_max_params must be an int >= 0, got {self.exact_max_params!r}")
         if self.representer_l2 is not None and not (math.isfinite(self.representer_l2) and self.representer_l2 > 0):
@@ -419,6 +423,13 @@ class Builder:
         p = self.head.n_params
         top = float(inf.estimate_top_eigenvalue(matvec, p, dtype=np.asarray(h).dtype))
         extra: dict[str, Any] = {"top_eigenvalue": top}
+        rank = min(self.config.deflation_rank, p - 1)
+        if rank > 0:
+            lam, vecs = inf.compute_top_eigenpairs(matvec, p, rank=rank, dtype=np.float64)
+            save_array(self.paths.array("curvature_top_eigenvalues"), np.asarray(lam, np.float64))
+            save_array(self.paths.array("curvature_top_eigenvectors"), np.asarray(vecs, np.float32))
+            extra["top_eigenvalue"] = max(top, float(lam[0]))
+            extra["deflation_rank"] = rank
         if p <= self.config.exact_max_params:
             dense = inf.compute_dense_curvature(matvec, p, dtype=np.float64)
             solver = inf.EigenSolver.from_dense(np.asarray(dense, np.float64))

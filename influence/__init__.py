@@ -13,6 +13,7 @@ import jax
 # float64 must be available for the exact reference checks; float32 inputs stay float32.
 jax.config.update("jax_enable_x64", True)
 
+from influence.eigen import compute_top_eigenpairs, eigenpair_residuals  # noqa: E402
 from influence.head import (  # noqa: E402
     HEAD_LAYER_KINDS,
     apply_head,
@@ -75,7 +76,9 @@ __all__ = [
     "compute_representer_queries",
     "compute_scores",
     "compute_self_influence",
+    "compute_top_eigenpairs",
     "cross_entropy",
+    "eigenpair_residuals",
     "estimate_top_eigenvalue",
     "fit_representer",
     "flatten_params",

@@ -5,12 +5,35 @@ LiSSA (stochastic/truncated Neumann series):
     x_0 = v,   x_{j+1} = v + x_j - (A x_j) / scale,   s ~= x_depth / scale,   A = C + l2 I + damping I
 
 which converges to A^-1 v when 0 < eig(A) < 2 scale; the error after depth steps is at most
-(1 - lambda_min / scale)^depth ||A^-1 v||. Exact alternatives: an eigendecomposition of the dense curvature
-(``EigenSolver``, reusable across damping values) and a dense linear solve (``solve_exact``).
+(1 - lambda_min / scale)^depth ||A^-1 v||. The automatic depth is therefore ~ scale / lambda_min ln(1 / tol),
+i.e. proportional to the condition number lambda_max / lambda_min.
+
+Deflated LiSSA (``solve_lissa(..., deflation=(lam, U))``): with the top-r eigenpairs A u_j = lam_j u_j of
+A = C + l2 I (``influence.eigen.compute_top_eigenpairs``), P = I - U U^T and D = diag(lam + damping),
+
+    x = U D^-1 U^T v  +  LiSSA of P (A + damping I) P  on  P v
+
+The first term solves the top subspace exactly; the LiSSA part only sees the spectrum left in range(P), whose
+top is lam_{r+1} + damping, so its scale, and with it the automatic depth, drop by ~ lam_1 / lam_{r+1}. This
+is exact in exact arithmetic because U spans an invariant subspace: A U = U diag(lam) implies A P = P A, so
+A^-1 = U diag(1/lam) U^T + (P A P)^-1 on range(P) and the two parts never mix. It runs as the preconditioned
+Richardson iteration (the LiSSA recursion with the scalar 1 / scale replaced by M^-1)
+
+    M^-1 = U D^-1 U^T + P / scale,   x_0 = M^-1 v,   x_{j+1} = x_j + M^-1 (v - (A + damping I) x_j)
+
+which, for exact eigenpairs, equals the split above step by step (the U-part is exact after x_0; the P-part is
+the scaled LiSSA recursion y_{j+1} = y_j + (P v - P (A + damping I) y_j) / scale), and for merely approximate
+eigenvectors still has the exact fixed point x = (A + damping I)^-1 v (M^-1 is SPD, so it converges while the
+eigenvalues of M^-1 (A + damping I) stay in (0, 2)). With r = 0 it is plain LiSSA.
+
+Exact alternatives: an eigendecomposition of the dense curvature (``EigenSolver``, reusable across damping
+values) and a dense linear solve (``solve_exact``).
 
 References: Agarwal, Bullins & Hazan 2017, "Second-Order Stochastic Optimization for Machine Learning in
 Linear Time" (arXiv:1602.03943); Koh & Liang 2017, "Understanding Black-box Predictions via Influence
-Functions" (arXiv:1703.04730).
+Functions" (arXiv:1703.04730); deflation: Saad 2003, "Iterative Methods for Sparse Linear Systems", 2nd ed.,
+ch. 9-10 (preconditioned Richardson / deflation), and Frank & Vuik 2001, "On the construction of deflation-based
+preconditioners" (SIAM J. Sci. Comput. 23(2)).
 """
 
 from __future__ import annotations
@@ -52,13 +75,16 @@ class LissaConfig:
 
     Attributes:
         depth: recursion steps; None = min(max_depth, ceil(scale / lambda_floor * ln(1 / tol))).
-        scale: must exceed lambda_max(C + l2 I + damping I) / 2; None = 1.5 x a power-iteration estimate.
+        scale: must exceed lambda_max(C + l2 I + damping I) / 2; None = scale_factor x (lambda_max + damping),
+            lambda_max a power-iteration estimate (with deflation: of the non-deflated remainder).
         damping: added to the diagonal; None = ``resolve_damping`` (max(0, 1e-3 lambda_max - l2)).
         repeats: independent runs averaged (only useful for stochastic matvecs).
         max_depth: cap on the automatic depth.
         power_iters: power-iteration steps for the top eigenvalue.
         tol: target relative error used by the automatic depth.
         seed: seed of the power-iteration start vector.
+        scale_factor: automatic scale / (lambda_max + damping); must be > 0.5 (convergence needs
+            scale > lambda_max / 2), so any factor f tolerates a lambda_max underestimate by up to 2 f.
     """
 
     depth: int | None = None
@@ -69,6 +95,7 @@ class LissaConfig:
     power_iters: int = 100
     tol: float = 1e-2
     seed: int = 0
+    scale_factor: float = 1.5
 
     def __post_init__(self) -> None:
         if self.depth is not None and (not _is_int(self.depth) or self.depth <= 0):
@@ -89,6 +116,8 @@ class LissaConfig:
             raise ValueError(f"tol must be a float in (0, 1), got {self.tol!r}")
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not _is_real(self.scale_factor) or not math.isfinite(self.scale_factor) or self.scale_factor <= 0.5:
+            raise ValueError(f"scale_factor must be a finite float > 0.5, got {self.scale_factor!r}")
 
 
 @dataclass(frozen=True)
@@ -103,6 +132,9 @@ class SolveResult:
         scale: LiSSA scale finally used (after any divergence-guard doublings).
         damping: damping added on top of the matvec.
         top_eigenvalue: the lambda_max estimate of the matvec used (NaN when not computed).
+        deflation_rank: number r of eigenpairs deflated (0 for plain LiSSA and direct solvers).
+        deflated_top_eigenvalue: the lambda_max estimate of the non-deflated remainder P (C + l2 I) P
+            that set the automatic scale (NaN without deflation).
     """
 
     x: np.ndarray
@@ -112,6 +144,8 @@ class SolveResult:
     scale: float
     damping: float
     top_eigenvalue: float = float("nan")
+    deflation_rank: int = 0
+    deflated_top_eigenvalue: float = float("nan")
 
 
 def estimate_top_eigenvalue(
@@ -246,6 +280,65 @@ def _lissa_runners(matvec: MatVec) -> tuple[Callable[..., jax.Array], Callable[[
     return jax.jit(jax.vmap(one, in_axes=(0, None, None, None))), jax.vmap(matvec)
 
 
+@functools.lru_cache(maxsize=4)
+def _deflated_runner(matvec: MatVec) -> Callable[..., jax.Array]:
+    """Jitted deflated LiSSA for all rows of V at once: one ``lax.fori_loop`` around the vmapped matvec.
+
+    run(V [m, p], U [p, r], inv_top [r], depth, scale, damping) -> X [m, p]; see the module docstring.
+    """
+    batched = jax.vmap(matvec)
+
+    @jax.jit
+    def run(
+        V: jax.Array,
+        U: jax.Array,
+        inv_top: jax.Array,
+        depth: jax.Array,
+        scale: jax.Array,
+        damping: jax.Array,
+    ) -> jax.Array:
+        Ut = U.T.copy()  # [r, p], laid out once outside the loop
+        gain = inv_top - 1.0 / scale
+
+        def precondition(R: jax.Array) -> jax.Array:
+            # M^-1 R = U D^-1 U^T R + (I - U U^T) R / scale = R / scale + U (D^-1 - I / scale) U^T R, by rows.
+            return R / scale + ((R @ U) * gain) @ Ut
+
+        def body(_: Any, X: jax.Array) -> jax.Array:
+            AX = jnp.asarray(batched(X)).astype(V.dtype) + damping * X
+            return X + precondition(V - AX)
+
+        return jax.lax.fori_loop(0, depth, body, precondition(V))
+
+    return run
+
+
+def _check_deflation(deflation: Any, p: int) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(deflation, tuple | list) or len(deflation) != 2:
+        raise ValueError(
+            f"deflation must be a tuple (eigenvalues [r], eigenvectors [p, r]) or None, got {type(deflation).__name__}"
+        )
+    lam = np.asarray(deflation[0])
+    U = np.asarray(deflation[1])
+    if lam.ndim != 1 or U.ndim != 2 or U.shape != (p, lam.shape[0]):
+        raise ValueError(
+            f"deflation must hold eigenvalues [r] and eigenvectors [{p}, r], got shapes {lam.shape} and {U.shape}"
+        )
+    if not (np.issubdtype(lam.dtype, np.floating) and np.issubdtype(U.dtype, np.floating)):
+        raise ValueError(f"deflation arrays must be floating, got dtypes {lam.dtype} and {U.dtype}")
+    if not (np.all(np.isfinite(lam)) and np.all(np.isfinite(U))):
+        raise ValueError("deflation eigenvalues and eigenvectors must be finite, got NaN or inf entries")
+    if lam.shape[0] > 0:
+        # Gram check through XLA: numpy's BLAS is far slower here on a busy CPU and this runs per query.
+        U_dev = jnp.asarray(U, dtype=jnp.float64)
+        gram_err = float(jnp.max(jnp.abs(U_dev.T @ U_dev - jnp.eye(lam.shape[0], dtype=jnp.float64))))
+        if gram_err > 1e-3:
+            raise ValueError(
+                f"deflation eigenvectors must be orthonormal columns, got max |U^T U - I| = {gram_err:.3g}"
+            )
+    return lam.astype(np.float64), U
+
+
 def solve_lissa(
     matvec: MatVec,
     V: jax.Array,
@@ -254,19 +347,29 @@ def solve_lissa(
     l2: float = 0.0,
     min_eigenvalue_floor: float | None = None,
     top_eigenvalue: float | None = None,
+    deflation: tuple[np.ndarray, np.ndarray] | None = None,
+    deflated_top_eigenvalue: float | None = None,
 ) -> SolveResult:
-    """Solves (A + damping I) x = v for every row of V by LiSSA, A = C + l2 I the matrix of matvec.
+    """Solves (A + damping I) x = v for every row of V by (deflated) LiSSA, A = C + l2 I the matrix of matvec.
 
-    lambda_max(A) is estimated once by power iteration (or taken from ``top_eigenvalue``); damping is
-    ``resolve_damping(lambda_max, l2, config.damping)``; scale = 1.5 (lambda_max + damping) unless given; the
-    automatic depth is min(max_depth, ceil(scale / floor * ln(1 / tol))) with floor = min_eigenvalue_floor
-    (default l2 + damping, a lower bound on the spectrum for PSD C), or max_depth when floor is 0.
-    All m right-hand sides run at once (vmap over the matvec). Divergence guard: while any result is
-    non-finite or has residual > 1 (worse than x = 0), the scale is doubled and the solve rerun, at most
-    MAX_SCALE_DOUBLINGS times; after that ``LissaDivergenceError`` is raised (C is then not PSD enough for
-    LiSSA: use GGN curvature or more damping).
+    lambda_max(A) is estimated once by power iteration (or taken from ``top_eigenvalue``, or from the largest
+    deflated eigenvalue); damping is ``resolve_damping(lambda_max, l2, config.damping)``. Without deflation,
+    scale = config.scale_factor (lambda_max + damping) unless given. With ``deflation=(lam [r], U [p, r])``, the
+    top-r eigenpairs of A, the U-part is solved exactly and LiSSA runs on the remainder P (A + damping I) P,
+    P = I - U U^T (see the module docstring), with scale = config.scale_factor (lam_rest + damping), lam_rest =
+    ``deflated_top_eigenvalue`` or by default min(lam) = lam_r, an upper bound on lam_{r+1} (the largest
+    non-deflated eigenvalue) when the pairs are the top r. The automatic depth is
+    min(max_depth, ceil(scale / floor * ln(1 / tol))) with floor = min_eigenvalue_floor (default l2 + damping,
+    a lower bound on the spectrum for PSD C), or max_depth when floor is 0; deflation leaves the floor alone,
+    so it shortens the depth by ~ lambda_max / lam_rest. ``deflation=None`` or r = 0 is plain LiSSA.
+    All m right-hand sides run at once (one jitted ``lax.fori_loop`` around the vmapped matvec). Divergence
+    guard: while any result is non-finite or has residual > 1 (worse than x = 0), the scale is doubled and the
+    solve rerun, at most MAX_SCALE_DOUBLINGS times; after that ``LissaDivergenceError`` is raised (C is then
+    not PSD enough for LiSSA, or the deflation pairs are not eigenpairs of this matvec: use GGN curvature or
+    more damping). Residuals are of the full x.
 
-    Reference: Agarwal, Bullins & Hazan 2017 (arXiv:1602.03943); Koh & Liang 2017 (arXiv:1703.04730).
+    Reference: Agarwal, Bullins & Hazan 2017 (arXiv:1602.03943); Koh & Liang 2017 (arXiv:1703.04730);
+    deflation: Saad 2003, "Iterative Methods for Sparse Linear Systems", ch. 9.
 
     Args:
         matvec: v -> (C + l2 I) v on vectors [p] (vmap-able).
@@ -275,6 +378,10 @@ def solve_lissa(
         l2: the L2 coefficient already inside matvec (used for automatic damping and the default floor).
         min_eigenvalue_floor: lower bound on lambda_min(C + l2 I + damping I) for the automatic depth.
         top_eigenvalue: precomputed lambda_max(C + l2 I), to skip the power iteration.
+        deflation: (eigenvalues [r], eigenvectors [p, r] orthonormal columns) of C + l2 I (the matvec itself,
+            l2 included, damping not), e.g. from ``influence.eigen.compute_top_eigenpairs``; None = plain LiSSA.
+        deflated_top_eigenvalue: lambda_max of the non-deflated remainder (e.g. the (r+1)-th computed
+            eigenvalue); None = min(deflation eigenvalues). Ignored without deflation.
 
     Returns:
         a SolveResult with x [m, p] in the dtype of V and one residual per row.
@@ -285,28 +392,56 @@ def solve_lissa(
         raise ValueError(f"l2 must be a finite float >= 0, got {l2!r}")
     if min_eigenvalue_floor is not None and (not _is_real(min_eigenvalue_floor) or min_eigenvalue_floor < 0):
         raise ValueError(f"min_eigenvalue_floor must be a float >= 0 or None, got {min_eigenvalue_floor!r}")
+    if deflated_top_eigenvalue is not None and (
+        not _is_real(deflated_top_eigenvalue) or not math.isfinite(deflated_top_eigenvalue)
+    ):
+        raise ValueError(f"deflated_top_eigenvalue must be a finite float or None, got {deflated_top_eigenvalue!r}")
     V = _check_rhs(V)
     p = V.shape[1]
+    lam, U = (None, None) if deflation is None else _check_deflation(deflation, p)
+    rank = 0 if lam is None else int(lam.shape[0])
     needs_top = config.scale is None or config.damping is None
     if top_eigenvalue is None and needs_top:
-        top_eigenvalue = estimate_top_eigenvalue(matvec, p, iters=config.power_iters, seed=config.seed)
+        if rank > 0:
+            top_eigenvalue = float(np.max(lam))
+        else:
+            top_eigenvalue = estimate_top_eigenvalue(matvec, p, iters=config.power_iters, seed=config.seed)
     top = float("nan") if top_eigenvalue is None else float(top_eigenvalue)
     damping = resolve_damping(top, l2, config.damping)
-    scale = float(config.scale) if config.scale is not None else 1.5 * (top + damping)
+    rest = float("nan")
+    if rank > 0:
+        if float(np.min(lam)) + damping <= 0:
+            raise ValueError(
+                f"deflation eigenvalues + damping must be > 0, got min eigenvalue {float(np.min(lam))!r} "
+                f"with damping={damping!r}"
+            )
+        rest = float(deflated_top_eigenvalue) if deflated_top_eigenvalue is not None else float(np.min(lam))
+        scale_top = rest
+    else:
+        scale_top = top
+    scale = float(config.scale) if config.scale is not None else config.scale_factor * (scale_top + damping)
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(
-            f"automatic scale is {scale!r} from top_eigenvalue={top!r}: the curvature must be positive; "
+            f"automatic scale is {scale!r} from top_eigenvalue={scale_top!r}: the curvature must be positive; "
             "pass LissaConfig(scale=...) explicitly"
         )
     floor = float(min_eigenvalue_floor) if min_eigenvalue_floor is not None else float(l2) + damping
 
     run, batched_matvec = _lissa_runners(matvec)
     damping_arr = jnp.asarray(damping, dtype=V.dtype)
+    if rank > 0:
+        run_deflated = _deflated_runner(matvec)
+        U_arr = jnp.asarray(U, dtype=V.dtype)
+        inv_top = jnp.asarray(1.0 / (lam + damping), dtype=V.dtype)
     for attempt in range(MAX_SCALE_DOUBLINGS + 1):
         depth = _auto_depth(config, scale, floor)
         x = jnp.zeros_like(V)
         for _ in range(config.repeats):
-            x = x + run(V, jnp.asarray(depth), jnp.asarray(scale, dtype=V.dtype), damping_arr)
+            if rank > 0:
+                scale_arr = jnp.asarray(scale, dtype=V.dtype)
+                x = x + run_deflated(V, U_arr, inv_top, jnp.asarray(depth), scale_arr, damping_arr)
+            else:
+                x = x + run(V, jnp.asarray(depth), jnp.asarray(scale, dtype=V.dtype), damping_arr)
         x = x / config.repeats
         residual = _residuals(batched_matvec, x, V, damping)
         if bool(jnp.all(jnp.isfinite(x))) and bool(np.all(residual <= 1.0)):
@@ -318,13 +453,16 @@ def solve_lissa(
                 scale=scale,
                 damping=damping,
                 top_eigenvalue=top,
+                deflation_rank=rank,
+                deflated_top_eigenvalue=rest,
             )
         if attempt < MAX_SCALE_DOUBLINGS:
             scale *= 2.0
     raise LissaDivergenceError(
         f"LiSSA diverged (non-finite or residual > 1, max residual {float(np.max(residual)):.3g}) even with "
         f"scale={scale:.6g} after {MAX_SCALE_DOUBLINGS} doublings, damping={damping:.6g}: the curvature is "
-        "probably not positive definite; use curvature='ggn' or a larger damping"
+        "probably not positive definite (or the deflation pairs are not its eigenpairs); use curvature='ggn' "
+        "or a larger damping"
     )
 
 

@@ -1,0 +1,92 @@
+"""Top eigenpairs by block subspace iteration + Rayleigh-Ritz, against numpy's dense eigh (float64)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from influence import (
+    compute_dense_curvature,
+    compute_top_eigenpairs,
+    eigenpair_residuals,
+    flatten_params,
+    make_head_matvec,
+)
+
+P = 60
+
+
+@pytest.fixture(scope="module")
+def decaying():
+    """Dense SPD matrix with a geometrically decaying spectrum 10 ... 1e-3 and its matvec."""
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(P, P)))
+    a = (q * np.geomspace(10.0, 1e-3, P)) @ q.T
+    a = 0.5 * (a + a.T)
+    return a, jax.jit(lambda v: jnp.asarray(a) @ v)
+
+
+def test_top_eigenpairs_match_eigh(decaying) -> None:
+    a, matvec = decaying
+    lam, U = compute_top_eigenpairs(matvec, P, rank=8, iters=60)
+    w, Q = np.linalg.eigh(a)
+    w, Q = w[::-1][:8], Q[:, ::-1][:, :8]
+    assert lam.shape == (8,) and U.shape == (P, 8) and lam.dtype == U.dtype == np.float64
+    assert np.all(np.diff(lam) <= 0)
+    np.testing.assert_allclose(lam, w, rtol=1e-6)
+    np.testing.assert_allclose(U.T @ U, np.eye(8), atol=1e-12)
+    np.testing.assert_allclose(np.abs(np.sum(U * Q, axis=0)), 1.0, atol=1e-8)  # same vectors up to sign
+    assert np.all(eigenpair_residuals(matvec, lam, U) <= 1e-7 * w[0])
+
+
+def test_ritz_values_never_exceed_eigenvalues_and_improve_with_iters(decaying) -> None:
+    a, matvec = decaying
+    w = np.linalg.eigvalsh(a)[::-1][:5]
+    rough, _ = compute_top_eigenpairs(matvec, P, rank=5, iters=1, oversample=0)
+    fine, _ = compute_top_eigenpairs(matvec, P, rank=5, iters=40, oversample=0)
+    assert np.all(rough <= w * (1 + 1e-12)) and np.all(fine <= w * (1 + 1e-12))
+    assert np.max(np.abs(fine - w) / w) < np.max(np.abs(rough - w) / w)
+
+
+def test_full_rank_and_zero_rank(decaying) -> None:
+    a, matvec = decaying
+    lam, U = compute_top_eigenpairs(matvec, P, rank=P, iters=2)
+    np.testing.assert_allclose(U.T @ U, np.eye(P), atol=1e-10)
+    np.testing.assert_allclose(lam, np.linalg.eigvalsh(a)[::-1], rtol=1e-8, atol=1e-12)  # Rayleigh-Ritz on R^p
+    lam0, U0 = compute_top_eigenpairs(matvec, P, rank=0)
+    assert lam0.shape == (0,) and U0.shape == (P, 0)
+
+
+def test_head_ggn_eigenpairs_match_dense_curvature() -> None:
+    rng = np.random.default_rng(1)
+    spec = [{"kind": "linear", "in_features": 10, "out_features": 4, "bias": True}]
+    h = rng.normal(size=(200, 10)) * np.geomspace(3.0, 0.1, 10)
+    y = rng.integers(0, 4, size=200)
+    theta, unravel = flatten_params([{"weight": 0.3 * rng.normal(size=(4, 10)), "bias": np.zeros(4)}])
+    matvec = make_head_matvec(spec, unravel, theta, h, y, l2=1e-3)
+    p = theta.shape[0]
+    dense = compute_dense_curvature(matvec, p, dtype=np.float64)
+    lam, U = compute_top_eigenpairs(matvec, p, rank=6, iters=100)
+    np.testing.assert_allclose(lam, np.linalg.eigvalsh(dense)[::-1][:6], rtol=1e-6)
+    np.testing.assert_allclose(U.T @ dense @ U, np.diag(lam), atol=1e-8 * lam[0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"rank": -1}, "rank"),
+        ({"rank": P + 1}, "rank"),
+        ({"rank": 2, "iters": -1}, "iters"),
+        ({"rank": 2, "oversample": -3}, "oversample"),
+        ({"rank": 2, "dtype": np.int32}, "dtype"),
+    ],
+)
+def test_validation(decaying, kwargs, name) -> None:
+    _, matvec = decaying
+    with pytest.raises(ValueError, match=name):
+        compute_top_eigenpairs(matvec, P, **kwargs)
+
+
+def test_non_finite_matvec_is_rejected() -> None:
+    with pytest.raises(ValueError, match="NaN or inf"):
+        compute_top_eigenpairs(lambda v: v * jnp.nan, 5, rank=2, iters=2)
