@@ -124,11 +124,27 @@ def demo(
     )
     preds = index.logits(index.test_features[:]).argmax(1)
     wrong = [int(i) for i in index.test_ids[preds != index.test_labels]][:n]
-    for exp in index.explain(test_ids=wrong, k=k, method=method):
+    exps = index.explain(test_ids=wrong, k=k, method=method)
+    for exp in exps:
         typer.echo("")
         typer.echo(format_explanation(exp))
+    from indexer.demo import flip_labels, load_digits_split
+
+    _, clean, _, _ = load_digits_split(0)
+    _, flipped = flip_labels(clean, 30, 10, 0)
+    flipped_set = set(flipped.tolist())
+    shown = sorted({p.example_id for e in exps for p in e.proponents + e.opponents} & flipped_set)
+    if shown:
+        typer.echo(
+            "\namong these, examples "
+            + ", ".join(f"#{i} (labelled {index.train_labels[i]}, really {clean[i]})" for i in shown)
+            + " are among the 30 labels the demo flipped"
+        )
+    suspects = index.find_label_noise(progress=False)
+    found = sum(s.example_id in flipped_set for s in suspects[:30])
+    typer.echo(f"label-noise job: {found} of the 30 flipped labels are in its top 30 suspects (influence noise {out})")
     png = out / "explanations.png"
-    save_grid(index, index.explain(test_ids=wrong, k=k, method=method), png)
+    save_grid(index, exps, png)
     typer.echo(f"\nsaved {png}; try: influence explain {out} --test-id {wrong[0] if wrong else 0} --method exact")
 
 

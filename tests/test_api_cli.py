@@ -78,3 +78,10 @@ def test_dump_equals_the_dense_scores(digits_mlp_run, tmp_path):
         index.dump(tmp_path / "scores.csv", test_ids=[0])
     assert not (tmp_path / "scores.csv").exists()
     index.close()
+
+
+def test_demo_end_to_end(tmp_path):
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--k", "3", "--n", "2"])
+    assert result.exit_code == 0, result.output
+    assert "proponents" in result.output and "label-noise job:" in result.output
+    assert (tmp_path / "demo" / "explanations.png").stat().st_size > 0

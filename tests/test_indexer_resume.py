@@ -16,12 +16,13 @@ from store import ConfigMismatchError, load_manifest
 
 pytestmark = pytest.mark.slow
 
-SMALL_CHUNKS = IndexConfig(chunk_rows=256)
+# Small chunks so kills land mid-stage; no dense curvature and a small deflation rank keep each build short.
+SMALL_CHUNKS = IndexConfig(chunk_rows=256, exact_max_params=0, deflation_rank=16)
 
 
 def explanations(path):
     with open_index(path) as index:
-        return [e.to_dict() for e in index.explain(test_ids=[0, 5, 9], k=5, method="exact")]
+        return [e.to_dict() for e in index.explain(test_ids=[0, 5, 9], k=5, method="lissa")]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,12 @@ def test_resume_with_another_model_or_config_is_refused(reference, digits_logreg
     with pytest.raises(ConfigMismatchError, match="model"):
         build_index(digits_logreg_task, reference, progress=False)
     with pytest.raises(ConfigMismatchError, match="config"):
-        build_index(digits_mlp_task, reference, config=IndexConfig(chunk_rows=128), progress=False)
+        build_index(
+            digits_mlp_task,
+            reference,
+            config=IndexConfig(chunk_rows=128, exact_max_params=0, deflation_rank=16),
+            progress=False,
+        )
 
 
 SCRIPT = """
@@ -72,7 +78,7 @@ import sys
 from api import build_index
 from indexer import IndexConfig
 from indexer.demo import digits_task
-build_index(digits_task(), sys.argv[1], config=IndexConfig(chunk_rows=128), progress=False).close()
+build_index(digits_task(), sys.argv[1], config=IndexConfig(chunk_rows=128, exact_max_params=0, deflation_rank=16), progress=False).close()
 print("done")
 """
 
