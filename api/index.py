@@ -64,6 +64,9 @@ def _check_k(k: Any) -> int:
 class Index:
     """A built run directory, ready to answer queries."""
 
+    #: candidates per sign fetched from a projected FAISS space before exact re-scoring (at least 20 k)
+    min_candidates: int = 1000
+
     def __init__(self, path: str | Path, *, task: Task | None = None, lissa: inf.LissaConfig | None = None) -> None:
         self.paths = RunPaths(Path(path))
         self.manifest = load_manifest(self.paths.root)
@@ -295,7 +298,7 @@ class Index:
             return [(h.ids, h.scores) for h in pos], [(h.ids, h.scores) for h in neg]
         proj = self.projection
         qp = np.asarray(inf.project(q.astype(np.float32), seed=proj["seed"], d=proj["dim"]), np.float32)
-        n_cand = min(index.ntotal, max(20 * k, 1000))
+        n_cand = min(index.ntotal, max(20 * k, self.min_candidates))
         pos, neg = search_both_signs(index, np.ascontiguousarray(qp), n_cand)
         out_pos, out_neg = [], []
         for j in range(len(q)):
