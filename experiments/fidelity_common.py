@@ -1,0 +1,316 @@
+"""Shared helpers of the fidelity experiments (leave-one-out, LDS, LiSSA convergence, HVP speed).
+
+- cached run directories of the digits tasks under experiments/cache/runs/ (built once, reopened after);
+- dense scores of a method for given query targets (the true label by default, Koh & Liang's test loss);
+- a float64 numpy model of a Linear/ReLU head (objective, gradient, per-example losses) and warm-started
+  L-BFGS retraining on a weighted subset of the training set: the ground truth the scores are checked against.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Tiny matmuls on a shared 2-core machine: one BLAS thread is ~30x faster than two oversubscribed ones.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import scipy.optimize  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "experiments" / "cache"
+RESULTS = ROOT / "experiments" / "results"
+METHODS = ("exact", "lissa", "representer", "grad-dot")
+
+
+# ------------------------------------------------------------------------------------------------ indexes
+def _open_or_build(path: Path, make_task: Callable[[], Any], config: Any = None):
+    from api import build_index, open_index
+
+    try:
+        return open_index(path)
+    except Exception:  # absent or incomplete: build (resumes an interrupted build)
+        return build_index(make_task(), path, config=config, progress=False)
+
+
+_TASKS: dict[tuple, Any] = {}
+
+
+def digits_index(kind: str, l2: float, *, curvature: str = "ggn", hidden: int = 32, seed: int = 0):
+    """The digits logistic regression ("lr") or MLP ("mlp") index, cached under experiments/cache/runs/."""
+    from indexer import IndexConfig
+    from indexer.demo import digits_logreg_task, digits_task
+
+    key = (kind, l2, hidden, seed)
+
+    def make_task():
+        if key not in _TASKS:
+            if kind == "lr":
+                _TASKS[key] = digits_logreg_task(n_flips=0, seed=seed, l2=l2)
+            else:
+                _TASKS[key] = digits_task(n_flips=0, seed=seed, l2=l2, hidden=hidden)
+        return _TASKS[key]
+
+    name = f"digits_{kind}{'' if kind == 'lr' else hidden}_l2{l2:g}_s{seed}"
+    if curvature == "ggn":
+        return _open_or_build(CACHE / "runs" / name, make_task, IndexConfig(curvature=curvature))
+    # Another curvature: the SAME model as the default index (retraining is not bit-reproducible across
+    # thread counts), rebuilt from its stored head parameters.
+    ggn = digits_index(kind, l2, hidden=hidden, seed=seed)
+    return _open_or_build(
+        CACHE / "runs" / f"{name}_{curvature}", lambda: task_from_index(ggn), IndexConfig(curvature=curvature)
+    )
+
+
+def task_from_index(index):
+    """A Task whose model is the index's head (body = identity) on the index's cached features."""
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from indexer import Task
+
+    layers: list[nn.Module] = []
+    for layer, p in zip(index.spec, index.params, strict=True):
+        if layer["kind"] == "linear":
+            lin = nn.Linear(layer["in_features"], layer["out_features"])
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(np.asarray(p["weight"], np.float32)))
+                lin.bias.copy_(torch.from_numpy(np.asarray(p["bias"], np.float32)))
+            layers.append(lin)
+        elif layer["kind"] == "relu":
+            layers.append(nn.ReLU())
+        else:
+            raise ValueError(f"task_from_index supports linear/relu heads, got {layer['kind']!r}")
+
+    def ds(split):
+        x = torch.from_numpy(np.array(getattr(index, f"{split}_features"), np.float32))
+        return TensorDataset(x, torch.from_numpy(np.asarray(getattr(index, f"{split}_labels"), np.int64)))
+
+    return Task(model=nn.Sequential(*layers).eval(), train=ds("train"), test=ds("test"), l2=index.l2, name="from-index")
+
+
+# ------------------------------------------------------------------------------------------------- scores
+_TRAIN_G: dict[str, np.ndarray] = {}
+
+
+def train_gradients(index) -> np.ndarray:
+    key = str(index.paths.root)  # not id(index): ids are reused once an Index is garbage-collected
+    if key not in _TRAIN_G:
+        _TRAIN_G[key] = np.asarray(
+            index.query_gradients(np.asarray(index.train_features), index.train_labels), np.float64
+        )
+    return _TRAIN_G[key]
+
+
+def query_vectors(index, test_rows: np.ndarray, targets: np.ndarray, method: str) -> tuple[np.ndarray, dict]:
+    """Query-side vectors [m, p] of `method` for stored test rows at `targets` (not necessarily the prediction)."""
+    import influence as inf
+
+    h = np.asarray(index.test_features[test_rows])
+    targets = np.asarray(targets, np.int64)
+    if method == "representer":
+        phi = inf.augment_features(np.asarray(inf.penultimate_features(index.spec, index.params, h), np.float64))
+        return np.asarray(inf.compute_representer_queries(phi, targets, index.n_classes)), {}
+    g = np.asarray(index.query_gradients(h, targets))
+    if method in ("exact", "lissa"):
+        q, diag = index.solve(g, method)
+        return np.asarray(q, np.float64), diag
+    if method == "grad-cos":
+        return np.asarray(inf.normalize_rows(g), np.float64), {}
+    return np.asarray(g, np.float64), {}
+
+
+def train_vectors(index, method: str) -> np.ndarray:
+    """Train-side vectors [n, p] of `method` (float64)."""
+    import influence as inf
+    from store import load_array
+
+    if method == "representer":
+        alpha = np.asarray(load_array(index.paths.array("representer_alpha")), np.float64)
+        phi = np.asarray(load_array(index.paths.array("train_phi")), np.float64)
+        return np.asarray(inf.compute_representer_embeddings(alpha, phi))
+    G = train_gradients(index)
+    if method == "grad-cos":
+        G = G / np.maximum(np.linalg.norm(G, axis=1, keepdims=True), 1e-30)
+    return G
+
+
+def method_scores(index, test_rows: np.ndarray, targets: np.ndarray, method: str) -> tuple[np.ndarray, dict]:
+    """Dense scores [m, n_train] of `method` for stored test rows, explained at `targets` (not the prediction).
+
+    Same computation as `Index.pairwise_scores`, which always uses the predicted class; checked against it in
+    `check_against_pairwise`.
+    """
+    q, diag = query_vectors(index, test_rows, targets, method)
+    return q @ train_vectors(index, method).T, diag
+
+
+def check_against_pairwise(index, test_rows: np.ndarray, methods=METHODS) -> dict[str, float]:
+    """Max relative difference between method_scores at the predicted class and Index.pairwise_scores."""
+    out = {}
+    pred = index.logits(np.asarray(index.test_features[test_rows])).argmax(1)
+    for m in methods:
+        a, _ = method_scores(index, test_rows, pred, m)
+        b = index.pairwise_scores([int(index.test_ids[r]) for r in test_rows], method=m)
+        out[m] = float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+    return out
+
+
+# ---------------------------------------------------------------------------------- float64 numpy head
+class NumpyHead:
+    """A Linear/ReLU head in float64: flat parameters, objective and gradient, per-example CE and margins.
+
+    objective(theta; w, norm) = (1/norm) sum_j w_j CE(f(h_j), y_j) + (l2/2) ||theta||^2 (weights and biases),
+    the library's objective when w = 1 and norm = n.
+    """
+
+    def __init__(self, spec: list[dict], params: list[dict], l2: float) -> None:
+        for layer in spec:
+            if layer["kind"] not in ("linear", "relu"):
+                raise ValueError(f"NumpyHead supports linear/relu layers only, got {layer['kind']!r}")
+        self.spec, self.l2 = spec, float(l2)
+        self.shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+        flat = []
+        for layer, p in zip(spec, params, strict=True):
+            if layer["kind"] == "linear":
+                W = np.asarray(p["weight"], np.float64)
+                b = np.asarray(p.get("bias", np.zeros(W.shape[0])), np.float64)
+                self.shapes.append((W.shape, b.shape))
+                flat += [W.ravel(), b.ravel()]
+        self.theta0 = np.concatenate(flat)
+
+    def unflatten(self, theta: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        out, k = [], 0
+        for ws, bs in self.shapes:
+            nw, nb = int(np.prod(ws)), int(np.prod(bs))
+            out.append((theta[k : k + nw].reshape(ws), theta[k + nw : k + nw + nb]))
+            k += nw + nb
+        return out
+
+    def forward(self, theta: np.ndarray, X: np.ndarray, keep: bool = False):
+        layers = self.unflatten(theta)
+        acts, a, li = [], X, 0
+        for layer in self.spec:
+            acts.append(a)
+            if layer["kind"] == "linear":
+                W, b = layers[li]
+                a = a @ W.T + b
+                li += 1
+            else:
+                a = np.maximum(a, 0.0)
+        return (a, acts) if keep else a
+
+    @staticmethod
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    def losses(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return -self.log_softmax(self.forward(theta, X))[np.arange(len(y)), y]
+
+    def margins(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Correct-class margin z_y - max_{c != y} z_c."""
+        z = self.forward(theta, X)
+        zy = z[np.arange(len(y)), y]
+        z2 = z.copy()
+        z2[np.arange(len(y)), y] = -np.inf
+        return zy - z2.max(1)
+
+    def objective(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, w: np.ndarray, norm: float):
+        z, acts = self.forward(theta, X, keep=True)
+        logp = self.log_softmax(z)
+        n = len(y)
+        f = -(w * logp[np.arange(n), y]).sum() / norm + 0.5 * self.l2 * theta @ theta
+        d = np.exp(logp)
+        d[np.arange(n), y] -= 1.0
+        d *= (w / norm)[:, None]
+        grads: list[np.ndarray] = []
+        layers = self.unflatten(theta)
+        li = len(layers) - 1
+        for layer, a in zip(reversed(self.spec), reversed(acts), strict=True):
+            if layer["kind"] == "linear":
+                W, _ = layers[li]
+                grads = [(d.T @ a).ravel(), d.sum(0)] + grads
+                d = d @ W
+                li -= 1
+            else:
+                d = d * (a > 0)
+        return f, np.concatenate(grads) + self.l2 * theta
+
+    def fit(
+        self,
+        theta0: np.ndarray,
+        X: np.ndarray,
+        y: np.ndarray,
+        w: np.ndarray,
+        norm: float,
+        *,
+        gtol: float = 1e-10,
+        maxiter: int = 5000,
+    ) -> tuple[np.ndarray, float, int]:
+        """Warm-started L-BFGS to a tight gradient tolerance; returns (theta, final grad inf-norm, iterations)."""
+        res = scipy.optimize.minimize(
+            self.objective,
+            theta0,
+            args=(X, y, w, norm),
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": maxiter, "gtol": gtol, "ftol": 0.0, "maxcor": 50, "maxls": 50},
+        )
+        _, g = self.objective(res.x, X, y, w, norm)
+        return res.x, float(np.max(np.abs(g))), int(res.nit)
+
+
+def numpy_head(index) -> tuple[NumpyHead, np.ndarray, np.ndarray]:
+    """The index's head in float64, and the float64 training set (features, labels)."""
+    head = NumpyHead(index.spec, index.params, index.l2)
+    return head, np.asarray(index.train_features, np.float64), np.asarray(index.train_labels, np.int64)
+
+
+# ------------------------------------------------------------------------------------------------- misc
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if np.std(a) == 0 or np.std(b) == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def load_cache(path: Path) -> dict[str, np.ndarray]:
+    if path.exists():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    return {}
+
+
+def save_cache(path: Path, data: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **data)
+    tmp.replace(path)
+
+
+def write_json(name: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    return path
+
+
+def machine_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """numpy float64 matmul GFLOP/s on this machine (best of `repeats`): the compute ceiling of the run."""
+    a = np.random.default_rng(0).standard_normal((n, n))
+    b = np.random.default_rng(1).standard_normal((n, n))
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
