@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist data clean
+.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist data loo lds lissa hvp fidelity clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,21 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(BIN)/python experiments/explain_latency.py
+
+# Fidelity against retraining (issue 4): cached ground truth lives in experiments/cache/.
+loo: $(STAMP)
+	$(BIN)/python experiments/fidelity_loo.py
+
+lds: $(STAMP)
+	$(BIN)/python experiments/fidelity_lds.py
+
+lissa: $(STAMP)
+	$(BIN)/python experiments/lissa_convergence.py
+
+hvp: $(STAMP)
+	$(BIN)/python experiments/hvp_speed.py
+
+fidelity: loo lds lissa hvp
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package (needs root / apt).
 data:

@@ -20,8 +20,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import scipy.optimize  # noqa: E402
+import numpy as np
+import scipy.optimize
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "experiments" / "cache"
@@ -237,7 +237,7 @@ class NumpyHead:
         for layer, a in zip(reversed(self.spec), reversed(acts), strict=True):
             if layer["kind"] == "linear":
                 W, _ = layers[li]
-                grads = [(d.T @ a).ravel(), d.sum(0)] + grads
+                grads = [(d.T @ a).ravel(), d.sum(0), *grads]
                 d = d @ W
                 li -= 1
             else:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fidelity_common as fc  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
+import fidelity_common as fc
+import numpy as np
+from scipy import stats
 
 
 def retrain_subsets(label, head, X, y, base, masks, gtol=1e-8):
@@ -46,7 +46,7 @@ def lds(label, index, n_subsets, n_test, seed=0):
     print(f"== {label}", flush=True)
     head, X, y = fc.numpy_head(index)
     n = len(y)
-    base, gn, _ = head.fit(head.theta0, X, y, np.ones(n), float(n), gtol=1e-10)
+    base, _gn, _ = head.fit(head.theta0, X, y, np.ones(n), float(n), gtol=1e-10)
     rng = np.random.default_rng(seed)
     masks = np.zeros((n_subsets, n), bool)
     for k in range(n_subsets):

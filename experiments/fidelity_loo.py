@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fidelity_common as fc  # noqa: E402  (sets BLAS threads before numpy)
-import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
+import fidelity_common as fc
+import numpy as np
+from scipy import stats
 
 
 def pick_test_points(margins: np.ndarray, n_mis: int, n_low: int, n_rand: int, seed: int) -> tuple[list, list]:

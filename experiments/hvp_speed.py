@@ -144,12 +144,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ggn-depth", type=int, default=100, help="depth of the (slow in torch) GGN comparison")
     args = ap.parse_args()
-    import influence as inf
     import jax
     import jax.numpy as jnp
     import torch
-    from indexer import IndexConfig
     from threadpoolctl import threadpool_limits
+
+    import influence as inf
 
     torch.set_num_threads(CORES)
     t0 = time.perf_counter()

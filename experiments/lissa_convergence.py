@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fidelity_common as fc  # noqa: E402
-import numpy as np  # noqa: E402
+import fidelity_common as fc
+import numpy as np
 
 DEPTHS = (100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 DAMPINGS = ("auto", 1e-4, 1e-3, 1e-2)
@@ -35,9 +35,10 @@ def rel(a, b):
 
 
 def study(label, index, m, depths, seed=0):
-    import influence as inf
     import jax
     import jax.numpy as jnp
+
+    import influence as inf
 
     print(f"== {label}", flush=True)
     rng = np.random.default_rng(seed)

@@ -69,7 +69,9 @@ def train_classifier(
         torch.set_num_threads(threads)
 
 
-def _fit(model: nn.Module, params: list, x: torch.Tensor, y: torch.Tensor, *, l2: float, epochs: int, lr: float) -> nn.Module:
+def _fit(
+    model: nn.Module, params: list, x: torch.Tensor, y: torch.Tensor, *, l2: float, epochs: int, lr: float
+) -> nn.Module:
 
     def objective() -> torch.Tensor:
         loss = nn.functional.cross_entropy(model(x), y)
