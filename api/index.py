@@ -181,7 +181,6 @@ class Index:
         import torch
 
         x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(np.asarray(inputs))
-        expected = tuple(self.manifest.extra.get("input_shape", ()))
         if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             raise ValueError(f"inputs must be a float tensor/array, got dtype {x.dtype}")
         if not torch.isfinite(x).all():
@@ -189,9 +188,7 @@ class Index:
         try:
             h = self.task.features(x.float())
         except RuntimeError as err:
-            raise ValueError(
-                f"inputs of shape {tuple(x.shape)} do not fit the model{expected and f' {expected}'}: {err}"
-            ) from err
+            raise ValueError(f"inputs of shape {tuple(x.shape)} do not fit the model: {err}") from err
         fshape = tuple(self.manifest.extra["feature_shape"])
         if h.ndim != len(fshape) + 1 or tuple(h.shape[1:]) != fshape:
             raise ValueError(f"inputs of shape {tuple(x.shape)} give features {tuple(h.shape)}, expected [m, {fshape}]")

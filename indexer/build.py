@@ -29,7 +29,9 @@ from store import (
     Manifest,
     MetadataStore,
     RunPaths,
+    atomic_write_json,
     content_hash,
+    load_array,
     load_manifest,
     save_array,
     save_manifest,
@@ -178,6 +180,9 @@ class Builder:
         n = min(len(self.task.train), 256)
         x, _, _ = next(iterate(self.task.train, range(n), n))
         h = self.task.features(x)
+        bad = ~np.isfinite(h.reshape(len(h), -1)).all(1)
+        if bad.any():
+            raise TaskError(f"train dataset: example {int(np.argmax(bad))} gives non-finite features (NaN/inf)")
         with torch.no_grad():
             torch_logits = self.task.head_forward(torch.as_tensor(h)).numpy()
         params = self.head.params
@@ -236,8 +241,12 @@ class Builder:
                 for x, y, raw in iterate(ds, range(sl.start, sl.stop), self.task.batch_size):
                     h = self.task.features(x)
                     if not np.isfinite(h).all():
-                        bad = sl.start + len(np.concatenate(ys)) if ys else sl.start
-                        raise TaskError(f"{split} dataset: non-finite features (NaN/inf) near example {bad}")
+                        first = (
+                            sl.start
+                            + sum(len(v) for v in ys)
+                            + int(np.argmax(~np.isfinite(h).reshape(len(h), -1).all(1)))
+                        )
+                        raise TaskError(f"{split} dataset: example {first} gives non-finite features (NaN/inf)")
                     if (y < 0).any() or (y >= self.n_classes).any():
                         raise TaskError(
                             f"{split} dataset: labels must be in [0, {self.n_classes}), got {y.min().item()}.."
@@ -248,8 +257,6 @@ class Builder:
                     hashes.extend(example_hash(v) for v in raw)
                     previews.extend(self.task.preview(v) for v in raw)
                     bar.update(len(y))
-                from store import atomic_write_json
-
                 atomic_write_json(
                     self.paths.array(f"{split}_strings_{chunk:05d}").with_suffix(".json"),
                     {"hash": hashes, "preview": previews},
@@ -260,8 +267,6 @@ class Builder:
         self.update_manifest(extra={"feature_shape": list(fshape)})
 
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        from store import load_array
-
         return load_array(self.paths.array(f"{split}_features")), np.asarray(
             load_array(self.paths.array(f"{split}_labels"))
         )

@@ -91,3 +91,26 @@ def test_task_rejects_bad_arguments(kwargs, match):
     args = {"model": nn.Sequential(nn.Linear(3, 2)), "train": ds} | kwargs
     with pytest.raises(TaskError, match=match):
         Task(**args)
+
+
+@pytest.mark.parametrize(
+    ("x_bad", "y_bad", "match"),
+    [((5, float("nan")), None, "example 5 gives non-finite"), (None, (3, 7), "labels must be in \\[0, 2\\)")],
+)
+def test_bad_training_data_is_refused_by_the_build(tmp_path, x_bad, y_bad, match):
+    from api import build_index
+    from api.index import Index
+    from store import CorruptRunError, RunNotFoundError
+
+    x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+    if x_bad:
+        x[x_bad[0], 0] = x_bad[1]
+    if y_bad:
+        y[y_bad[0]] = y_bad[1]
+    ds = torch.utils.data.TensorDataset(x, y)
+    task = Task(model=nn.Sequential(nn.Linear(3, 2)), train=ds, batch_size=8)
+    with pytest.raises(TaskError, match=match):
+        build_index(task, tmp_path / "run", progress=False)
+    # Refused before anything is written (NaN in the first batch), or left incomplete and unopenable (labels).
+    with pytest.raises((RunNotFoundError, CorruptRunError), match="no manifest|incomplete"):
+        Index(tmp_path / "run")
