@@ -8,6 +8,7 @@ candidates and the scores are recomputed exactly from the cached features.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -160,7 +161,15 @@ class Index:
 
     @cached_property
     def damping(self) -> float:
-        return float(inf.resolve_damping(self.top_eigenvalue, self.l2, self.lissa_config.damping))
+        """The damping d of (H + l2 I + d I), shared by every solver of this Index.
+
+        Automatic: max(0, 1e-3 lambda_ref - l2) with lambda_ref the top eigenvalue of the operator LiSSA
+        iterates on: lambda_max, or with deflation the largest non-deflated eigenvalue (<= lambda_r). That keeps
+        LiSSA's condition number <= ~1000 while damping (which biases scores) is as small as possible: on the
+        digits MLP it is 0 with deflation instead of 1e-3 (a 10% shift of the scores) without.
+        """
+        ref = self.top_eigenvalue if self.deflation is None else float(np.min(self.deflation[0]))
+        return float(inf.resolve_damping(ref, self.l2, self.lissa_config.damping))
 
     @cached_property
     def eigen_solver(self) -> inf.EigenSolver:
@@ -217,7 +226,7 @@ class Index:
         result = inf.solve_lissa(
             self.matvec,
             g,
-            config=self.lissa_config,
+            config=dataclasses.replace(self.lissa_config, damping=self.damping),
             l2=self.l2,
             top_eigenvalue=self.top_eigenvalue,
             min_eigenvalue_floor=self.l2 + self.damping,
