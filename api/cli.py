@@ -116,6 +116,14 @@ def demo(
 
     typer.echo("training a 64-32-10 MLP on scikit-learn digits (30 training labels flipped)...")
     task = digits_task()
+    if (out / "manifest.json").exists():
+        from store import load_manifest
+
+        if load_manifest(out).model_fingerprint != task.fingerprint():
+            import shutil
+
+            typer.echo(f"{out} holds a demo run of another model: rebuilding it")
+            shutil.rmtree(out)
     index = build_index(task, out)
     info = index.info()["extra"]
     typer.echo(
