@@ -63,13 +63,11 @@ def render_preview(preview: str) -> list[str]:
     """An image preview ('row/row/...') as lines; any other preview as one line."""
     rows = preview.split("/")
     if len(rows) >= 4 and len({len(r) for r in rows}) == 1:
-        return [r * 1 for r in rows]
+        return rows
     return [preview[:60]]
 
 
 def format_explanation(exp, *, images: bool = True) -> str:
-    from indexer.demo import digit_preview  # noqa: F401  (shade alphabet documented there)
-
     head = (
         f"test example {exp.test_id}: predicted {exp.prediction} "
         f"(p={max(exp.probabilities):.2f})"
