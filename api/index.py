@@ -189,6 +189,10 @@ class Index:
             raise ValueError("inputs= needs the model: open the index with open_index(path, task=task)")
         import torch
 
+        if isinstance(inputs, str):
+            raise ValueError(f"inputs must be a list of texts, got one str: pass [{inputs[:40]!r}]")
+        if isinstance(inputs, list | tuple) and inputs and all(isinstance(t, str) for t in inputs):
+            return self.task.features(list(inputs))  # a text body (Task.from_hf) tokenizes the texts itself
         x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(np.asarray(inputs))
         if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             raise ValueError(f"inputs must be a float tensor/array, got dtype {x.dtype}")

@@ -108,12 +108,12 @@ def params_from_tensors(spec: list[dict[str, Any]], tensors: dict[str, np.ndarra
 
 
 def iterate(ds, indices: range, batch_size: int):
-    """Batches `(x, y, raw_items)` of the examples at `indices`."""
+    """Batches `(x, y, raw_items)` of the examples at `indices` (texts stay a list of str for a text body)."""
     loader = DataLoader(Subset(ds, list(indices)), batch_size=batch_size, shuffle=False, collate_fn=lambda b: b)
     for items in loader:
         xs = [item[0] for item in items]
         ys = [item[1] for item in items]
-        x = torch.stack([torch.as_tensor(v) for v in xs])
+        x = xs if all(isinstance(v, str) for v in xs) else torch.stack([torch.as_tensor(v) for v in xs])
         y = torch.as_tensor([int(v) for v in ys], dtype=torch.int64)
         yield x, y, xs
 

@@ -97,6 +97,34 @@ class Task:
         object.__setattr__(self, "_split", split)
         self.model.eval()
 
+    @classmethod
+    def from_hf(
+        cls,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        train: Sequence[tuple[str, int]],
+        test: Sequence[tuple[str, int]] | None = None,
+        scope: str = "head",
+        l2: float = 0.0,
+        batch_size: int = 64,
+        max_length: int = 128,
+        **kwargs: Any,
+    ) -> Task:
+        """A Task for a Hugging Face sequence classifier over text datasets of `(text, label)` pairs.
+
+        The frozen encoder is the body (texts tokenized in batches sorted by length; `batch_size` texts per
+        forward, truncated to `max_length` tokens); the model's classification layers are the head (BERT/MiniLM:
+        pooler + classifier, RoBERTa: dense + tanh + out_proj, DistilBERT: pre_classifier + ReLU + classifier,
+        or `indexer.hf.HFEncoderClassifier(encoder, head)`). Previews are the texts. See `indexer.hf`.
+        """
+        from .hf import task_kwargs_from_hf
+
+        fields = task_kwargs_from_hf(
+            model, tokenizer, train=train, test=test, scope=scope, batch_size=batch_size, max_length=max_length
+        )
+        return cls(**fields, l2=l2, **kwargs)
+
     @property
     def body_module(self) -> nn.Module:
         return self._split[0]
