@@ -280,13 +280,23 @@ def dump(
     out: Annotated[Path, typer.Option("--out", help="Parquet file to write")],
     k: Annotated[int, typer.Option(help="proponents and opponents kept per query")] = 100,
     method: Annotated[str, typer.Option(help="lissa|exact|representer|grad-dot|grad-cos")] = "lissa",
+    dense: Annotated[bool, typer.Option(help="also write every score to <stem>.dense.npy")] = False,
+    aggregates: Annotated[
+        bool, typer.Option(help="also write per-training-example sums and counts to <stem>.aggregates.parquet")
+    ] = True,
+    block_size: Annotated[int, typer.Option(help="queries per block (memory and checkpoint unit)")] = 256,
 ) -> None:
-    """Stream top-k scores of every stored test example to Parquet."""
+    """Stream top-k scores of every stored test example to Parquet (resumable: re-run the same command)."""
     from api import open_index
+    from api.dump import dump_paths
 
     with open_index(run) as idx:
-        path = idx.dump(out, k=k, method=method)
+        path = idx.dump(out, k=k, method=method, dense=dense, aggregates=aggregates, block_size=block_size)
     typer.echo(f"wrote {path}")
+    extra = dump_paths(path)
+    for name in ("aggregates", "dense", "dense_ids"):
+        if (name == "aggregates" and aggregates) or (name != "aggregates" and dense):
+            typer.echo(f"wrote {extra[name]}")
 
 
 @app.command()

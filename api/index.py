@@ -9,7 +9,7 @@ candidates and the scores are recomputed exactly from the cached features.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -416,64 +416,36 @@ class Index:
         *,
         k: int = 100,
         method: str = "lissa",
-        block_size: int = 64,
+        block_size: int = 256,
         progress: bool = True,
+        dense: bool = False,
+        aggregates: bool = True,
+        on_block: Callable[[int, int], None] | None = None,
     ) -> Path:
         """Streams top-k proponents and opponents of many queries to a Parquet file, in blocks of queries.
 
         One row per (query, kept training example): `test_id`, `kind` ("proponent" | "opponent"), `rank`
         (1 = strongest within its kind), `example_id`, `score`, `label`, `method`. Memory is bounded by one
-        block of queries; the file appears atomically when complete. `test_ids=None` dumps every stored test
-        example.
+        block of queries; resumable after a kill (same arguments); the file appears atomically when complete.
+        `test_ids=None` dumps every stored test example. `dense=True` also writes every score to
+        `<stem>.dense.npy`; `aggregates` writes per-training-example sums and counts to
+        `<stem>.aggregates.parquet`; `on_block(done_queries, total_queries)` is called after each block is
+        durably written. See `api.dump`.
         """
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        from tqdm.auto import tqdm
+        from .dump import dump
 
-        from store import atomic_path
-
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        k = _check_k(k)
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        path = Path(path)
-        if path.suffix != ".parquet":
-            raise ValueError(f"path must end in .parquet, got {str(path)!r}")
-        ids = self.test_ids if test_ids is None else np.asarray([int(v) for v in test_ids], np.int64)
-        self._rows(ids, "test")  # validate every id before writing anything
-        labels = self.train_labels
-        schema = pa.schema(
-            [
-                ("test_id", pa.int64()),
-                ("kind", pa.string()),
-                ("rank", pa.int32()),
-                ("example_id", pa.int64()),
-                ("score", pa.float32()),
-                ("label", pa.int64()),
-                ("method", pa.string()),
-            ]
+        return dump(
+            self,
+            path,
+            test_ids,
+            k=k,
+            method=method,
+            block_size=block_size,
+            progress=progress,
+            dense=dense,
+            aggregates=aggregates,
+            on_block=on_block,
         )
-        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-            for start in tqdm(range(0, len(ids), block_size), desc="dump", unit="block", disable=not progress):
-                block = ids[start : start + block_size]
-                h, _, tgt, _, _ = self.prepare(list(block), None, None)
-                q, _ = self.query_vectors(method, h, tgt)
-                pos, neg = self.scores_topk(method, q, k)
-                cols: dict[str, list[Any]] = {name: [] for name in schema.names}
-                for qid, (pid, ps), (nid, ns) in zip(block, pos, neg, strict=True):
-                    for kind, eids, scores, keep in (("proponent", pid, ps, ps > 0), ("opponent", nid, ns, ns < 0)):
-                        eids, scores = eids[keep], scores[keep]
-                        rows = self._rows(eids, "train")
-                        cols["test_id"] += [int(qid)] * len(eids)
-                        cols["kind"] += [kind] * len(eids)
-                        cols["rank"] += list(range(1, len(eids) + 1))
-                        cols["example_id"] += eids.tolist()
-                        cols["score"] += scores.tolist()
-                        cols["label"] += labels[rows].tolist()
-                        cols["method"] += [method] * len(eids)
-                writer.write_table(pa.table(cols, schema=schema))
-        return path
 
     def info(self) -> dict[str, Any]:
         m = self.manifest

@@ -1,0 +1,402 @@
+"""Bulk influence dumps: scores of many queries against the whole training set, streamed to disk.
+
+For each block of queries the query-side vectors q_j are computed once (`Index.query_vectors`) and the scores
+`S = Q G^T` against the train-side vectors G are formed one train chunk at a time, so memory is bounded by
+`block_size x train_chunk` scores: a dense `n_test x n_train` matrix is never held. Per block the dump keeps
+
+- the top-k proponents (highest positive scores) and opponents (lowest negative scores) of each query, written
+  as one Parquet part file (one row per kept (query, training example) pair);
+- optionally the dense block `S`, written into one on-disk memmap `<stem>.dense.npy` `[n_queries, n_train]`;
+- per-training-example aggregates over the queries: sums of positive and of negative scores, how often the
+  example is a top-k proponent / opponent, and the same restricted to misclassified queries (the "examples
+  that hurt the most predictions" list for data cleaning).
+
+Resumable: work happens in `<path>.partial/`; after each block its part file (and dense rows) are made durable
+and then the aggregate accumulators are written atomically together with the number of finished blocks, which
+is the commit point. A re-call with the same arguments after a kill (even SIGKILL) continues from the last
+committed block and produces the same files. Finished outputs appear atomically: `<path>` (top-k, Parquet),
+`<stem>.aggregates.parquet` and, with `dense=True`, `<stem>.dense.npy` plus `<stem>.dense-ids.npz`.
+
+The scores are exact: non-projected gradient spaces use the stored per-example gradients, projected ones
+recompute each training gradient from the cached features, representer scores use alpha_ic phi_i . phi_q.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+import influence as inf
+from store import atomic_path, atomic_write_json, load_array
+
+if TYPE_CHECKING:
+    from .index import Index
+
+DUMP_FORMAT = 1
+#: scores per (block x train chunk) tile; bounds the dump's working memory (~ 4 bytes each, a few copies)
+TILE_SCORES = 16_777_216
+TOPK_COLUMNS = ("test_id", "kind", "rank", "example_id", "score", "label", "method")
+AGGREGATE_COLUMNS = (
+    "example_id",
+    "label",
+    "sum_positive",
+    "sum_negative",
+    "n_top_proponent",
+    "n_top_opponent",
+    "sum_positive_misclassified",
+    "sum_negative_misclassified",
+    "n_top_opponent_misclassified",
+)
+_ACCUMULATORS = AGGREGATE_COLUMNS[2:]
+
+OnBlock = Callable[[int, int], None]
+
+
+def dump_paths(path: Path) -> dict[str, Path]:
+    """Where a dump to `path` writes: the top-k file, aggregates, dense memmap and ids, and the work dir."""
+    stem = path.with_suffix("")
+    return {
+        "topk": path,
+        "aggregates": Path(f"{stem}.aggregates.parquet"),
+        "dense": Path(f"{stem}.dense.npy"),
+        "dense_ids": Path(f"{stem}.dense-ids.npz"),
+        "work": Path(f"{path}.partial"),
+    }
+
+
+def _topk_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("test_id", pa.int64()),
+            ("kind", pa.string()),
+            ("rank", pa.int32()),
+            ("example_id", pa.int64()),
+            ("score", pa.float32()),
+            ("label", pa.int64()),
+            ("method", pa.string()),
+        ]
+    )
+
+
+def _aggregate_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("example_id", pa.int64()),
+            ("label", pa.int64()),
+            ("sum_positive", pa.float64()),
+            ("sum_negative", pa.float64()),
+            ("n_top_proponent", pa.int64()),
+            ("n_top_opponent", pa.int64()),
+            ("sum_positive_misclassified", pa.float64()),
+            ("sum_negative_misclassified", pa.float64()),
+            ("n_top_opponent_misclassified", pa.int64()),
+        ]
+    )
+
+
+class TrainSide:
+    """The train-side vectors G of one method, served in row chunks `[c, p]` (float32 where stored so)."""
+
+    def __init__(self, index: Index, method: str) -> None:
+        self.index = index
+        self.method = method
+        self.n = len(index.train_ids)
+        projected = index.projection is not None and method != "representer"
+        self.projected = projected
+        if method == "representer":
+            self.alpha = np.asarray(load_array(index.paths.array("representer_alpha")))
+            self.phi = load_array(index.paths.array("train_phi"))
+            self.dim = int(self.alpha.shape[1] * self.phi.shape[1])
+        elif projected:
+            self.dim = int(index.manifest.head["n_params"])
+        else:
+            self.grads = load_array(index.paths.array("grad_vectors"))
+            self.dim = int(self.grads.shape[1])
+
+    def chunk(self, sl: slice) -> np.ndarray:
+        """Train-side vectors of rows `sl`, `[c, p]`."""
+        if self.method == "representer":
+            emb = inf.compute_representer_embeddings(self.alpha[sl], np.asarray(self.phi[sl]))
+            return np.ascontiguousarray(emb, np.float32)
+        if self.projected:
+            idx = self.index
+            g = idx.query_gradients(np.asarray(idx.train_features[sl]), idx.train_labels[sl])
+        else:
+            g = np.asarray(self.grads[sl])
+        if self.method == "grad-cos":
+            g = np.asarray(inf.normalize_rows(g))
+        return np.ascontiguousarray(g, np.float32)
+
+
+def _select(scores: np.ndarray, rows: np.ndarray, k: int, *, largest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `scores` [b, c], the k best (scores, rows), best first; ties go to the smaller row."""
+    kk = min(k, scores.shape[1])
+    key = -scores if largest else scores
+    if kk < scores.shape[1]:
+        part = np.argpartition(key, kk - 1, axis=1)[:, :kk]
+    else:
+        part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    s = np.take_along_axis(scores, part, axis=1)
+    r = rows[part] if rows.ndim == 1 else np.take_along_axis(rows, part, axis=1)
+    order = np.lexsort((r, -s if largest else s), axis=1)
+    return np.take_along_axis(s, order, axis=1), np.take_along_axis(r, order, axis=1)
+
+
+def _merge(best: tuple[np.ndarray, np.ndarray] | None, new: tuple[np.ndarray, np.ndarray], k: int, largest: bool):
+    if best is None:
+        return new
+    s = np.concatenate([best[0], new[0]], axis=1)
+    r = np.concatenate([best[1], new[1]], axis=1)
+    return _select(s, r, k, largest=largest)
+
+
+def _fingerprint(index: Index, ids: np.ndarray, k: int, method: str, block_size: int, dense: bool) -> str:
+    h = hashlib.sha256()
+    m = index.manifest
+    desc = {
+        "format": DUMP_FORMAT,
+        "run": str(Path(index.paths.root).resolve()),
+        "model": m.model_fingerprint,
+        "created_at": m.created_at,
+        "n_train": len(index.train_ids),
+        "k": k,
+        "method": method,
+        "block_size": block_size,
+        "dense": dense,
+        "lissa": repr(index.lissa_config),
+    }
+    h.update(json.dumps(desc, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(ids, np.int64).tobytes())
+    h.update(np.ascontiguousarray(index.train_ids, np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _load_state(work: Path, fingerprint: str, n_train: int) -> tuple[int, dict[str, np.ndarray]] | None:
+    """The committed accumulators and number of finished blocks, or None to start over."""
+    try:
+        spec = json.loads((work / "dump.json").read_text())
+        if spec.get("fingerprint") != fingerprint:
+            return None
+        with np.load(work / "state.npz", allow_pickle=False) as z:
+            state = {name: np.array(z[name]) for name in z.files}
+    except (OSError, ValueError, KeyError):
+        return None
+    done = int(state.pop("done_blocks"))
+    if any(state.get(name, np.zeros(0)).shape != (n_train,) for name in _ACCUMULATORS):
+        return None
+    return done, state
+
+
+def _save_state(work: Path, done: int, acc: dict[str, np.ndarray]) -> None:
+    with atomic_path(work / "state.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, done_blocks=np.int64(done), **acc)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dump(
+    index: Index,
+    path: str | Path,
+    test_ids: Sequence[int] | None = None,
+    *,
+    k: int = 100,
+    method: str = "lissa",
+    block_size: int = 256,
+    progress: bool = True,
+    dense: bool = False,
+    aggregates: bool = True,
+    on_block: OnBlock | None = None,
+) -> Path:
+    """Streams the scores of many queries against every training example to disk; see the module docstring.
+
+    Args:
+        index: The open run.
+        path: The top-k Parquet file (must end in `.parquet`); companions are written beside it.
+        test_ids: Stored test ids to dump; None = every stored test example.
+        k: Proponents and opponents kept per query (rows with score <= 0 / >= 0 are dropped from each kind).
+        method: One of `api.index.METHODS`.
+        block_size: Queries per block (memory and checkpoint granularity).
+        progress: Show a progress bar.
+        dense: Also write every score into `<stem>.dense.npy` `[n_queries, n_train]` (a memmap on disk).
+        aggregates: Also write per-training-example aggregates to `<stem>.aggregates.parquet`.
+        on_block: Called as `on_block(done_queries, total_queries)` after each block is durably written.
+
+    Returns:
+        `path`.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    from .index import METHODS, _check_k
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    k = _check_k(k)
+    if isinstance(block_size, bool) or not isinstance(block_size, int | np.integer) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    block_size = int(block_size)
+    if on_block is not None and not callable(on_block):
+        raise ValueError(f"on_block must be callable(done_queries, total_queries), got {on_block!r}")
+    path = Path(path)
+    if path.suffix != ".parquet":
+        raise ValueError(f"path must end in .parquet, got {str(path)!r}")
+    if not path.parent.is_dir():
+        raise ValueError(f"path: parent directory of {str(path)!r} does not exist")
+    if test_ids is None:
+        ids = np.asarray(index.test_ids, np.int64)
+    else:
+        if isinstance(test_ids, int | np.integer):
+            test_ids = [int(test_ids)]
+        ids = np.asarray([int(v) if not isinstance(v, bool) else v for v in test_ids], np.int64)
+    if len(ids) == 0:
+        raise ValueError("test_ids: nothing to dump (the run stores no test examples, or test_ids is empty)")
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("test_ids: must be unique")
+    index._rows(list(ids), "test")  # validate every id before writing anything
+
+    out = dump_paths(path)
+    work = out["work"]
+    n_train = len(index.train_ids)
+    fingerprint = _fingerprint(index, ids, k, method, block_size, dense)
+    resumed = _load_state(work, fingerprint, n_train) if work.is_dir() else None
+    if resumed is None:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir()
+        atomic_write_json(
+            work / "dump.json",
+            {"fingerprint": fingerprint, "k": k, "method": method, "block_size": block_size, "n": len(ids)},
+        )
+        done = 0
+        acc = {name: np.zeros(n_train, np.int64 if name.startswith("n_") else np.float64) for name in _ACCUMULATORS}
+    else:
+        done, acc = resumed
+
+    n_blocks = -(-len(ids) // block_size)
+    dense_tmp = work / "dense.npy"
+    dense_mm = None
+    if dense:
+        if done == 0 or not dense_tmp.is_file():
+            done = 0
+            acc = {name: np.zeros_like(v) for name, v in acc.items()}
+            dense_mm = np.lib.format.open_memmap(dense_tmp, mode="w+", dtype=np.float32, shape=(len(ids), n_train))
+        else:
+            dense_mm = np.load(dense_tmp, mmap_mode="r+")
+
+    side = TrainSide(index, method)
+    chunk_rows = max(1, min(n_train, TILE_SCORES // block_size, (256 << 20) // (4 * max(side.dim, 1))))
+    schema = _topk_schema()
+    train_labels = np.asarray(index.train_labels)
+    train_ids = np.asarray(index.train_ids, np.int64)
+    bar = tqdm(
+        total=len(ids), initial=min(done * block_size, len(ids)), desc="dump", unit="query", disable=not progress
+    )
+    for b in range(done, n_blocks):
+        block = ids[b * block_size : (b + 1) * block_size]
+        h, logits, tgt, _, labels = index.prepare(list(block), None, None)
+        q, _ = index.query_vectors(method, h, tgt)
+        q = np.ascontiguousarray(q, np.float32)
+        mis = logits.argmax(1) != np.asarray(labels)
+        pos = neg = None
+        for start in range(0, n_train, chunk_rows):
+            sl = slice(start, min(start + chunk_rows, n_train))
+            s = q @ side.chunk(sl).T  # [b, c]
+            rows = np.arange(sl.start, sl.stop)
+            pos = _merge(pos, _select(s, rows, k, largest=True), k, True)
+            neg = _merge(neg, _select(s, rows, k, largest=False), k, False)
+            if aggregates:
+                plus = np.maximum(s, 0.0)
+                acc["sum_positive"][sl] += plus.sum(0, dtype=np.float64)
+                acc["sum_negative"][sl] += s.sum(0, dtype=np.float64) - plus.sum(0, dtype=np.float64)
+                if mis.any():
+                    plus_m, s_m = plus[mis], s[mis]
+                    acc["sum_positive_misclassified"][sl] += plus_m.sum(0, dtype=np.float64)
+                    acc["sum_negative_misclassified"][sl] += s_m.sum(0, dtype=np.float64) - plus_m.sum(
+                        0, dtype=np.float64
+                    )
+            if dense_mm is not None:
+                dense_mm[b * block_size : b * block_size + len(block), sl] = s
+        assert pos is not None and neg is not None
+        cols: dict[str, list[Any]] = {name: [] for name in TOPK_COLUMNS}
+        for j, qid in enumerate(block):
+            for kind, (sc, rw), keep in (
+                ("proponent", (pos[0][j], pos[1][j]), pos[0][j] > 0),
+                ("opponent", (neg[0][j], neg[1][j]), neg[0][j] < 0),
+            ):
+                rw, sc = rw[keep], sc[keep]
+                cols["test_id"] += [int(qid)] * len(rw)
+                cols["kind"] += [kind] * len(rw)
+                cols["rank"] += list(range(1, len(rw) + 1))
+                cols["example_id"] += train_ids[rw].tolist()
+                cols["score"] += sc.tolist()
+                cols["label"] += train_labels[rw].tolist()
+                cols["method"] += [method] * len(rw)
+                if aggregates:
+                    counter = "n_top_proponent" if kind == "proponent" else "n_top_opponent"
+                    np.add.at(acc[counter], rw, 1)
+                    if kind == "opponent" and mis[j]:
+                        np.add.at(acc["n_top_opponent_misclassified"], rw, 1)
+        with atomic_path(work / f"part-{b:06d}.parquet") as tmp:
+            pq.write_table(pa.table(cols, schema=schema), tmp)
+        if dense_mm is not None:
+            dense_mm.flush()
+            _fsync(dense_tmp)
+        _save_state(work, b + 1, acc)  # the commit point of this block
+        bar.update(len(block))
+        if on_block is not None:
+            on_block(min((b + 1) * block_size, len(ids)), len(ids))
+    bar.close()
+    del dense_mm
+
+    # assemble: companions first, the top-k file last (its appearance means the dump is complete)
+    if dense:
+        with atomic_path(out["dense_ids"]) as tmp, open(tmp, "wb") as f:
+            np.savez(f, test_ids=ids, train_ids=train_ids)
+        os.replace(dense_tmp, out["dense"])
+    if aggregates:
+        agg = {"example_id": train_ids, "label": train_labels.astype(np.int64), **acc}
+        with atomic_path(out["aggregates"]) as tmp:
+            pq.write_table(pa.table(agg, schema=_aggregate_schema()), tmp)
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for b in range(n_blocks):
+            writer.write_table(pq.read_table(work / f"part-{b:06d}.parquet", schema=schema))
+    shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
+def read_aggregates(path: str | Path, *, by: str = "n_top_opponent_misclassified", top: int | None = None):
+    """Reads `<stem>.aggregates.parquet` of a dump at `path` as a pyarrow Table sorted by `by`, descending.
+
+    Args:
+        path: The dump's top-k `.parquet` path (or the aggregates file itself).
+        by: An aggregate column; `sum_negative*` columns sort ascending (most harmful first).
+        top: Keep only this many rows.
+    """
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    agg = p if p.name.endswith(".aggregates.parquet") else dump_paths(p)["aggregates"]
+    if by not in AGGREGATE_COLUMNS:
+        raise ValueError(f"by must be one of {AGGREGATE_COLUMNS}, got {by!r}")
+    table = pq.read_table(agg)
+    order = "ascending" if by.startswith("sum_negative") else "descending"
+    table = table.sort_by([(by, order), ("example_id", "ascending")])
+    return table if top is None else table.slice(0, top)
