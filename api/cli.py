@@ -327,11 +327,19 @@ def serve(
     host: Annotated[str, typer.Option(help="bind address (an API key is required off loopback)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8000,
     api_key: Annotated[str | None, typer.Option(help="required X-API-Key (or INFLUENCE_API_KEY)")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="TASK (file.py:function) of the run, to explain raw inputs in /explain")
+    ] = None,
+    max_body: Annotated[int, typer.Option(help="request bodies over this many bytes get 413")] = 1 << 20,
 ) -> None:
-    """Serve the run directory over HTTP (FastAPI): /health, /examples/{id}, /explain, /noise, /docs."""
+    """Serve the run directory over HTTP (FastAPI): web page at /, /health, /examples, /explain, /noise,
+    /dumps, OpenAPI at /docs."""
+    from api.service import check_bind
     from api.service import serve as run_service
 
-    run_service(run, host=host, port=port, api_key=api_key)
+    check_bind(host, api_key)  # before loading anything
+    loaded = None if task is None else load_task(task)
+    run_service(run, host=host, port=port, api_key=api_key, task=loaded, max_body_bytes=max_body)
 
 
 def main() -> None:  # pragma: no cover

@@ -1,9 +1,18 @@
 """The HTTP service: the same calls as the Python API, over FastAPI.
 
-Routes: `GET /health`, `GET /examples/{example_id}` (train split; `?split=test` for test examples),
-`POST /explain`, `GET /noise` (paged suspects). Request/response models are separate from the store's
-records; every library error maps to one status code in one handler (404 unknown id, 422 bad input,
-409 mismatched run), with a JSON body saying what was wrong.
+Routes: `GET /health`, `GET /examples` (a page of stored examples), `GET /examples/{example_id}` (train
+split; `?split=test` for test examples), `POST /explain`, `GET /noise` (paged suspects), `POST /dumps` and
+`GET /dumps/{job}` (bulk dumps as background jobs, `GET /dumps/{job}/file` for the Parquet file), and a web
+page at `/` ("why this prediction"). The OpenAPI schema is at `/openapi.json`, its viewer at `/docs`.
+
+Request/response models are separate from the store's records. Every error class maps to one status code,
+with a JSON body `{"error": <class>, "detail": <what was wrong>}`: 401 missing/wrong API key, 404 unknown id
+or job, 409 mismatched run or unfinished job, 413 body over the limit (refused before it is read past the
+limit), 422 bad input. Bad input never gets a 500.
+
+Security: an `X-API-Key` header (`--api-key` or `INFLUENCE_API_KEY`) is required on every data route when a
+key is set, and a key is required to bind anything but loopback; no request names a file path (dump files
+are named by job ids checked against a pattern); SQL goes through SQLAlchemy's bound parameters.
 """
 
 from __future__ import annotations
@@ -12,27 +21,82 @@ import hmac
 import ipaddress
 import os
 import threading
+from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from store import ConfigMismatchError, CorruptRunError, UnknownExampleError
+from store import ConfigMismatchError, CorruptRunError, StoreError, UnknownExampleError
 
-from .index import MAX_K, METHODS, Index, open_index
+from .index import METHODS, Index, open_index
+from .jobs import JOB_ID, DumpJobs, JobNotDoneError, UnknownJobError
 
-MAX_BATCH = 64
+MethodName = Literal["lissa", "exact", "representer", "grad-dot", "grad-cos"]  # == index.METHODS (tested)
+
+INT64 = {"ge": -(2**63), "le": 2**63 - 1}
+ExampleId = Annotated[int, Field(strict=True, **INT64)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+JobId = Annotated[str, PathParam(pattern=JOB_ID.pattern, description="16 lowercase hex digits")]
 
 
+MAX_K = 1000  # proponents and opponents per query
+MAX_BATCH = 64  # queries per /explain request
+MAX_DUMP_QUERIES = 100_000  # queries per dump job
+MAX_BODY_BYTES = 1 << 20  # default body limit; over it -> 413 before the body is read
+
+
+# ---------------------------------------------------------------------------------------- request models
 class ExplainRequest(BaseModel):
-    test_ids: list[int] = Field(min_length=1, max_length=MAX_BATCH, description="stored test example ids")
-    k: int = Field(10, ge=1, le=1000)
-    method: Literal["lissa", "exact", "representer", "grad-dot", "grad-cos"] = "lissa"
-    targets: list[int] | None = Field(None, description="classes to explain instead of the predictions")
+    """One explain call: stored test ids, or raw inputs when the server was started with the task."""
+
+    model_config = {"extra": "forbid"}
+
+    test_ids: list[ExampleId] | None = Field(
+        None, min_length=1, max_length=MAX_BATCH, description="stored test example ids"
+    )
+    inputs: list[list[FiniteFloat]] | list[str] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_BATCH,
+        description="raw inputs (flattened feature rows, or texts for text tasks); needs `serve --task`",
+    )
+    k: int = Field(10, ge=1, le=MAX_K, strict=True, description="proponents and opponents returned per query")
+    method: MethodName = "lissa"
+    targets: list[Annotated[int, Field(ge=0, le=2**31 - 1, strict=True)]] | None = Field(
+        None, max_length=MAX_BATCH, description="classes to explain instead of the predictions"
+    )
+
+    @model_validator(mode="after")
+    def one_query_kind(self) -> ExplainRequest:
+        if (self.test_ids is None) == (self.inputs is None):
+            raise ValueError("pass exactly one of test_ids or inputs")
+        return self
 
 
+class DumpRequest(BaseModel):
+    """A bulk dump: top-k proponents and opponents of many stored test examples, written to Parquet."""
+
+    model_config = {"extra": "forbid"}
+
+    test_ids: list[ExampleId] | None = Field(
+        None, min_length=1, max_length=MAX_DUMP_QUERIES, description="null = every stored test example"
+    )
+    k: int = Field(100, ge=1, le=MAX_K, strict=True)
+    method: MethodName = "lissa"
+
+
+# --------------------------------------------------------------------------------------- response models
 class InfluencerOut(BaseModel):
     example_id: int
     score: float
@@ -69,6 +133,13 @@ class ExampleOut(BaseModel):
     suggested_label: int | None = None
 
 
+class ExamplePage(BaseModel):
+    split: str
+    total: int
+    offset: int
+    examples: list[ExampleOut]
+
+
 class SuspectOut(BaseModel):
     example_id: int
     label: int
@@ -79,14 +150,55 @@ class SuspectOut(BaseModel):
     suggested_label: int | None
 
 
+class LimitsOut(BaseModel):
+    max_k: int
+    max_batch: int
+    max_dump_queries: int
+    max_body_bytes: int
+
+
 class Health(BaseModel):
     status: str
     run: str
     n_train: int
     n_test: int
+    n_classes: int
     methods: list[str]
+    accepts_inputs: bool
+    key_required: bool
+    limits: LimitsOut
 
 
+class DumpJobOut(BaseModel):
+    job: str
+    status: Literal["queued", "running", "done", "failed"]
+    k: int
+    method: str
+    n_queries: int
+    done: int
+    total: int
+    error: str | None
+    file: str | None = Field(None, description="URL of the top-k Parquet file once the job is done")
+    aggregates: str | None = Field(None, description="URL of the per-training-example aggregates once done")
+
+
+class FieldErrorOut(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="the error class")
+    detail: str = Field(description="what was wrong")
+    errors: list[FieldErrorOut] | None = Field(None, description="per-field problems of a 422")
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: {"model": ErrorOut} for c in codes}
+
+
+# ------------------------------------------------------------------------------------------ helpers
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -96,73 +208,297 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def create_app(run: str | Path, *, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app over one run directory (opened once; queries are serialised by a lock)."""
-    index: Index = open_index(run)
+def error_response(status: int, err: Exception | str, *, name: str | None = None, **extra: Any) -> JSONResponse:
+    if isinstance(err, Exception):
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        name = name or type(err).__name__
+    else:
+        msg = err
+    body = ErrorOut(error=name or "Error", detail=str(msg), **extra)
+    return JSONResponse(status_code=status, content=body.model_dump(exclude_none=True))
+
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+
+
+class BodyLimit:
+    """ASGI middleware: refuses a body over `max_bytes` with 413, by its Content-Length header before
+    reading anything, or (chunked) as soon as the bytes read pass the limit; never buffers more."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]], send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_big = error_response(413, f"request body over the limit of {self.max_bytes} bytes", name="RequestTooLarge")
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                await error_response(400, f"bad Content-Length {length!r}", name="BadRequest")(scope, receive, send)
+                return
+            if n > self.max_bytes:
+                await too_big(scope, receive, send)
+                return
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # client went away
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_bytes:
+                await too_big(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+# ------------------------------------------------------------------------------------------------ app
+def create_app(
+    run: str | Path,
+    *,
+    api_key: str | None = None,
+    task: Any = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The FastAPI app over one run directory (opened once; queries are serialised by a lock).
+
+    Args:
+        run: a built run directory.
+        api_key: required `X-API-Key` on data routes (default: `INFLUENCE_API_KEY`; none = open).
+        task: the run's Task, to accept raw `inputs` in `/explain`.
+        max_body_bytes: bodies over this size are refused with 413 before being read.
+    """
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
+    index: Index = open_index(run, task=task)
     lock = threading.Lock()
     key = api_key or os.environ.get("INFLUENCE_API_KEY") or None
-    app = FastAPI(title="influence-service", version="0.1.0", description=__doc__)
+    jobs = DumpJobs(index.paths.root, n_test=len(index.test_ids))
+    jobs.start()
+    ids = {"train": np.asarray(index.train_ids), "test": np.asarray(index.test_ids)}
 
-    def check_key(x_api_key: str | None = Header(default=None)) -> None:
-        if key is not None and (x_api_key is None or not hmac.compare_digest(x_api_key, key)):
-            raise HTTPException(status_code=401, detail="missing or wrong X-API-Key header")
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        jobs.stop()
+        index.close()
 
-    def error(status: int, err: Exception) -> JSONResponse:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        return JSONResponse(status_code=status, content={"error": type(err).__name__, "detail": str(msg)})
+    app = FastAPI(
+        title="influence-service",
+        version="0.1.0",
+        description=__doc__,
+        lifespan=lifespan,
+        responses=errors(401, 413),
+    )
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.state.index, app.state.jobs = index, jobs
+    header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required when the server has a key")
+
+    def check_key(x_api_key: str | None = Depends(header)) -> None:
+        if key is not None and (x_api_key is None or not hmac.compare_digest(x_api_key.encode(), key.encode())):
+            raise StarletteHTTPException(status_code=401, detail="missing or wrong X-API-Key header")
+
+    auth = [Depends(check_key)]
+
+    # One handler per error class -> one status.
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        problems = [
+            FieldErrorOut(
+                loc=[p if isinstance(p, int) else str(p) for p in e.get("loc", ())], msg=e["msg"], type=e["type"]
+            )
+            for e in err.errors()
+        ]
+        detail = "; ".join(f"{'.'.join(map(str, p.loc))}: {p.msg}" for p in problems[:5])
+        return error_response(422, detail, name="ValidationError", errors=problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        names = {401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed"}
+        return error_response(err.status_code, str(err.detail), name=names.get(err.status_code, "HTTPError"))
 
     @app.exception_handler(UnknownExampleError)
-    async def unknown(_: Request, err: UnknownExampleError) -> JSONResponse:
-        return error(404, err)
+    @app.exception_handler(UnknownJobError)
+    async def unknown(_: Request, err: KeyError) -> JSONResponse:
+        return error_response(404, err)
 
     @app.exception_handler(ConfigMismatchError)
-    async def mismatch(_: Request, err: ConfigMismatchError) -> JSONResponse:
-        return error(409, err)
-
     @app.exception_handler(CorruptRunError)
-    async def corrupt(_: Request, err: CorruptRunError) -> JSONResponse:
-        return error(409, err)
+    @app.exception_handler(JobNotDoneError)
+    async def conflict(_: Request, err: Exception) -> JSONResponse:
+        return error_response(409, err)
 
     @app.exception_handler(ValueError)
     async def bad_input(_: Request, err: ValueError) -> JSONResponse:
-        return error(422, err)
+        return error_response(422, err)
+
+    @app.exception_handler(StoreError)
+    async def store_error(_: Request, err: StoreError) -> JSONResponse:
+        return error_response(409, err)
+
+    # --------------------------------------------------------------------------------------- routes
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(resources.files("api").joinpath("web/index.html").read_text(encoding="utf-8"))
+
+    app.mount("/web", StaticFiles(directory=str(resources.files("api").joinpath("web"))), name="web")
 
     @app.get("/health", response_model=Health)
     def health() -> Health:
         return Health(
             status="ok",
             run=str(index.paths.root),
-            n_train=len(index.train_ids),
-            n_test=len(index.test_ids),
+            n_train=len(ids["train"]),
+            n_test=len(ids["test"]),
+            n_classes=index.n_classes,
             methods=list(METHODS),
+            accepts_inputs=index.task is not None,
+            key_required=key is not None,
+            limits=LimitsOut(
+                max_k=MAX_K, max_batch=MAX_BATCH, max_dump_queries=MAX_DUMP_QUERIES, max_body_bytes=max_body_bytes
+            ),
         )
 
-    @app.get("/examples/{example_id}", response_model=ExampleOut, dependencies=[Depends(check_key)])
-    def example(example_id: int, split: Literal["train", "test"] = "train") -> ExampleOut:
+    @app.get("/examples", response_model=ExamplePage, dependencies=auth, responses=errors(422))
+    def examples(
+        split: Literal["train", "test"] = "test",
+        offset: int = Query(0, ge=0, le=2**62),
+        limit: int = Query(50, ge=1, le=1000),
+    ) -> ExamplePage:
+        page_ids = ids[split][offset : offset + limit].tolist()
+        with lock:
+            records = index.metadata.get(split, page_ids) if page_ids else []
+        return ExamplePage(
+            split=split, total=len(ids[split]), offset=offset, examples=[ExampleOut(**r.to_dict()) for r in records]
+        )
+
+    @app.get("/examples/{example_id}", response_model=ExampleOut, dependencies=auth, responses=errors(404, 422))
+    def example(
+        example_id: Annotated[int, PathParam(**INT64)], split: Literal["train", "test"] = "train"
+    ) -> ExampleOut:
         with lock:
             [record] = index.metadata.get(split, [example_id])
         return ExampleOut(**record.to_dict())
 
-    @app.post("/explain", response_model=list[ExplanationOut], dependencies=[Depends(check_key)])
+    @app.post("/explain", response_model=list[ExplanationOut], dependencies=auth, responses=errors(404, 409, 422))
     def explain(body: ExplainRequest) -> list[dict[str, Any]]:
+        n = len(body.test_ids or body.inputs or ())
+        if body.targets is not None and len(body.targets) != n:
+            raise ValueError(f"targets must have one class per query ({n}), got {len(body.targets)}")
+        inputs: Any = body.inputs
+        if inputs is not None and not isinstance(inputs[0], str):
+            widths = {len(row) for row in inputs}
+            if len(widths) != 1:
+                raise ValueError(f"inputs rows must all have the same length, got lengths {sorted(widths)}")
+            inputs = np.asarray(inputs, np.float32)
         with lock:
-            exps = index.explain(test_ids=body.test_ids, k=min(body.k, MAX_K), method=body.method, targets=body.targets)
+            exps = index.explain(
+                test_ids=body.test_ids, inputs=inputs, k=body.k, method=body.method, targets=body.targets
+            )
         return [e.to_dict() for e in exps]
 
-    @app.get("/noise", response_model=list[SuspectOut], dependencies=[Depends(check_key)])
-    def noise(limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0)) -> list[SuspectOut]:
+    @app.get("/noise", response_model=list[SuspectOut], dependencies=auth, responses=errors(422))
+    def noise(limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**62)) -> list[SuspectOut]:
         with lock:
             records = index.metadata.top_suspects(limit, offset)
         return [SuspectOut(**{k: v for k, v in r.to_dict().items() if k in SuspectOut.model_fields}) for r in records]
 
+    def job_out(rec: Any) -> DumpJobOut:
+        return DumpJobOut(
+            job=rec.job,
+            status=rec.status,
+            k=rec.k,
+            method=rec.method,
+            n_queries=rec.total,
+            done=rec.done,
+            total=rec.total,
+            error=rec.error,
+            file=f"/dumps/{rec.job}/file" if rec.status == "done" else None,
+            aggregates=f"/dumps/{rec.job}/file?part=aggregates" if rec.status == "done" else None,
+        )
+
+    @app.post(
+        "/dumps",
+        response_model=DumpJobOut,
+        status_code=202,
+        dependencies=auth,
+        responses={200: {"model": DumpJobOut, "description": "the same request's existing job"}} | errors(404, 422),
+    )
+    def start_dump(body: DumpRequest) -> JSONResponse:
+        if body.test_ids is not None:
+            index._rows(body.test_ids, "test")  # unknown ids -> 404 now, not a failed job later
+        rec, created = jobs.submit(body.test_ids, body.k, body.method)
+        return JSONResponse(
+            status_code=202 if created else 200,
+            content=job_out(rec).model_dump(),
+            headers={"Location": f"/dumps/{rec.job}"},
+        )
+
+    @app.get("/dumps", response_model=list[DumpJobOut], dependencies=auth)
+    def list_dumps() -> list[DumpJobOut]:
+        return [job_out(r) for r in jobs.all_jobs()]
+
+    @app.get("/dumps/{job}", response_model=DumpJobOut, dependencies=auth, responses=errors(404, 422))
+    def dump_status(job: JobId) -> DumpJobOut:
+        return job_out(jobs.get(job))
+
+    @app.get(
+        "/dumps/{job}/file",
+        response_class=FileResponse,
+        dependencies=auth,
+        responses={200: {"content": {"application/vnd.apache.parquet": {}}}} | errors(404, 409, 422),
+    )
+    def dump_file(job: JobId, part: Literal["topk", "aggregates"] = "topk") -> FileResponse:
+        return FileResponse(
+            jobs.file(job, part), media_type="application/vnd.apache.parquet", filename=f"dump-{job}-{part}.parquet"
+        )
+
     return app
 
 
-def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> None:
+def check_bind(host: str, api_key: str | None) -> str | None:
+    """The API key to use (argument, else `INFLUENCE_API_KEY`); refuses a non-loopback host without one."""
+    key = api_key or os.environ.get("INFLUENCE_API_KEY") or None
+    if not is_loopback(host) and not key:
+        raise ValueError(f"host={host!r} is not loopback: set --api-key or INFLUENCE_API_KEY to serve on it")
+    return key
+
+
+def serve(
+    run: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    task: Any = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    log_level: str = "info",
+) -> None:
     """Runs the service with uvicorn; a non-loopback bind without an API key refuses to start."""
     import uvicorn
 
-    key = api_key or os.environ.get("INFLUENCE_API_KEY")
-    if not is_loopback(host) and not key:
-        raise ValueError(f"host={host!r} is not loopback: set --api-key or INFLUENCE_API_KEY to serve on it")
-    uvicorn.run(create_app(run, api_key=key), host=host, port=port, log_level="info")
+    key = check_bind(host, api_key)
+    uvicorn.run(
+        create_app(run, api_key=key, task=task, max_body_bytes=max_body_bytes),
+        host=host,
+        port=port,
+        log_level=log_level,
+    )

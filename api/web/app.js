@@ -1,0 +1,164 @@
+// "Why this prediction?": pick a stored test example, see its prediction and the training examples that
+// pushed towards it (proponents) and against it (opponents), with their scores. Plain DOM, no build step.
+"use strict";
+
+const SHADES = " .:-=+*#%@"; // indexer.demo.digit_preview: rows of shade characters joined by "/"
+const PAGE = 40;
+const state = { health: null, offset: 0, selected: null };
+const $ = (id) => document.getElementById(id);
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value || localStorage.getItem("influence-api-key") || "";
+  if (key) h["X-API-Key"] = key;
+  return h;
+}
+
+async function call(path, body) {
+  const init = body === undefined ? { headers: headers() } : { method: "POST", headers: headers(), body: JSON.stringify(body) };
+  const res = await fetch(path, init);
+  const data = await res.json();
+  if (!res.ok) throw new Error(`${res.status} ${data.error || ""}: ${data.detail || JSON.stringify(data)}`);
+  return data;
+}
+
+function showError(err) {
+  $("error").textContent = String(err.message || err);
+  $("error").hidden = false;
+}
+
+// An image preview ("row/row/..." of shade characters, all rows the same length) as its pixel rows, else null.
+function imageRows(preview) {
+  const rows = preview.split("/");
+  if (rows.length < 4 || new Set(rows.map((r) => r.length)).size !== 1) return null;
+  for (const r of rows) for (const c of r) if (!SHADES.includes(c)) return null;
+  return rows;
+}
+
+function previewElement(preview, size) {
+  const rows = imageRows(preview);
+  if (rows === null) {
+    const p = document.createElement("div");
+    p.className = "preview-text";
+    p.textContent = preview;
+    return p;
+  }
+  const h = rows.length, w = rows[0].length, scale = Math.max(1, Math.floor(size / Math.max(h, w)));
+  const canvas = document.createElement("canvas");
+  canvas.width = w * scale;
+  canvas.height = h * scale;
+  canvas.className = "preview-image";
+  const ctx = canvas.getContext("2d");
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      const v = 255 - Math.round((255 * SHADES.indexOf(rows[y][x])) / (SHADES.length - 1));
+      ctx.fillStyle = `rgb(${v},${v},${v})`;
+      ctx.fillRect(x * scale, y * scale, scale, scale);
+    }
+  }
+  return canvas;
+}
+
+function card(preview, lines, cls, size = 64) {
+  const div = document.createElement("div");
+  div.className = `card ${cls}` + (imageRows(preview) === null ? " text" : "");
+  div.appendChild(previewElement(preview, size));
+  for (const [text, lineCls] of lines) {
+    const span = document.createElement("div");
+    if (lineCls) span.className = lineCls;
+    span.textContent = text;
+    div.appendChild(span);
+  }
+  return div;
+}
+
+async function loadPicker() {
+  const page = await call(`/examples?split=test&offset=${state.offset}&limit=${PAGE}`);
+  const picker = $("picker");
+  picker.replaceChildren();
+  const onlyWrong = $("only-wrong").checked;
+  for (const ex of page.examples) {
+    const wrong = ex.prediction !== ex.label;
+    if (onlyWrong && !wrong) continue;
+    const c = card(ex.preview, [[`#${ex.example_id}`], [`label ${ex.label} · pred ${ex.prediction}`]], "pick" + (wrong ? " wrong" : ""), 40);
+    c.dataset.testId = ex.example_id;
+    if (ex.example_id === state.selected) c.classList.add("selected");
+    c.addEventListener("click", () => { $("test-id").value = ex.example_id; explain({ test_ids: [ex.example_id] }); });
+    picker.appendChild(c);
+  }
+  const end = Math.min(page.offset + PAGE, page.total);
+  $("picker-range").textContent = `${page.offset}–${end - 1} of ${page.total}`;
+}
+
+function render(exp, preview) {
+  const p = Math.max(...exp.probabilities);
+  const title = exp.test_id === null ? "typed input" : `test example #${exp.test_id}`;
+  const lines = [[title], [`predicted ${exp.prediction} (p = ${p.toFixed(2)})`, "score"]];
+  if (exp.label !== null) lines.push([`true label ${exp.label}`]);
+  if (exp.target !== exp.prediction) lines.push([`explaining class ${exp.target}`]);
+  $("query").replaceChildren(card(preview, lines, "query-card", 112));
+  for (const kind of ["proponents", "opponents"]) {
+    const box = $(kind);
+    box.replaceChildren();
+    for (const inf of exp[kind]) {
+      const c = card(inf.preview, [
+        [`#${inf.example_id}`],
+        [`label ${inf.label}`],
+        [`${inf.score >= 0 ? "+" : ""}${inf.score.toPrecision(3)}`, "score"],
+      ], kind.slice(0, -1));
+      c.dataset.exampleId = inf.example_id;
+      box.appendChild(c);
+    }
+    if (exp[kind].length === 0) box.textContent = "none";
+  }
+  const d = exp.diagnostics;
+  $("diagnostics").textContent = `method ${exp.method}` + (d ? " · " + Object.entries(d).map(([k, v]) => `${k} ${Number(v).toPrecision(3)}`).join(" · ") : "");
+  $("result").hidden = false;
+}
+
+async function explain(query) {
+  $("error").hidden = true;
+  const k = Math.max(1, Math.min(50, parseInt($("k").value, 10) || 8));
+  try {
+    const [exp] = await call("/explain", { ...query, k, method: $("method").value });
+    let preview = query.inputs ? query.inputs[0] : "";
+    if (query.test_ids) {
+      state.selected = query.test_ids[0];
+      preview = (await call(`/examples/${query.test_ids[0]}?split=test`)).preview;
+      for (const c of document.querySelectorAll("#picker .card")) c.classList.toggle("selected", Number(c.dataset.testId) === state.selected);
+    }
+    render(exp, preview);
+    document.body.dataset.state = "explained";
+  } catch (err) {
+    showError(err);
+    document.body.dataset.state = "error";
+  }
+}
+
+async function init() {
+  $("api-key").value = localStorage.getItem("influence-api-key") || "";
+  $("api-key").addEventListener("change", () => { localStorage.setItem("influence-api-key", $("api-key").value); init(); });
+  try {
+    const h = await (await fetch("/health")).json();
+    state.health = h;
+    $("run-info").textContent = `run ${h.run} · ${h.n_train} training and ${h.n_test} test examples · ${h.n_classes} classes`;
+    $("key-field").hidden = !h.key_required;
+    $("test-id").max = h.n_test - 1;
+    $("text-query").hidden = !h.accepts_inputs;
+    await loadPicker();
+    document.body.dataset.state = "ready";
+  } catch (err) {
+    showError(err);
+    document.body.dataset.state = "error";
+  }
+}
+
+$("explain").addEventListener("click", () => explain({ test_ids: [parseInt($("test-id").value, 10)] }));
+$("explain-text").addEventListener("click", () => explain({ inputs: [$("text-input").value] }));
+$("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE); loadPicker().catch(showError); });
+$("next").addEventListener("click", () => {
+  if (state.health && state.offset + PAGE < state.health.n_test) state.offset += PAGE;
+  loadPicker().catch(showError);
+});
+$("only-wrong").addEventListener("change", () => loadPicker().catch(showError));
+init();
