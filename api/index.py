@@ -129,7 +129,8 @@ class Index:
 
     def space(self, name: str) -> FaissVectorIndex:
         if name not in self._spaces:
-            self._spaces[name] = FaissVectorIndex.load(self.paths.vector(name))
+            # memory-mapped when the file is large next to the available memory
+            self._spaces[name] = FaissVectorIndex.load(self.paths.vector(name), mmap="auto")
         return self._spaces[name]
 
     @property

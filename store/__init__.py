@@ -17,7 +17,15 @@ from store.errors import (
 from store.manifest import SCHEMA_VERSION, Manifest, load_manifest, save_manifest
 from store.metadata import ExampleRecord, MetadataStore
 from store.run import RunPaths, content_hash, fingerprint_arrays, verify_run
-from store.vectors import FaissVectorIndex, Hits, NumpyVectorIndex, VectorIndex, search_both_signs
+from store.vectors import (
+    FaissVectorIndex,
+    Hits,
+    NumpyVectorIndex,
+    VectorIndex,
+    build_vector_index,
+    compute_recall,
+    search_both_signs,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -40,6 +48,8 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "build_vector_index",
+    "compute_recall",
     "content_hash",
     "fingerprint_arrays",
     "load_array",

@@ -253,12 +253,13 @@ class FaissVectorIndex:
         return cls(index)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, mmap: bool = False) -> FaissVectorIndex:
+    def load(cls, path: str | os.PathLike[str], *, mmap: bool | str = False) -> FaissVectorIndex:
         """Reads an index written by :meth:`save`.
 
         Args:
             path: The ``.faiss`` file.
-            mmap: Memory-map the file read-only instead of reading it into memory.
+            mmap: Memory-map the file read-only instead of reading it into memory; ``"auto"`` does so when
+                the file is larger than :data:`MMAP_FRACTION` of the memory available now.
 
         Raises:
             RunNotFoundError: The file does not exist.
@@ -267,6 +268,11 @@ class FaissVectorIndex:
         p = Path(path)
         if not p.is_file():
             raise RunNotFoundError(f"path: no vector index at {str(p)!r}")
+        if mmap == "auto":
+            available = _available_memory()
+            mmap = available is not None and p.stat().st_size > MMAP_FRACTION * available
+        elif not isinstance(mmap, bool):
+            raise ValueError(f"mmap: must be True, False or 'auto', got {mmap!r}")
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         try:
             index = faiss.read_index(str(p), flags)
@@ -325,6 +331,12 @@ class FaissVectorIndex:
         """Trains an approximate index (IVF centroids, PQ codebooks) on sample vectors ``[n, d]``."""
         self._check_writable()
         x = check_vectors(vectors, "vectors", self.dim)
+        try:
+            ivf = faiss.downcast_index(faiss.extract_index_ivf(self._index.index))
+        except RuntimeError:
+            ivf = None
+        if ivf is not None and hasattr(ivf, "do_polysemous_training"):
+            ivf.do_polysemous_training = False  # only serves Hamming pre-filtering, which is not used; slow
         self._index.train(x)
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
@@ -345,6 +357,33 @@ class FaissVectorIndex:
     def ids(self) -> np.ndarray:
         """Returns the stored ids, int64 ``[ntotal]``, in insertion order."""
         return faiss.vector_to_array(self._index.id_map).astype(np.int64, copy=False)
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the index is memory-mapped read-only."""
+        return self._read_only
+
+    @property
+    def supports_remove(self) -> bool:
+        """Whether :meth:`remove` works on this index type (HNSW graphs cannot drop vectors)."""
+        return "HNSW" not in type(faiss.downcast_index(self._index.index)).__name__
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Removes the vectors of ``ids`` (each must be stored); returns how many were removed.
+
+        Raises:
+            ValueError: Unknown ids, a read-only index, or an index type that cannot remove (HNSW: rebuild it).
+        """
+        self._check_writable()
+        arr = check_ids(ids, "ids", len(np.asarray(ids).reshape(-1)))
+        missing = np.setdiff1d(arr, self.ids())
+        if missing.size:
+            raise ValueError(f"ids: not in the index: {missing[:10].tolist()}")
+        if not self.supports_remove:
+            raise ValueError(f"ids: {type(faiss.downcast_index(self._index.index)).__name__} cannot remove vectors")
+        if not arr.size:
+            return 0
+        return int(self._index.remove_ids(faiss.IDSelectorBatch(arr)))
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """Returns the stored vectors of ``ids`` as float32 ``[n, d]`` (lossy for PQ indexes).
@@ -411,3 +450,134 @@ def search_both_signs(index: VectorIndex, queries: np.ndarray, k: int) -> tuple[
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[-1] if text else type(e).__name__
+
+
+#: ``load(mmap="auto")`` memory-maps files larger than this fraction of the currently available memory
+MMAP_FRACTION = 0.25
+#: recall@k measured at build time for approximate indexes, and the recall they are tuned to reach
+RECALL_K = 10
+RECALL_TARGET = 0.95
+_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024)
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def resolve_factory(factory: str, n: int) -> str:
+    """Fills in the IVF list count of a factory string written without one.
+
+    ``"IVF,Flat"``, ``"IVF,PQ32"`` or ``"IVF,SQfp16"`` become ``IVF<nlist>,...`` with
+    ``nlist = clip(4 sqrt(n), 1, n / 39)`` (FAISS wants >= 39 training points per list); other strings
+    (``"Flat"``, ``"SQfp16"``, ``"HNSW32"``, ``"IVF1024,PQ32"``) are returned unchanged.
+
+    Args:
+        factory: A FAISS index factory string.
+        n: Number of vectors the index will hold.
+    """
+    if not isinstance(factory, str) or not factory.strip():
+        raise ValueError(f"factory: must be a non-empty FAISS factory string, got {factory!r}")
+    if factory.startswith("IVF,"):
+        nlist = int(max(1, min(4 * np.sqrt(max(n, 1)), max(n, 1) // 39)))
+        return f"IVF{nlist}," + factory[len("IVF,") :]
+    return factory
+
+
+def compute_recall(exact: np.ndarray, approx: np.ndarray) -> float:
+    """Mean recall@k: the fraction of each row of ``exact`` ids ``[m, k]`` found in the same row of ``approx``."""
+    exact = np.asarray(exact)
+    approx = np.asarray(approx)
+    if exact.ndim != 2 or approx.ndim != 2 or exact.shape[0] != approx.shape[0]:
+        raise ValueError(f"exact, approx: must be [m, k] id arrays, got shapes {exact.shape}, {approx.shape}")
+    if exact.size == 0:
+        return 1.0
+    hits = [
+        np.intersect1d(e[e >= 0], a[a >= 0]).size / max((e >= 0).sum(), 1) for e, a in zip(exact, approx, strict=True)
+    ]
+    return float(np.mean(hits))
+
+
+def exact_neighbours(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the ``k`` highest inner products per query by brute force (FAISS ``knn``), ``[m, k]``."""
+    x = check_vectors(vectors, "vectors", np.asarray(vectors).shape[-1])
+    q = check_vectors(queries, "queries", x.shape[1])
+    _, rows = faiss.knn(q, x, min(check_k(k), x.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
+    return np.where(rows >= 0, np.asarray(ids, np.int64)[np.maximum(rows, 0)], -1)
+
+
+def measure_recall(index: FaissVectorIndex, queries: np.ndarray, exact: np.ndarray, k: int = RECALL_K) -> float:
+    """Recall@k of ``index`` for ``queries`` against the exact neighbour ids ``exact`` ``[m, k]``."""
+    approx = np.stack([np.pad(h.ids, (0, k - len(h)), constant_values=-1) for h in index.search(queries, k)])
+    return compute_recall(exact, approx)
+
+
+def build_vector_index(
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    *,
+    factory: str = "Flat",
+    recall_k: int = RECALL_K,
+    recall_target: float = RECALL_TARGET,
+    n_queries: int = 256,
+    seed: int = 0,
+) -> tuple[FaissVectorIndex, dict[str, Any]]:
+    """Builds a FAISS index of ``vectors`` under ``ids``; approximate ones are tuned and their recall measured.
+
+    For an approximate factory (anything but ``"Flat"``) the index is trained on ``vectors``, filled, and its
+    search breadth (IVF ``nprobe``, HNSW ``efSearch``) raised until recall@k over both signs of ``n_queries``
+    sample stored vectors, against exact inner-product search, reaches ``recall_target`` (or the breadth is
+    exhausted). FAISS saves that breadth with the index.
+
+    Returns:
+        ``(index, spec)`` with ``spec`` the manifest entry: ``dim``, ``ntotal``, ``factory`` (resolved),
+        ``metric``, ``recall@<k>`` (1.0 for ``Flat``), ``recall_queries`` and ``nprobe`` / ``ef_search``.
+    """
+    if np.ndim(vectors) != 2:
+        raise ValueError(f"vectors: must be 2-D [n, d], got shape {np.shape(vectors)}")
+    x = check_vectors(vectors, "vectors", np.shape(vectors)[1])
+    id_arr = check_ids(ids, "ids", x.shape[0])
+    resolved = resolve_factory(factory, x.shape[0])
+    index = FaissVectorIndex.create(x.shape[1], factory=resolved)
+    if not index.is_trained:
+        index.train(x)
+    index.add(x, id_arr)
+    spec: dict[str, Any] = {"dim": int(x.shape[1]), "ntotal": int(x.shape[0]), "factory": resolved, "metric": "ip"}
+    key = f"recall@{recall_k}"
+    if resolved == "Flat" or x.shape[0] == 0:
+        spec[key] = 1.0
+        return index, spec
+    rng = np.random.default_rng(seed)
+    sample = x[rng.choice(x.shape[0], size=min(n_queries, x.shape[0]), replace=False)]
+    queries = np.concatenate([sample, -sample])
+    exact = exact_neighbours(x, id_arr, queries, recall_k)
+    inner = faiss.downcast_index(index.faiss_index.index)
+    if hasattr(inner, "hnsw"):
+        knob, values = "ef_search", [v for v in _EF_SEARCH if v >= recall_k] or [recall_k]
+    else:
+        try:
+            ivf = faiss.extract_index_ivf(inner)
+        except RuntimeError:
+            ivf = None
+        knob, values = ("nprobe", [v for v in _NPROBES if v <= ivf.nlist] + [ivf.nlist]) if ivf else (None, [0])
+    recall = 0.0
+    for value in dict.fromkeys(values):
+        if knob == "ef_search":
+            inner.hnsw.efSearch = int(value)
+        elif knob == "nprobe":
+            index.set_nprobe(int(value))
+        recall = measure_recall(index, queries, exact, recall_k)
+        if recall >= recall_target:
+            break
+    if knob is not None:
+        spec[knob] = int(value)
+    spec[key] = recall
+    spec["recall_queries"] = int(queries.shape[0])
+    return index, spec
