@@ -393,12 +393,7 @@ class Builder:
             model_logits = np.asarray(inf.apply_head(self.head.spec, params, ht))
             fidelity = float(inf.compute_fidelity(rep_logits, model_logits))
         spaces = dict(load_manifest(self.paths.root).spaces)
-        spaces["representer"] = {
-            "dim": int(emb.shape[1]),
-            "ntotal": len(emb),
-            "factory": self.config.factory,
-            "metric": "ip",
-        }
+        spaces["representer"] = representer_space
         self.update_manifest(
             spaces=spaces,
             extra={"representer": {"lambda": lam, "fidelity": fidelity, "grad_norm": float(grad_norm)}},
