@@ -12,6 +12,8 @@ Signals (higher = more suspicious), each selectable as `method`:
 - ``representer``: alpha_{i, y_i} = (1 - p_{i, y_i}) / (2 lambda n) of the representer fit (Yeh et al. 2018).
 - ``confident-learning``: max_{c != y} p_oos[c] - p_oos[y] with p_oos from K-fold refits of the head's last
   linear layer on the cached penultimate features (L2 softmax regression, warm-started from the model).
+- ``tracin``: TracIn self-influence sum_c eta_c ||g_i(theta_c)||^2 over the Task's training checkpoints
+  (Pruthi et al. 2020), computed at build time; only for runs whose Task supplied ``checkpoints``.
 - ``grad-cos``: the gradient-cosine self score, 1 for every example (a negative control).
 - ``fused`` (default): mean rank percentile of self-influence, loss and confident-learning.
 
@@ -38,7 +40,7 @@ from .records import Suspect
 if TYPE_CHECKING:
     from .index import Index
 
-SIGNALS = ("self-influence", "loss", "margin", "representer", "confident-learning", "grad-cos")
+SIGNALS = ("self-influence", "loss", "margin", "representer", "confident-learning", "tracin", "grad-cos")
 NOISE_METHODS = (*SIGNALS, "fused")
 FUSED_SIGNALS = ("self-influence", "loss", "confident-learning")
 DEFAULT_SIGNALS = ("loss", "margin", "representer", "confident-learning")
@@ -205,11 +207,18 @@ def compute_noise_signals(
     curvature_rows: int = 20_000,
     progress: bool = True,
 ) -> NoiseSignals:
-    """Computes the named signals (default: all of SIGNALS) plus out-of-sample probabilities and suggestions."""
-    names = SIGNALS if signals is None else tuple(signals)
+    """Computes the named signals (default: all of SIGNALS the run has) plus out-of-sample probabilities and
+    suggestions. ``tracin`` exists only for runs built from a Task with checkpoints."""
+    has_tracin = index.paths.array("tracin_self_influence").exists()
+    names = tuple(s for s in SIGNALS if s != "tracin" or has_tracin) if signals is None else tuple(signals)
     for s in names:
         if s not in SIGNALS:
             raise ValueError(f"signals must be a subset of {SIGNALS}, got {s!r}")
+    if "tracin" in names and not has_tracin:
+        raise ValueError(
+            "signal 'tracin' needs a run built from a Task with checkpoints=[(state_dict, learning_rate), ...]; "
+            f"run {index.paths.root} has none"
+        )
     n = len(index.train_ids)
     folds = _check_int(folds, "folds", 2, n)
     rank = _check_int(rank, "rank", 1)
@@ -233,6 +242,9 @@ def compute_noise_signals(
         out["self-influence"], info["self-influence"] = compute_self_influence(
             index, rank=rank, curvature_rows=curvature_rows, seed=seed, progress=progress
         )
+    if "tracin" in names:
+        out["tracin"] = np.asarray(load_array(index.paths.array("tracin_self_influence")), np.float64)
+        info["tracin"] = index.manifest.extra.get("tracin", {})
     if "grad-cos" in names:
         # cos(g_i, g_i) = 1 whenever g_i != 0: by construction it carries no information (negative control)
         out["grad-cos"] = np.ones(n)

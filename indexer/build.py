@@ -42,7 +42,7 @@ from .errors import TaskError
 from .task import Task
 from .translate import TranslatedHead, check_head_logits
 
-STAGES = ("features", "metadata", "grad", "representer", "curvature")
+STAGES = ("features", "metadata", "grad", "representer", "curvature", "tracin")
 SPLITS = ("train", "test")
 
 
@@ -432,6 +432,42 @@ class Builder:
             extra["min_eigenvalue"] = float(solver.min_eigenvalue)
             extra["top_eigenvalue_exact"] = float(solver.top_eigenvalue)
         self.update_manifest(extra=extra)
+
+    def stage_tracin(self, manifest: Manifest) -> None:
+        """TracIn self-influence sum_c eta_c ||g_i(theta_c)||^2 over the Task's checkpoints (none: nothing to do).
+
+        Each checkpoint is loaded into the model in turn (restored afterwards, also on error); the body runs
+        again when it has parameters, since the cut features move with the checkpoint.
+        """
+        if not self.task.checkpoints:
+            return
+        from .task import load_checkpoint
+
+        model = self.task.model
+        original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        body_has_params = any(True for _ in self.task.body_module.parameters())
+        n = len(self.task.train)
+        total = np.zeros(n, np.float64)
+        try:
+            for state, lr in tqdm(self.task.checkpoints, desc="tracin", unit="ckpt", disable=not self.progress):
+                model.load_state_dict(load_checkpoint(state))
+                head = self.task.translated_head()
+                theta, unravel = inf.flatten_params(head.params)
+                h_cached, y = self.load_split("train")
+                step = self.task.batch_size if body_has_params else 1024
+                for start in range(0, n, step):
+                    sl = slice(start, min(start + step, n))
+                    if body_has_params:
+                        x, _, _ = next(iterate(self.task.train, range(sl.start, sl.stop), step))
+                        h = self.task.features(x)
+                    else:
+                        h = np.asarray(h_cached[sl])
+                    g = inf.compute_per_example_grads(head.spec, unravel, theta, h, y[sl])
+                    inf.accumulate_tracin_self_influence(total[sl], np.asarray(g), lr)
+        finally:
+            model.load_state_dict(original)
+        save_array(self.paths.array("tracin_self_influence"), total)
+        self.update_manifest(extra={"tracin": {"checkpoints": len(self.task.checkpoints)}})
 
 
 def build_run(task: Task, out: str | Path, *, config: IndexConfig | None = None, progress: bool = True) -> Manifest:

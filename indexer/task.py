@@ -10,6 +10,7 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,46 @@ def default_preview(x: Any) -> str:
     return repr(x)[:200]
 
 
+def load_checkpoint(state: Any) -> dict[str, torch.Tensor]:
+    """A checkpoint's state_dict: a mapping as is, or a file read without pickle (safetensors or weights_only)."""
+    if isinstance(state, dict):
+        return state
+    path = Path(state)
+    if not path.is_file():
+        raise TaskError(f"checkpoints: state must be a state_dict or an existing file, got {str(state)!r}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(loaded, dict):
+        raise TaskError(f"checkpoints: {str(path)!r} holds a {type(loaded).__name__}, not a state_dict")
+    return loaded
+
+
+def check_checkpoints(checkpoints: Any, model: nn.Module) -> tuple[tuple[Any, float], ...]:
+    """Validates `[(state, learning_rate), ...]`: positive finite rates, state_dicts matching the model's keys."""
+    if isinstance(checkpoints, str | bytes) or not isinstance(checkpoints, Sequence) or len(checkpoints) == 0:
+        raise TaskError(f"checkpoints must be a non-empty list of (state_dict, learning_rate), got {checkpoints!r}")
+    keys = set(model.state_dict())
+    out = []
+    for i, item in enumerate(checkpoints):
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise TaskError(f"checkpoints[{i}] must be a (state_dict, learning_rate) pair, got {item!r}")
+        state, lr = item
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+            raise TaskError(f"checkpoints[{i}]: learning_rate must be a finite number > 0, got {lr!r}")
+        if isinstance(state, dict) and set(state) != keys:
+            missing, extra = sorted(keys - set(state))[:3], sorted(set(state) - keys)[:3]
+            raise TaskError(
+                f"checkpoints[{i}]: state_dict keys differ from the model's (missing {missing}, extra {extra})"
+            )
+        if not isinstance(state, dict) and not Path(state).is_file():
+            raise TaskError(f"checkpoints[{i}]: state must be a state_dict or an existing file, got {state!r}")
+        out.append((state, float(lr)))
+    return tuple(out)
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
 class Task:
     """What to index: a trained classifier and its train/test datasets of `(x, y)` pairs.
@@ -47,6 +88,9 @@ class Task:
         preview: x -> short string stored as the example's preview.
         train_ids, test_ids: the Task's own example ids (default: positions in the datasets).
         name: a label for the manifest.
+        checkpoints: optional training checkpoints for TracIn, a list of `(state, learning_rate)` with `state`
+            a state_dict of `model` (or a path to one saved with torch.save / safetensors) and `learning_rate`
+            the step size in effect around it (Pruthi et al. 2020). Used by the label-noise job's "tracin".
     """
 
     model: nn.Module
@@ -61,6 +105,7 @@ class Task:
     train_ids: Sequence[int] | None = None
     test_ids: Sequence[int] | None = None
     name: str = "task"
+    checkpoints: Sequence[tuple[Any, float]] | None = None
     _split: tuple[nn.Module, list[nn.Module]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -95,6 +140,8 @@ class Task:
         else:
             split = split_sequential(self.model, self.head_layers)
         object.__setattr__(self, "_split", split)
+        if self.checkpoints is not None:
+            object.__setattr__(self, "checkpoints", check_checkpoints(self.checkpoints, self.model))
         self.model.eval()
 
     @classmethod
@@ -176,4 +223,5 @@ class Task:
             "n_test": 0 if self.test is None else len(self.test),
             "head_layers": len(self.head_modules),
             "body": type(self.body_module).__name__,
+            **({"checkpoint_learning_rates": [lr for _, lr in self.checkpoints]} if self.checkpoints else {}),
         }

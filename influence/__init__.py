@@ -42,7 +42,12 @@ from influence.representer import (  # noqa: E402
     compute_representer_queries,
     fit_representer,
 )
-from influence.similarity import compute_scores, compute_self_influence, normalize_rows  # noqa: E402
+from influence.similarity import (  # noqa: E402
+    accumulate_tracin_self_influence,
+    compute_scores,
+    compute_self_influence,
+    normalize_rows,
+)
 from influence.solvers import (  # noqa: E402
     EigenSolver,
     LissaConfig,
@@ -63,6 +68,7 @@ __all__ = [
     "LissaDivergenceError",
     "MatVec",
     "SolveResult",
+    "accumulate_tracin_self_influence",
     "apply_head",
     "augment_features",
     "compute_dense_curvature",

@@ -59,3 +59,24 @@ def compute_self_influence(train_grads: np.ndarray, solved: np.ndarray) -> np.nd
             f"train_grads and solved must both have shape [n, p], got {train_grads.shape} and {solved.shape}"
         )
     return np.einsum("ij,ij->i", train_grads, solved)
+
+
+def accumulate_tracin_self_influence(total: np.ndarray, grads: np.ndarray, learning_rate: float) -> np.ndarray:
+    """TracIn self-influence, one checkpoint at a time: total_i += eta_c ||g_i(theta_c)||^2.
+
+    TracInCP(i, i) = sum_c eta_c <g_i(theta_c), g_i(theta_c)> (Pruthi et al. 2020, eq. 3, with the query equal to
+    the training example): large for examples whose loss the optimiser kept pushing on, e.g. mislabeled ones.
+
+    Args:
+        total: running sums [n] (float64), updated in place and returned.
+        grads: per-example gradients at checkpoint c, [n, p].
+        learning_rate: eta_c > 0, the learning rate in effect around checkpoint c.
+    """
+    grads = np.asarray(grads)
+    if grads.ndim != 2 or total.shape != (grads.shape[0],):
+        raise ValueError(f"grads must have shape [{total.shape[0]}, p], got shape {grads.shape}")
+    if not np.isfinite(learning_rate) or learning_rate <= 0:
+        raise ValueError(f"learning_rate must be a finite float > 0, got {learning_rate!r}")
+    g = grads.astype(np.float64, copy=False)
+    total += learning_rate * np.einsum("ij,ij->i", g, g)
+    return total
