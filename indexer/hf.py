@@ -101,15 +101,17 @@ class TextBody(nn.Module):
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         texts = check_texts(texts, "texts")
         out: torch.Tensor | None = None
-        for pos, batch in self.tokenize(texts):
+        device = next(self.encoder.parameters()).device  # the encoder may sit on a GPU
+        for pos, cpu_batch in self.tokenize(texts):
+            batch = {k: v.to(device) for k, v in cpu_batch.items()}
             hidden = self.encoder(**batch).last_hidden_state
             pooled = pool_hidden(hidden, batch["attention_mask"], self.pooling)
             if out is None:
                 out = pooled.new_empty((len(texts), pooled.shape[1]))
-            out[torch.as_tensor(pos)] = pooled
+            out[torch.as_tensor(pos, device=device)] = pooled
         if out is None:
             raise TaskError("texts is empty")
-        return out
+        return out.cpu()
 
 
 def check_texts(texts: Any, name: str) -> list[str]:
