@@ -4,9 +4,10 @@ Signals (higher = more suspicious), each selectable as `method`:
 
 - ``self-influence``: g_i^T (C + l2 I + d I)^-1 g_i at the example's own label (d = the index's damping).
   Exact from the stored dense eigendecomposition when the head has it (heads up to ``exact_max_params``,
-  e.g. the digits MLP); otherwise from the top-``rank`` eigenpairs of C + l2 I (Lanczos on the JAX
-  curvature matvec over up to ``curvature_rows`` training rows, computed once), with the remaining
-  directions at curvature l2 + d (see ``influence.noise``). One Lanczos run replaces n LiSSA runs; the
+  e.g. the digits MLP); otherwise from the top-``rank`` eigenpairs of C + l2 I, with the remaining
+  directions at curvature l2 + d (see ``influence.noise``): the build's eigenpairs (computed over all rows
+  to deflate LiSSA) when it stored at least ``rank``, else a block eigensolve on the JAX curvature matvec
+  over up to ``curvature_rows`` training rows, computed once. One Lanczos run replaces n LiSSA runs; the
   per-example work is then one gradient and one [p, k] product, chunked.
 - ``loss``: the model's training cross-entropy; ``margin``: minus the logit margin z_y - max_{c != y} z_c.
 - ``representer``: alpha_{i, y_i} = (1 - p_{i, y_i}) / (2 lambda n) of the representer fit (Yeh et al. 2018).
@@ -128,9 +129,14 @@ def compute_self_influence(
     """Self-influence g_i^T (C + l2 I + d I)^-1 g_i of every training row, [n], and how it was computed."""
     p = int(index.theta.shape[0])
     exact = index.paths.array("curvature_eigenvalues").exists()
+    stored = None if exact else index.deflation
     n = len(index.train_ids)
     config: dict[str, Any] = {"solver": "exact" if exact else "low-rank", "damping": index.damping}
-    if not exact:
+    if stored is not None and len(stored[0]) >= min(rank, p - 1):
+        # the build's top eigenpairs of the curvature over all rows (used to deflate LiSSA): no new eigensolve
+        config.update(rank=min(rank, p - 1), eigenpairs="build")
+    elif not exact:
+        stored = None
         config.update(rank=min(rank, p - 1), curvature_rows=min(curvature_rows, n), seed=seed)
     cached = _cached(index, "noise_self_influence", config)
     if cached is not None:
@@ -139,6 +145,12 @@ def compute_self_influence(
         solver = index.eigen_solver
         lam, Q = solver.eigenvalues, solver.eigenvectors
         complement = None
+    elif stored is not None:
+        lam, Q = stored[0][: config["rank"]], stored[1][:, : config["rank"]]
+        complement = index.l2 + index.damping
+        if complement <= 0:
+            complement = float(lam[-1]) + index.damping
+        config["complement"] = complement
     else:
         rows = np.sort(np.random.default_rng(seed).choice(n, size=config["curvature_rows"], replace=False))
         h = np.asarray(index.train_features[rows])
@@ -168,11 +180,11 @@ def compute_self_influence(
 
 
 def compute_oos_probs(
-    index: Index, *, folds: int = 5, seed: int = 0, max_iter: int = 300, progress: bool = True
+    index: Index, *, folds: int = 5, seed: int = 0, max_iter: int = 20, progress: bool = True
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """K-fold out-of-sample probabilities [n, C] from refits of the last linear layer on cached features."""
     lam = float(index.manifest.extra.get("representer", {}).get("lambda") or (index.l2 / 2 if index.l2 else 1e-3))
-    config = {"folds": folds, "seed": seed, "lambda": lam, "max_iter": max_iter}
+    config = {"folds": folds, "seed": seed, "lambda": lam, "max_iter": max_iter, "solver": "trust-krylov"}
     cached = _cached(index, "noise_oos_probs", config)
     if cached is not None:
         return cached, {**config, "cached": True}

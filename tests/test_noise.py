@@ -125,3 +125,27 @@ def test_fusion_and_ranking_helpers():
     assert cl.argmax() == 2
     assert nz.suggest_labels(probs, labels, probs.argmax(1)).tolist() == [0, 1, 1]
     assert nz.detection_auc(np.array([0.1, 0.9, 0.2]), np.array([False, True, False])) == 1.0
+
+
+def test_low_rank_self_influence_uses_the_build_eigenpairs(tmp_path, digits_logreg_task, digits_logreg_run):
+    """Heads without a dense eigendecomposition: top-k eigenpairs stored by the build + l2 on the complement,
+    checked against the same truncation of the dense float64 eigendecomposition of another build."""
+    from api import build_index, open_index
+    from api.noise import compute_self_influence
+    from indexer import IndexConfig
+    from store import load_array
+
+    index = build_index(digits_logreg_task, tmp_path / "lowrank", config=IndexConfig(exact_max_params=0), progress=False)
+    assert not index.paths.array("curvature_eigenvalues").exists()
+    got, info = compute_self_influence(index, rank=32, progress=False)
+    assert info["eigenpairs"] == "build" and info["rank"] == 32
+    with open_index(digits_logreg_run) as dense:
+        lam = np.asarray(load_array(dense.paths.array("curvature_eigenvalues")))
+        Q = np.asarray(load_array(dense.paths.array("curvature_eigenvectors")))
+        top = np.argsort(-lam)[:32]
+        g = dense.query_gradients(np.asarray(dense.train_features), dense.train_labels).astype(np.float64)
+        want = nz.compute_self_influence_eigen(
+            g, lam[top], Q[:, top], damping=index.damping, complement=index.l2 + index.damping
+        )
+    np.testing.assert_allclose(got, want, rtol=2e-3)
+    index.close()
