@@ -60,7 +60,15 @@ MAX_BODY_BYTES = 1 << 20  # default body limit; over it -> 413 before the body i
 class ExplainRequest(BaseModel):
     """One explain call: stored test ids, or raw inputs when the server was started with the task."""
 
-    model_config = {"extra": "forbid"}
+    model_config = {
+        "extra": "forbid",
+        "json_schema_extra": {  # exactly one of the two query kinds
+            "oneOf": [
+                {"required": ["test_ids"], "properties": {"test_ids": {"type": "array"}}},
+                {"required": ["inputs"], "properties": {"inputs": {"type": "array"}}},
+            ]
+        },
+    }
 
     test_ids: list[ExampleId] | None = Field(
         None, min_length=1, max_length=MAX_BATCH, description="stored test example ids"
@@ -240,7 +248,9 @@ class BodyLimit:
             try:
                 n = int(length)
             except ValueError:
-                await error_response(400, f"bad Content-Length {length!r}", name="BadRequest")(scope, receive, send)
+                await error_response(422, f"bad Content-Length {length!r}", name="ValidationError")(
+                    scope, receive, send
+                )
                 return
             if n > self.max_bytes:
                 await too_big(scope, receive, send)
@@ -301,12 +311,29 @@ def create_app(
         jobs.stop()
         index.close()
 
+    def query_names(dependant: Any) -> set[str]:
+        return {p.alias for p in dependant.query_params}.union(*(query_names(d) for d in dependant.dependencies))
+
+    def strict_query(request: Request) -> None:
+        """Unknown query parameters are a mistake (a typo'd `limt=`): 422, not silently ignored."""
+        route = request.scope.get("route")
+        allowed = query_names(route.dependant) if route is not None and hasattr(route, "dependant") else set()
+        unknown = sorted(set(request.query_params) - allowed)
+        if unknown:
+            raise RequestValidationError(
+                [
+                    {"loc": ("query", name), "msg": "unknown query parameter", "type": "extra_forbidden"}
+                    for name in unknown
+                ]
+            )
+
     app = FastAPI(
         title="influence-service",
         version="0.1.0",
         description=__doc__,
         lifespan=lifespan,
-        responses=errors(401, 413),
+        responses=errors(401, 413, 422),
+        dependencies=[Depends(strict_query)],
     )
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.state.index, app.state.jobs = index, jobs
@@ -332,6 +359,8 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        if err.status_code == 400:  # a body FastAPI cannot parse (e.g. not UTF-8) is bad input like any other
+            return error_response(422, str(err.detail), name="ValidationError")
         names = {401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed"}
         return error_response(err.status_code, str(err.detail), name=names.get(err.status_code, "HTTPError"))
 
