@@ -180,11 +180,11 @@ def compute_self_influence(
 
 
 def compute_oos_probs(
-    index: Index, *, folds: int = 5, seed: int = 0, max_iter: int = 20, progress: bool = True
+    index: Index, *, folds: int = 5, seed: int = 0, max_iter: int = 300, progress: bool = True
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """K-fold out-of-sample probabilities [n, C] from refits of the last linear layer on cached features."""
     lam = float(index.manifest.extra.get("representer", {}).get("lambda") or (index.l2 / 2 if index.l2 else 1e-3))
-    config = {"folds": folds, "seed": seed, "lambda": lam, "max_iter": max_iter, "solver": "trust-krylov"}
+    config = {"folds": folds, "seed": seed, "lambda": lam, "max_iter": max_iter}
     cached = _cached(index, "noise_oos_probs", config)
     if cached is not None:
         return cached, {**config, "cached": True}

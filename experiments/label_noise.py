@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import contextlib
 
 from api import build_index
-from api.noise import SIGNALS, compute_noise_signals, find_label_noise
+from api.noise import compute_noise_signals, find_label_noise
 from indexer import Task
 from indexer.demo import load_digits_split, make_mlp, train_classifier
 from influence import noise as nz
@@ -64,9 +64,18 @@ def flip(
 
 
 def train_minibatch(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, l2: float, epochs: int, seed: int
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    l2: float,
+    epochs: int,
+    seed: int,
+    checkpoints: list[tuple[dict[str, torch.Tensor], float]] | None = None,
 ) -> nn.Module:
-    """Adam on minibatches of 256 (mean CE + (l2/2)||theta||^2), for the larger Fashion-MNIST MLP."""
+    """Adam on minibatches of 256 (mean CE + (l2/2)||theta||^2), for the larger Fashion-MNIST MLP.
+
+    With `checkpoints` a list, a (state_dict, lr) snapshot is appended after every epoch (TracIn)."""
     torch.manual_seed(seed)
     params = list(model.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
@@ -79,6 +88,8 @@ def train_minibatch(
             loss = nn.functional.cross_entropy(model(x[b]), y[b]) + 0.5 * l2 * sum((p**2).sum() for p in params)
             loss.backward()
             opt.step()
+        if checkpoints is not None:
+            checkpoints.append(({k: v.detach().clone() for k, v in model.state_dict().items()}, 1e-3))
     return model.eval()
 
 
@@ -92,16 +103,18 @@ def dataset(name: str, fmnist_train: int) -> dict[str, Any]:
     return {"x": xtr, "y": ytr, "xt": xte, "yt": yte, "confusable": FASHION_CONFUSABLE, "l2": 1e-4}
 
 
-def train(name: str, x: np.ndarray, y: np.ndarray, l2: float, seed: int) -> nn.Module:
+def train(name: str, x: np.ndarray, y: np.ndarray, l2: float, seed: int, checkpoints: list | None = None) -> nn.Module:
+    """Trains the benchmark model; (state_dict, lr) snapshots along the way go to `checkpoints` if given."""
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     if name == "digits-mlp":
-        return train_classifier(make_mlp(hidden=32, seed=seed), xt, yt, l2=l2, seed=seed)
+        return train_classifier(make_mlp(hidden=32, seed=seed), xt, yt, l2=l2, seed=seed, checkpoints=checkpoints)
     if name == "fmnist-logreg":
         torch.manual_seed(seed)
-        return train_classifier(nn.Sequential(nn.Linear(784, 10)), xt, yt, l2=l2, epochs=50, lr=1e-2, seed=seed)
+        model = nn.Sequential(nn.Linear(784, 10))
+        return train_classifier(model, xt, yt, l2=l2, epochs=50, lr=1e-2, seed=seed, checkpoints=checkpoints)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
-    return train_minibatch(model, xt, yt, l2=l2, epochs=15, seed=seed)
+    return train_minibatch(model, xt, yt, l2=l2, epochs=15, seed=seed, checkpoints=checkpoints)
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
@@ -159,12 +172,14 @@ def run_one(name: str, data: dict[str, Any], noise: str, seed: int, workdir: Pat
     is_flip = np.zeros(len(y_true), bool)
     is_flip[flipped] = True
     t0 = time.perf_counter()
-    model = train(name, x, y_noisy, l2, seed)
+    checkpoints: list = []
+    model = train(name, x, y_noisy, l2, seed, checkpoints)
     t_train = time.perf_counter() - t0
     task = Task(
         model=model,
         train=TensorDataset(torch.from_numpy(x), torch.from_numpy(y_noisy)),
         test=None,
+        checkpoints=checkpoints,
         l2=l2,
         name=f"{name}-{noise}-{seed}",
         batch_size=1024,
@@ -180,7 +195,7 @@ def run_one(name: str, data: dict[str, Any], noise: str, seed: int, workdir: Pat
     job_peak = peak_rss_mb()
 
     res = compute_noise_signals(index, progress=False)  # reuses the job's cached self-influence and p_oos
-    scores = {m: res.score(m) for m in (*SIGNALS, "fused")}
+    scores = {m: res.score(m) for m in (*res.signals, "fused")}
     orders = {m: nz.rank_order(s, res.ids) for m, s in scores.items()}
     rng = np.random.default_rng(seed)
     orders["random"] = rng.permutation(len(y_true))
@@ -259,8 +274,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
             "cleanlab",
             "representer",
             "random",
+            "tracin",
             "grad-cos",
         ):
+            if m not in summ:
+                continue
             ys = [0.0] + [summ[m][f"found@{round(c * 100)}"]["mean"] for c in CHECKED]
             ax.plot(
                 xs, ys, marker="o", lw=2.2 if m == "fused" else 1.2, label=f"{m} (AUC {summ[m]['auc']['mean']:.3f})"

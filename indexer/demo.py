@@ -55,8 +55,13 @@ def train_classifier(
     epochs: int = 300,
     lr: float = 1e-2,
     seed: int = 0,
+    checkpoints: list[tuple[dict[str, torch.Tensor], float]] | None = None,
 ) -> nn.Module:
-    """Full-batch Adam on mean cross-entropy + (l2/2)||theta||^2 (weights and biases), then L-BFGS polish."""
+    """Full-batch Adam on mean cross-entropy + (l2/2)||theta||^2 (weights and biases), then L-BFGS polish.
+
+    If `checkpoints` is a list, (state_dict, lr) snapshots are appended to it 10 times along the Adam phase
+    (TracIn, `Task(checkpoints=...)`).
+    """
     torch.manual_seed(seed)
     params = list(model.parameters())
     # These models are tiny: one thread is fastest, and torch's thread pool next to JAX's on a busy 2-core
@@ -64,13 +69,21 @@ def train_classifier(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _fit(model, params, x, y, l2=l2, epochs=epochs, lr=lr)
+        return _fit(model, params, x, y, l2=l2, epochs=epochs, lr=lr, checkpoints=checkpoints)
     finally:
         torch.set_num_threads(threads)
 
 
 def _fit(
-    model: nn.Module, params: list, x: torch.Tensor, y: torch.Tensor, *, l2: float, epochs: int, lr: float
+    model: nn.Module,
+    params: list,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    l2: float,
+    epochs: int,
+    lr: float,
+    checkpoints: list[tuple[dict[str, torch.Tensor], float]] | None = None,
 ) -> nn.Module:
 
     def objective() -> torch.Tensor:
@@ -78,10 +91,13 @@ def _fit(
         return loss + 0.5 * l2 * sum((p**2).sum() for p in params)
 
     opt = torch.optim.Adam(params, lr=lr)
-    for _ in range(epochs):
+    every = max(1, epochs // 10)
+    for epoch in range(epochs):
         opt.zero_grad()
         objective().backward()
         opt.step()
+        if checkpoints is not None and (epoch + 1) % every == 0:
+            checkpoints.append(({k: v.detach().clone() for k, v in model.state_dict().items()}, lr))
     lbfgs = torch.optim.LBFGS(params, lr=1, max_iter=200, tolerance_grad=1e-7, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
