@@ -118,6 +118,7 @@ function render(exp, preview) {
 
 async function explain(query) {
   $("error").hidden = true;
+  document.body.dataset.state = "loading";
   const k = Math.max(1, Math.min(50, parseInt($("k").value, 10) || 8));
   try {
     const [exp] = await call("/explain", { ...query, k, method: $("method").value });
@@ -136,8 +137,8 @@ async function explain(query) {
 }
 
 async function init() {
-  $("api-key").value = localStorage.getItem("influence-api-key") || "";
-  $("api-key").addEventListener("change", () => { localStorage.setItem("influence-api-key", $("api-key").value); init(); });
+  $("error").hidden = true;
+  document.body.dataset.state = "loading";
   try {
     const h = await (await fetch("/health")).json();
     state.health = h;
@@ -153,6 +154,8 @@ async function init() {
   }
 }
 
+$("api-key").value = localStorage.getItem("influence-api-key") || "";
+$("api-key").addEventListener("change", () => { localStorage.setItem("influence-api-key", $("api-key").value); init(); });
 $("explain").addEventListener("click", () => explain({ test_ids: [parseInt($("test-id").value, 10)] }));
 $("explain-text").addEventListener("click", () => explain({ inputs: [$("text-input").value] }));
 $("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE); loadPicker().catch(showError); });
