@@ -14,7 +14,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-install: $(STAMP)
+# The web page test drives Debian's chromium (Playwright's own browser download fails on these machines).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq chromium) \
+	  || echo "warning: could not install chromium; tests/test_web.py will skip and say why"
+
+install: $(STAMP) $(CHROMIUM)
 
 demo: $(STAMP)
 	$(BIN)/influence demo
@@ -30,7 +36,7 @@ format: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) lint
+test: $(STAMP) $(CHROMIUM) lint
 	$(BIN)/pytest -q -x --durations=10
 
 bench: $(STAMP)
