@@ -140,25 +140,52 @@ class TrainSide:
 
 
 def _select(scores: np.ndarray, rows: np.ndarray, k: int, *, largest: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of `scores` [b, c], the k best (scores, rows), best first; ties go to the smaller row."""
-    kk = min(k, scores.shape[1])
+    """Per row of `scores` [b, c], the min(k, c) best (scores, rows), best first; ties go to the smaller row.
+
+    `rows` holds the train rows of the columns, `[c]` (shared) or `[b, c]`. Exact with ties: the k-th best key
+    is found by a partial sort, then every entry at least as good is ordered by (key, row).
+    """
+    b, c = scores.shape
+    kk = min(k, c)
     key = -scores if largest else scores
-    if kk < scores.shape[1]:
-        part = np.argpartition(key, kk - 1, axis=1)[:, :kk]
-    else:
-        part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
-    s = np.take_along_axis(scores, part, axis=1)
-    r = rows[part] if rows.ndim == 1 else np.take_along_axis(rows, part, axis=1)
-    order = np.lexsort((r, -s if largest else s), axis=1)
-    return np.take_along_axis(s, order, axis=1), np.take_along_axis(r, order, axis=1)
+    kth = np.partition(key, kk - 1, axis=1)[:, kk - 1 : kk] if kk < c else key.max(1, keepdims=True)
+    qi, ci = np.nonzero(key <= kth)
+    r_all = rows[ci] if rows.ndim == 1 else rows[qi, ci]
+    k_all = key[qi, ci]
+    order = np.lexsort((r_all, k_all, qi))
+    q_sorted = qi[order]
+    rank = np.arange(order.size) - np.searchsorted(q_sorted, np.arange(b))[q_sorted]
+    keep = order[rank < kk]
+    return scores[qi[keep], ci[keep]].reshape(b, kk), r_all[keep].reshape(b, kk)
 
 
-def _merge(best: tuple[np.ndarray, np.ndarray] | None, new: tuple[np.ndarray, np.ndarray], k: int, largest: bool):
-    if best is None:
-        return new
-    s = np.concatenate([best[0], new[0]], axis=1)
-    r = np.concatenate([best[1], new[1]], axis=1)
-    return _select(s, r, k, largest=largest)
+def _update(
+    best: tuple[np.ndarray, np.ndarray] | None, scores: np.ndarray, start: int, k: int, *, largest: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merges the scores [b, c] of train rows `start..start+c` into the running top-k (scores, rows) per query.
+
+    Once a query holds k results, only entries strictly better than its current k-th can enter (later rows have
+    larger indices, so ties keep the earlier row): one comparison pass instead of a partial sort of the tile.
+    """
+    rows = np.arange(start, start + scores.shape[1])
+    if best is None or best[0].shape[1] < k:
+        new = _select(scores, rows, k, largest=largest)
+        if best is None:
+            return new
+        return _select(np.concatenate([best[0], new[0]], 1), np.concatenate([best[1], new[1]], 1), k, largest=largest)
+    b = scores.shape[0]
+    kth = best[0][:, -1:]
+    qi, ci = np.nonzero(scores > kth if largest else scores < kth)
+    if qi.size == 0:
+        return best
+    q_all = np.concatenate([np.repeat(np.arange(b), k), qi])
+    s_all = np.concatenate([best[0].ravel(), scores[qi, ci]])
+    r_all = np.concatenate([best[1].ravel(), rows[ci]])
+    order = np.lexsort((r_all, -s_all if largest else s_all, q_all))
+    q_sorted = q_all[order]
+    rank = np.arange(order.size) - np.searchsorted(q_sorted, np.arange(b))[q_sorted]
+    keep = order[rank < k]
+    return s_all[keep].reshape(b, k), r_all[keep].reshape(b, k)
 
 
 def _fingerprint(index: Index, ids: np.ndarray, k: int, method: str, block_size: int, dense: bool) -> str:
@@ -319,9 +346,8 @@ def dump(
         for start in range(0, n_train, chunk_rows):
             sl = slice(start, min(start + chunk_rows, n_train))
             s = q @ side.chunk(sl).T  # [b, c]
-            rows = np.arange(sl.start, sl.stop)
-            pos = _merge(pos, _select(s, rows, k, largest=True), k, True)
-            neg = _merge(neg, _select(s, rows, k, largest=False), k, False)
+            pos = _update(pos, s, sl.start, k, largest=True)
+            neg = _update(neg, s, sl.start, k, largest=False)
             if aggregates:
                 plus = np.maximum(s, 0.0)
                 acc["sum_positive"][sl] += plus.sum(0, dtype=np.float64)

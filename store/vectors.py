@@ -358,6 +358,17 @@ class FaissVectorIndex:
         """Returns the stored ids, int64 ``[ntotal]``, in insertion order."""
         return faiss.vector_to_array(self._index.id_map).astype(np.int64, copy=False)
 
+    def flat_vectors(self) -> np.ndarray | None:
+        """The stored vectors ``[ntotal, d]`` of an exact ``Flat`` index as a zero-copy float32 view, else None.
+
+        Rows are aligned with :meth:`ids`. The view is valid while this object lives and is not modified.
+        """
+        inner = faiss.downcast_index(self._index.index)
+        if type(inner) is not faiss.IndexFlatIP or self.ntotal == 0:
+            return None
+        n, d = self.ntotal, self.dim
+        return faiss.rev_swig_ptr(inner.get_xb(), n * d).reshape(n, d)
+
     @property
     def read_only(self) -> bool:
         """Whether the index is memory-mapped read-only."""
@@ -442,9 +453,39 @@ def search_both_signs(index: VectorIndex, queries: np.ndarray, k: int) -> tuple[
         (lowest first). Opponent scores are the true inner products, not negated.
     """
     q = check_vectors(queries, "queries", index.dim)
+    if isinstance(index, FaissVectorIndex) and q.shape[0] <= ONE_PASS_MAX_QUERIES:
+        flat = index.flat_vectors()
+        if flat is not None:
+            return _both_signs_one_pass(flat, index.ids(), q, min(check_k(k), index.ntotal))
     top = index.search(q, k)
     bottom = index.search(-q, k)
     return top, [Hits(h.ids, -h.scores) for h in bottom]
+
+
+#: up to this many queries, exact flat indexes answer both signs from one pass over the vectors
+ONE_PASS_MAX_QUERIES = 16
+
+
+def _both_signs_one_pass(flat: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> tuple[list[Hits], list[Hits]]:
+    """Both signs of an exact search from one read of the stored vectors: ``S = X q^T`` then top/bottom-k.
+
+    A search is bound by reading the vectors from memory, and ``search(q)`` plus ``search(-q)`` would read
+    them twice; the highest and the lowest inner products come from the same scores. Ties go to the smaller id.
+    """
+    if k == 0:
+        empty = [Hits(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(q.shape[0])]
+        return empty, list(empty)
+    scores = flat @ q.T  # [n, m], one pass over the stored vectors (BLAS)
+    top, bottom = [], []
+    for j in range(q.shape[0]):
+        col = scores[:, j]
+        for sign, out in ((1.0, top), (-1.0, bottom)):
+            key = -sign * col
+            part = np.argpartition(key, k - 1)[:k] if k < len(col) else np.arange(len(col))
+            order = np.lexsort((ids[part], key[part]))
+            rows = part[order]
+            out.append(Hits(ids[rows], col[rows]))
+    return top, bottom
 
 
 def _first_line(e: BaseException) -> str:

@@ -226,3 +226,20 @@ def test_cli_dump_with_dense_and_aggregates(digits_logreg_run, tmp_path):
     assert np.load(paths["dense"], mmap_mode="r").shape == (n_test, n_train)
     assert pq.read_table(paths["aggregates"]).num_rows == n_train
     assert set(pq.read_table(out).to_pydict()["test_id"]) <= set(range(n_test))
+
+
+def test_streaming_topk_equals_a_full_sort_with_ties():
+    from api.dump import _update
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        b, n, k, c = rng.integers(1, 5), int(rng.integers(1, 60)), int(rng.integers(1, 12)), int(rng.integers(1, 20))
+        scores = rng.integers(-5, 6, size=(b, n)).astype(np.float32)  # many ties
+        for largest in (True, False):
+            best = None
+            for start in range(0, n, c):
+                best = _update(best, scores[:, start : start + c], start, k, largest=largest)
+            for j in range(b):
+                ref = np.lexsort((np.arange(n), -scores[j] if largest else scores[j]))[:k]  # ties: smaller row
+                assert best[1][j].tolist() == ref.tolist()
+                assert np.array_equal(best[0][j], scores[j][ref])

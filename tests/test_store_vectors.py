@@ -354,3 +354,22 @@ def test_remove_drops_ids_from_results():
     assert not hnsw.supports_remove
     with pytest.raises(ValueError, match="cannot remove"):
         hnsw.remove(np.array([3]))
+
+
+def test_one_pass_both_signs_equals_two_faiss_searches(tmp_path):
+    x = _clustered(3000, 16)
+    index = FaissVectorIndex.create(16)
+    index.add(x, np.arange(3000) * 7)
+    assert index.flat_vectors() is not None
+    queries = _clustered(20, 16, seed=5)
+    one_pass = search_both_signs(index, queries[:3], 8)  # <= ONE_PASS_MAX_QUERIES: one read of the vectors
+    top, bottom = index.search(queries[:3], 8), index.search(-queries[:3], 8)
+    for a, b in zip(one_pass[0], top, strict=True):
+        assert a.ids.tolist() == b.ids.tolist()
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
+    for a, b in zip(one_pass[1], bottom, strict=True):
+        assert a.ids.tolist() == b.ids.tolist()
+        np.testing.assert_allclose(a.scores, -b.scores, rtol=1e-5)
+    index.remove(one_pass[0][0].ids[:2])  # the view follows removals
+    again = search_both_signs(index, queries[:1], 8)[0][0]
+    assert again.ids.tolist()[:6] == one_pass[0][0].ids.tolist()[2:]

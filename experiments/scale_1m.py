@@ -1,0 +1,333 @@
+"""Scale benchmark: one run with 1,000,000 training examples whose gradient space has dimension 256.
+
+The task is a real (if synthetic) one: multinomial logistic regression, 31 inputs and 8 classes (8 x 32 = 256
+head parameters, so the "grad" space is 256-dimensional, unprojected), trained on clustered Gaussian data with
+a linear teacher and 5% label noise; 10,000 test examples. Everything goes through the product: `build_index`
+(features, SQLite metadata, gradients, FAISS, representer, curvature), `Index.explain`, `Index.dump`.
+
+Measured, each phase in its own process (so peak memory, VmHWM, is per phase), all in the same run:
+- build: time, disk per file, peak memory;
+- ceilings: memory bandwidth (numpy copy of 512 MB, read+write bytes) and float32 matmul rate;
+- search per FAISS index (exact Flat, IVF-Flat, IVF-SQfp16, IVF-PQ, HNSW): build time, file size, resident
+  memory after loading, p50/p99 latency of one query, k = 10, both signs (`store.search_both_signs`), recall@10
+  against exact on held-out test queries (their real gradients), and for exact search the memory-bandwidth
+  floor (one read of the 1 GB of vectors at the measured bandwidth);
+- explain: end-to-end `Index.explain(test_ids=[i], k=10, method="grad-dot")` latency (gradient, search,
+  SQLite join);
+- dump: `Index.dump` of 10,000 queries x 1M training examples, top-100 Parquet + aggregates: scores/s against
+  the matmul rate expressed in scores/s (2 x 256 flop per score), and peak memory.
+
+Run: `make scale` (SCALE_N=100000 for a quick pass). Results: experiments/results/scale_1m.{json,png}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "experiments" / "results"
+WORK = Path(os.environ.get("SCALE_WORKDIR", ROOT / "experiments" / "cache" / "scale"))
+N_TRAIN = int(os.environ.get("SCALE_N", 1_000_000))
+N_TEST = 10_000
+D_IN, N_CLASSES = 31, 8
+FACTORIES = ["Flat", "IVF1024,Flat", "IVF1024,SQfp16", "IVF1024,PQ32x4fs", "HNSW32"]
+#: phases not started by this wall-clock time (epoch seconds) are skipped and marked so
+DEADLINE = float(os.environ.get("SCALE_DEADLINE", "inf"))
+N_LAT = 200
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_dir() -> Path:
+    return WORK / f"run-{N_TRAIN}"
+
+
+def make_task():
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from indexer import Task
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(64, D_IN)) * 2.0
+    teacher = rng.normal(size=(D_IN, N_CLASSES))
+
+    def sample(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        r = np.random.default_rng(seed)
+        x = centres[r.integers(0, 64, n)] + r.normal(size=(n, D_IN))
+        y = (x @ teacher + r.gumbel(size=(n, N_CLASSES))).argmax(1)
+        flip = r.random(n) < 0.05
+        y[flip] = r.integers(0, N_CLASSES, flip.sum())
+        return x.astype(np.float32), y.astype(np.int64)
+
+    x, y = sample(N_TRAIN, 1)
+    xt, yt = sample(N_TEST, 2)
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    model = torch.nn.Sequential(torch.nn.Linear(D_IN, N_CLASSES))
+    sub = torch.from_numpy(x[:100_000]), torch.from_numpy(y[:100_000])
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(sub[0]), sub[1])
+        loss = loss + 0.5e-3 * sum((p**2).sum() for p in model.parameters())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return Task(
+        model=model,
+        train=TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
+        test=TensorDataset(torch.from_numpy(xt), torch.from_numpy(yt)),
+        l2=1e-3,
+        name=f"synthetic-logreg-{N_TRAIN}",
+        batch_size=8192,
+    )
+
+
+def config():
+    from indexer import IndexConfig
+
+    return IndexConfig(deflation_rank=8, exact_max_params=0, chunk_rows=65_536)
+
+
+# ------------------------------------------------------------------------------------------------- phases
+def phase_build() -> dict:
+    from api import build_index
+
+    task = make_task()
+    t0 = time.perf_counter()
+    build_index(task, run_dir(), config=config(), progress=False).close()
+    seconds = time.perf_counter() - t0
+    files = {str(p.relative_to(run_dir())): p.stat().st_size for p in sorted(run_dir().rglob("*")) if p.is_file()}
+    return {
+        "seconds": seconds,
+        "disk_bytes": sum(files.values()),
+        "largest_files": dict(sorted(files.items(), key=lambda kv: -kv[1])[:8]),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def phase_ceilings() -> dict:
+    src = np.random.default_rng(0).random(128 << 20, dtype=np.float32)  # 512 MB
+    dst = np.empty_like(src)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    bandwidth = 2 * src.nbytes / min(times)  # bytes read + written per second
+    a = np.random.default_rng(1).random((256, 256), dtype=np.float32)
+    b = np.random.default_rng(2).random((256, 65_536), dtype=np.float32)
+    a @ b
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    flops = 2 * 256 * 256 * 65_536 / float(np.median(times))
+    return {"copy_bandwidth_gb_s": bandwidth / 1e9, "matmul_gflop_s": flops / 1e9}
+
+
+def test_queries(n: int) -> np.ndarray:
+    from api import open_index
+
+    with open_index(run_dir()) as index:
+        rows = np.random.default_rng(3).choice(len(index.test_ids), size=n, replace=False)
+        h = np.asarray(index.test_features[rows])
+        return np.asarray(index.query_gradients(h, index.logits(h).argmax(1)), np.float32)
+
+
+def phase_search(factory: str) -> dict:
+    import faiss
+
+    from store import FaissVectorIndex, RunPaths, build_vector_index, compute_recall, load_array, search_both_signs
+    from store.vectors import exact_neighbours
+
+    faiss.omp_set_num_threads(1)  # one query at a time: OpenMP threads only spin on a shared 2-core machine
+    paths = RunPaths(run_dir())
+    queries = test_queries(N_LAT)
+    out: dict = {"factory": factory}
+    target = paths.vector("grad") if factory == "Flat" else WORK / f"grad-{N_TRAIN}-{factory.replace(',', '_')}.faiss"
+    grads = load_array(paths.array("grad_vectors"))
+    ids = np.arange(len(grads), dtype=np.int64)
+    if factory != "Flat":
+        t0 = time.perf_counter()
+        index, spec = build_vector_index(np.ascontiguousarray(grads), ids, factory=factory)
+        out["build_seconds"] = time.perf_counter() - t0
+        out["build_spec"] = spec
+        index.save(target)
+        del index
+    out["file_bytes"] = target.stat().st_size
+    before = rss_mb()
+    index = FaissVectorIndex.load(target)
+    out["rss_after_load_mb"] = rss_mb() - before
+    lat = []
+    for q in queries:
+        t0 = time.perf_counter()
+        search_both_signs(index, q[None], 10)
+        lat.append(time.perf_counter() - t0)
+    out["p50_ms"] = 1e3 * float(np.percentile(lat, 50))
+    out["p99_ms"] = 1e3 * float(np.percentile(lat, 99))
+    both = np.concatenate([queries, -queries])
+    exact = exact_neighbours(np.asarray(grads), ids, both, 10)
+    pos, neg = zip(*(search_both_signs(index, q[None], 10) for q in queries), strict=True)
+    approx = np.stack([h[0].ids for h in pos] + [h[0].ids for h in neg])
+    out["recall_at_10"] = compute_recall(exact, approx)
+    if factory == "Flat":  # the two-pass alternative, for the record
+        lat2 = []
+        for q in queries[:50]:
+            t0 = time.perf_counter()
+            index.search(q[None], 10)
+            index.search(-q[None], 10)
+            lat2.append(time.perf_counter() - t0)
+        out["two_faiss_searches_p50_ms"] = 1e3 * float(np.percentile(lat2, 50))
+        out["vector_bytes"] = int(grads.nbytes)
+    return out
+
+
+def phase_explain() -> dict:
+    from api import open_index
+
+    with open_index(run_dir()) as index:
+        rows = np.random.default_rng(4).choice(len(index.test_ids), size=N_LAT, replace=False)
+        index.explain(test_ids=[int(index.test_ids[0])], k=10, method="grad-dot")
+        lat = []
+        for r in rows:
+            t0 = time.perf_counter()
+            index.explain(test_ids=[int(index.test_ids[r])], k=10, method="grad-dot")
+            lat.append(time.perf_counter() - t0)
+    return {"p50_ms": 1e3 * float(np.percentile(lat, 50)), "p99_ms": 1e3 * float(np.percentile(lat, 99))}
+
+
+def phase_dump() -> dict:
+    from api import open_index
+
+    out_path = WORK / f"dump-{N_TRAIN}.parquet"
+    with open_index(run_dir()) as index:
+        n_q = len(index.test_ids)
+        t0 = time.perf_counter()
+        index.dump(out_path, k=100, method="grad-dot", progress=False)
+        seconds = time.perf_counter() - t0
+        n_train = len(index.train_ids)
+    size = out_path.stat().st_size
+    return {
+        "queries": n_q,
+        "train": n_train,
+        "k": 100,
+        "seconds": seconds,
+        "scores_per_s": n_q * n_train / seconds,
+        "parquet_bytes": size,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- driver
+def run_phase(name: str, *args: str) -> dict:
+    if time.time() > DEADLINE:
+        return {"skipped": "out of time for this run", "factory": args[0] if args else None}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, __file__, "--phase", name, *args], env=env, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{name} {' '.join(args)}: {time.perf_counter() - t0:.0f} s {json.dumps(result)[:300]}", flush=True)
+    return result
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["search"] if "p50_ms" in r and "recall_at_10" in r]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["factory"] for r in rows]
+    ax[0].bar(names, [r["p50_ms"] for r in rows], label="p50")
+    ax[0].scatter(names, [r["p99_ms"] for r in rows], color="k", zorder=3, label="p99")
+    ax[0].axhline(results["search_floor_ms"], color="r", ls="--", label="bandwidth floor (one read)")
+    ax[0].set_ylabel("ms per query, k=10, both signs")
+    ax[0].set_yscale("log")
+    ax[0].legend()
+    ax[0].tick_params(axis="x", rotation=20)
+    ax[0].set_title(f"search, {results['n_train']:,} x 256")
+    ax[1].bar(names, [r["recall_at_10"] for r in rows])
+    ax[1].axhline(0.95, color="r", ls="--")
+    ax[1].set_ylim(0, 1.02)
+    ax[1].set_ylabel("recall@10 vs exact (both signs)")
+    ax[1].tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--phase":
+        name, args = sys.argv[2], sys.argv[3:]
+        result = {
+            "build": phase_build,
+            "ceilings": phase_ceilings,
+            "search": phase_search,
+            "explain": phase_explain,
+            "dump": phase_dump,
+        }[name](*args)
+        print(json.dumps(result))
+        return
+    WORK.mkdir(parents=True, exist_ok=True)
+    results: dict = {"n_train": N_TRAIN, "n_test": N_TEST, "dim": 256, "cpus": os.cpu_count()}
+    suffix = "" if N_TRAIN == 1_000_000 else f"_{N_TRAIN}"
+    json_path = RESULTS / f"scale_1m{suffix}.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+
+    results["build"] = run_phase("build")
+    save()
+    results["ceilings"] = run_phase("ceilings")
+    results["search"] = [run_phase("search", "Flat")]
+    flat = results["search"][0]
+    bandwidth = results["ceilings"]["copy_bandwidth_gb_s"] * 1e9
+    results["search_floor_ms"] = 1e3 * flat.get("vector_bytes", N_TRAIN * 1024) / bandwidth
+    results["exact_p50_over_floor"] = flat.get("p50_ms", float("nan")) / results["search_floor_ms"]
+    results["explain"] = run_phase("explain")
+    results["dump"] = run_phase("dump")
+    matmul_scores = results["ceilings"]["matmul_gflop_s"] * 1e9 / (2 * 256)
+    results["dump_over_matmul"] = results["dump"].get("scores_per_s", float("nan")) / matmul_scores
+    save()
+    for factory in FACTORIES[1:]:
+        results["search"].append(run_phase("search", factory))
+        save()
+    results["ceilings"] = run_phase("ceilings") | {"before": results["ceilings"]}  # drift check
+    save()
+    plot(results, json_path.with_suffix(".png"))
+    print(json.dumps({k: results[k] for k in ("exact_p50_over_floor", "dump_over_matmul")}))
+
+
+if __name__ == "__main__":
+    main()
