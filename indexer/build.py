@@ -131,6 +131,55 @@ def example_hash(x: Any) -> str:
     )
 
 
+def write_curvature(
+    paths: RunPaths,
+    spec: list[dict[str, Any]],
+    n_params: int,
+    unravel: Any,
+    theta: Any,
+    h: np.ndarray,
+    y: np.ndarray,
+    *,
+    l2: float,
+    config: IndexConfig,
+) -> dict[str, Any]:
+    """Computes and saves the curvature arrays of the head over the training features; returns manifest extras.
+
+    Top eigenpairs for deflated LiSSA (the top Ritz value doubles as the top-eigenvalue estimate, no separate
+    power iteration), plus the dense eigendecomposition for heads up to `exact_max_params` parameters. Used by
+    the build and by incremental updates (`indexer.update`).
+    """
+    matvec = inf.make_head_matvec(
+        spec,
+        unravel,
+        theta,
+        np.asarray(h),
+        y,
+        l2=l2,
+        curvature=config.curvature,
+        batch_size=None if len(h) <= 16_384 else 4096,
+    )
+    p = n_params
+    extra: dict[str, Any] = {}
+    rank = min(config.deflation_rank, p - 1)
+    if rank > 0:
+        lam, vecs = inf.compute_top_eigenpairs(matvec, p, rank=rank, dtype=np.float64)
+        save_array(paths.array("curvature_top_eigenvalues"), np.asarray(lam, np.float64))
+        save_array(paths.array("curvature_top_eigenvectors"), np.asarray(vecs, np.float32))
+        extra |= {"top_eigenvalue": float(lam[0]), "deflation_rank": rank}
+    else:
+        extra["top_eigenvalue"] = float(inf.estimate_top_eigenvalue(matvec, p, dtype=np.asarray(h).dtype))
+    if p <= config.exact_max_params:
+        dense = inf.compute_dense_curvature(matvec, p, dtype=np.float64)
+        solver = inf.EigenSolver.from_dense(np.asarray(dense, np.float64))
+        eigenvalues, eigenvectors = solver.to_arrays()
+        save_array(paths.array("curvature_eigenvalues"), np.asarray(eigenvalues, np.float64))
+        save_array(paths.array("curvature_eigenvectors"), np.asarray(eigenvectors, np.float64))
+        extra["min_eigenvalue"] = float(solver.min_eigenvalue)
+        extra["top_eigenvalue_exact"] = float(solver.top_eigenvalue)
+    return extra
+
+
 class Builder:
     """Runs the build stages for one Task into one run directory."""
 
@@ -403,34 +452,9 @@ class Builder:
         """Top eigenpairs of the head curvature (deflated LiSSA, automatic scale); dense eigh for small heads."""
         _, theta, unravel = self.jax_head()
         h, y = self.load_split("train")
-        matvec = inf.make_head_matvec(
-            self.head.spec,
-            unravel,
-            theta,
-            np.asarray(h),
-            y,
-            l2=self.task.l2,
-            curvature=self.config.curvature,
-            batch_size=None if len(h) <= 16_384 else 4096,
+        extra = write_curvature(
+            self.paths, self.head.spec, self.head.n_params, unravel, theta, h, y, l2=self.task.l2, config=self.config
         )
-        p = self.head.n_params
-        extra: dict[str, Any] = {}
-        rank = min(self.config.deflation_rank, p - 1)
-        if rank > 0:  # the top Ritz value doubles as the top-eigenvalue estimate (no separate power iteration)
-            lam, vecs = inf.compute_top_eigenpairs(matvec, p, rank=rank, dtype=np.float64)
-            save_array(self.paths.array("curvature_top_eigenvalues"), np.asarray(lam, np.float64))
-            save_array(self.paths.array("curvature_top_eigenvectors"), np.asarray(vecs, np.float32))
-            extra |= {"top_eigenvalue": float(lam[0]), "deflation_rank": rank}
-        else:
-            extra["top_eigenvalue"] = float(inf.estimate_top_eigenvalue(matvec, p, dtype=np.asarray(h).dtype))
-        if p <= self.config.exact_max_params:
-            dense = inf.compute_dense_curvature(matvec, p, dtype=np.float64)
-            solver = inf.EigenSolver.from_dense(np.asarray(dense, np.float64))
-            eigenvalues, eigenvectors = solver.to_arrays()
-            save_array(self.paths.array("curvature_eigenvalues"), np.asarray(eigenvalues, np.float64))
-            save_array(self.paths.array("curvature_eigenvectors"), np.asarray(eigenvectors, np.float64))
-            extra["min_eigenvalue"] = float(solver.min_eigenvalue)
-            extra["top_eigenvalue_exact"] = float(solver.top_eigenvalue)
         self.update_manifest(extra=extra)
 
     def stage_tracin(self, manifest: Manifest) -> None:

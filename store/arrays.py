@@ -274,3 +274,26 @@ def load_tensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
 
 __all__ = ["ChunkedArray", "load_array", "load_tensors", "save_array", "save_tensors"]
+
+
+def replace_array(path: str | os.PathLike[str], arr: np.ndarray) -> None:
+    """Atomically replaces the ``.npy`` array at ``path`` with ``arr`` of a possibly different row count.
+
+    For incremental updates of a run: when ``path`` is a :class:`ChunkedArray` (it has a ``.meta.json``), its
+    metadata and done mask are rewritten to describe the new array as complete, so the files stay consistent.
+    """
+    p = Path(path)
+    save_array(p, arr)
+    meta_file = _meta_path(p)
+    if meta_file.is_file():
+        try:
+            stored = json.loads(meta_file.read_text(encoding="utf-8"))
+            chunk_rows = int(stored["chunk_rows"])
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise CorruptRunError(f"{meta_file}: not valid chunked-array metadata ({e})") from e
+        a = np.asarray(arr)
+        n_chunks = math.ceil(a.shape[0] / chunk_rows)
+        save_array(_done_path(p), np.ones(n_chunks, np.bool_))
+        atomic_write_json(
+            meta_file, {"shape": list(a.shape), "dtype": a.dtype.str, "chunk_rows": chunk_rows, "n_chunks": n_chunks}
+        )

@@ -85,6 +85,22 @@ class StoreInfoRow(Base):
     value: Mapped[str] = mapped_column(sa.Text)
 
 
+class TombstoneRow(Base):
+    """A deleted example: its id is retired (never reused) and it never appears in results again.
+
+    The table is created on the first deletion, so databases written before it existed stay readable.
+    """
+
+    __tablename__ = "tombstones"
+
+    split: Mapped[str] = mapped_column(sa.String(8), primary_key=True)
+    example_id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=False)
+    deleted_at: Mapped[str] = mapped_column(sa.String(32))
+
+
+TOMBSTONES = cast(sa.Table, TombstoneRow.__table__)
+
+
 def _as_int(value: Any, name: str) -> int:
     if isinstance(value, bool | np.bool_):
         raise ValueError(f"{name}: must be an int, got {value!r}")
@@ -320,6 +336,67 @@ class MetadataStore:
                 conn.exec_driver_sql(sql, batch)
                 n += len(batch)
         return n
+
+    def append(self, split: str, records: Iterable[ExampleRecord]) -> int:
+        """Inserts new rows into ``split`` in one transaction (incremental updates); returns how many.
+
+        Raises:
+            ValueError: A record of another split, a duplicate id, or an id already stored or tombstoned;
+                nothing is written.
+        """
+        check_split(split)
+        rows = list(records)
+        for record in rows:
+            if not isinstance(record, ExampleRecord):
+                raise ValueError(f"records: expected ExampleRecord, got {type(record).__name__}")
+            if record.split != split:
+                raise ValueError(f"records: record {record.example_id} has split {record.split!r}, expected {split!r}")
+        ids = [r.example_id for r in rows]
+        if len(set(ids)) != len(ids):
+            raise ValueError("records: duplicate example_id")
+        with self.session_scope() as session:
+            clash = sorted(self._existing(session, split, ids) | (set(self.tombstones(split)) & set(ids)))
+            if clash:
+                raise ValueError(f"records: example ids already used in split {split!r}: {clash[:10]}")
+            if rows:
+                session.connection().execute(sa.insert(EXAMPLES), [r.to_dict() for r in rows])
+        return len(rows)
+
+    def delete(self, split: str, ids: Sequence[int], *, deleted_at: str) -> int:
+        """Deletes rows of ``split`` and tombstones their ids, in one transaction; returns how many.
+
+        Raises:
+            UnknownExampleError: Some ids are not stored (the message lists them); nothing is changed.
+        """
+        check_split(split)
+        id_list = _as_id_list(ids)
+        if len(set(id_list)) != len(id_list):
+            raise ValueError("ids: must be unique")
+        with self.session_scope() as session:
+            found = self._existing(session, split, id_list)
+            missing = [i for i in id_list if i not in found]
+            if missing:
+                raise UnknownExampleError(split, missing)
+            conn = session.connection()
+            TOMBSTONES.create(conn, checkfirst=True)
+            for chunk in _chunks(id_list):
+                conn.execute(sa.delete(EXAMPLES).where(EXAMPLES.c.split == split, EXAMPLES.c.example_id.in_(chunk)))
+            if id_list:
+                conn.execute(
+                    sa.insert(TOMBSTONES),
+                    [{"split": split, "example_id": i, "deleted_at": deleted_at} for i in id_list],
+                )
+        return len(id_list)
+
+    def tombstones(self, split: str = "train") -> np.ndarray:
+        """Returns the deleted (tombstoned) example ids of ``split``, ascending, int64."""
+        check_split(split)
+        with self.session_scope() as session:
+            if not sa.inspect(session.connection()).has_table("tombstones"):
+                return np.zeros(0, np.int64)
+            stmt = sa.select(TOMBSTONES.c.example_id).where(TOMBSTONES.c.split == split)
+            values = sorted(session.scalars(stmt).all())
+        return np.asarray(values, dtype=np.int64).reshape(-1)
 
     def _fetch(self, session: Session, split: str, ids: Sequence[int]) -> dict[int, ExampleRecord]:
         table = EXAMPLES

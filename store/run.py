@@ -132,7 +132,8 @@ def verify_run(root: str | os.PathLike[str]) -> list[str]:
     """Checks that a run directory's files agree with each other.
 
     Checks: the manifest loads; every vector space it lists has a readable ``.faiss`` file with the
-    listed ``dim`` and ``ntotal``; each space's ids equal the SQLite training ids.
+    listed ``dim`` and ``ntotal``; each space's ids equal the SQLite training ids, and so do the ids of the
+    cached arrays (``arrays/train_ids.npy``); no deleted (tombstoned) id is still stored.
 
     Args:
         root: The run directory.
@@ -153,14 +154,29 @@ def verify_run(root: str | os.PathLike[str]) -> list[str]:
         return [f"manifest: {e}"]
 
     train_ids: np.ndarray | None = None
+    retired = np.zeros(0, np.int64)
     if not paths.metadata.is_file():
         problems.append(f"{paths.metadata}: missing")
     else:
         try:
             with MetadataStore(paths.metadata, create=False) as meta:
                 train_ids = np.sort(meta.ids("train"))
+                retired = meta.tombstones("train")
         except StoreError as e:
             problems.append(f"{paths.metadata}: {e}")
+    if train_ids is not None and retired.size and np.isin(retired, train_ids).any():
+        problems.append(
+            f"{paths.metadata}: deleted ids still stored: {retired[np.isin(retired, train_ids)][:10].tolist()}"
+        )
+    array_ids_path = paths.array("train_ids")
+    if train_ids is not None and array_ids_path.is_file():
+        array_ids = np.sort(np.load(array_ids_path, mmap_mode="r", allow_pickle=False))
+        if not np.array_equal(array_ids, train_ids):
+            problems.append(
+                f"{array_ids_path}: ids differ from SQLite train ids ({array_ids.size} vs {train_ids.size}; "
+                f"not in SQLite: {np.setdiff1d(array_ids, train_ids)[:10].tolist()}; "
+                f"not in arrays: {np.setdiff1d(train_ids, array_ids)[:10].tolist()})"
+            )
 
     for space, spec in sorted(manifest.spaces.items()):
         try:
