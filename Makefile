@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist data loo lds lissa hvp fidelity tweets clean
+.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist data loo lds lissa hvp fidelity tweets scale scale-update clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -56,6 +56,15 @@ hvp: $(STAMP)
 	$(BIN)/python experiments/hvp_speed.py
 
 fidelity: loo lds lissa hvp
+
+# Scale (issue 6): 1M x 256 run (build, FAISS indexes, latency, recall, dump of 10k queries); SCALE_N=100000 for
+# a quick pass. Needs ~4 GB of disk under experiments/cache/scale.
+scale: $(STAMP)
+	$(BIN)/python experiments/scale_1m.py
+
+# Incremental updates on Fashion-MNIST (60k + 6k) against a full build (needs `make data`).
+scale-update: $(STAMP)
+	$(BIN)/python experiments/scale_update.py
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package (needs root / apt).
 data:
