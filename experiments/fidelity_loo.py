@@ -1,4 +1,4 @@
-"""Leave-one-out agreement (Koh & Liang 2017, Fig. 2) on digits: predicted score / n vs actual retraining.
+"""Leave-one-out agreement (Koh & Liang 2017, Fig. 2) on digits and Fashion-MNIST: score / n vs retraining.
 
 Usage: .venv/bin/python experiments/fidelity_loo.py [--quick]
 
@@ -11,6 +11,13 @@ so to first order the change is (score_i + c_q) / (n-1), with c_q = g_q^T H^-1 (
 exact and LiSSA predictions include c_q (their own solve), representer and grad-dot use score / n (Pearson
 per test point is unaffected by the offset). As a check the l2 = 1e-2 model is also retrained on the
 influence-function definition itself, (1/n) sum_{j != i} CE_j + ..., where the prediction is score_i / n.
+
+Fashion-MNIST logistic regression (l2 = 1e-3): 5,000 training images (seeded subsample), 2x2-average-pooled
+pixels (196 features, 1,970 parameters: under the 4,096-parameter limit of method "exact"), 1,000 stored test
+images. Same protocol; each refit iterates theta <- theta - H0^-1 grad(theta) with H0 the full model's float64
+Hessian (Cholesky), which contracts by O(1/n) per step (~5 steps, 1 s, instead of ~100 L-BFGS iterations,
+18 s here), to the same |grad|_inf < 1e-10 test (L-BFGS takes over if it stalls); cross-checked against
+L-BFGS refits to 2e-7 in the parameters.
 
 MLP (64-32-10, whole MLP as the head, non-convex): the trained float32 model is not an exact stationary point,
 so actual = loss(T(theta; without i)) - loss(T(theta; all)), T = 300 L-BFGS iterations warm-started from the
@@ -32,6 +39,9 @@ import fidelity_common as fc
 import numpy as np
 from scipy import stats
 
+FMNIST_TRAIN = 5000
+FMNIST_L2 = 1e-3
+
 
 def pick_test_points(margins: np.ndarray, n_mis: int, n_low: int, n_rand: int, seed: int) -> tuple[list, list]:
     rng = np.random.default_rng(seed)
@@ -50,7 +60,7 @@ def pick_test_points(margins: np.ndarray, n_mis: int, n_low: int, n_rand: int, s
     return chosen, kinds
 
 
-def retrain_all(head, X, y, base, remove_ids, *, norm_kind, fixed_iters, cache_path, log_every=50):
+def retrain_all(head, X, y, base, remove_ids, *, norm_kind, fixed_iters, cache_path, chol=None, log_every=50):
     """Retrained parameters for each removed id (cached); returns (dict id -> theta, stats)."""
     cache = fc.load_cache(cache_path)
     done = {int(i): k for k, i in enumerate(cache.get("ids", np.zeros(0, np.int64)))}
@@ -67,6 +77,8 @@ def retrain_all(head, X, y, base, remove_ids, *, norm_kind, fixed_iters, cache_p
         norm = n - 1.0 if norm_kind == "n-1" else float(n)
         if fixed_iters:
             th, gn, it = head.fit(base, X, y, w, norm, gtol=1e-30, maxiter=fixed_iters)
+        elif chol is not None:
+            th, gn, it = head.fit_preconditioned(base, X, y, w, norm, chol, gtol=1e-10)
         else:
             th, gn, it = head.fit(base, X, y, w, norm, gtol=1e-10)
         ids.append(i)
@@ -95,7 +107,7 @@ def retrain_all(head, X, y, base, remove_ids, *, norm_kind, fixed_iters, cache_p
     }
 
 
-def run_experiment(label, index, *, n_top, n_rand, tests, norm_kind, fixed_iters, seed=0):
+def run_experiment(label, index, *, n_top, n_rand, tests, norm_kind, fixed_iters, seed=0, precondition=False):
     print(f"== {label}", flush=True)
     head, X, y = fc.numpy_head(index)
     n = len(y)
@@ -114,6 +126,17 @@ def run_experiment(label, index, *, n_top, n_rand, tests, norm_kind, fixed_iters
         fc.save_cache(base_path, {"theta": base, "gnorm": np.asarray(gn), "nit": np.asarray(it)})
         base_info = {"grad_inf_norm": gn, "iterations": it}
         print(f"  base fit {time.perf_counter() - t:.1f}s |grad|={gn:.2g} iters={it}", flush=True)
+    chol = None
+    if precondition:  # Newton-type refits preconditioned by the full model's Hessian (single linear layer)
+        import scipy.linalg
+
+        t = time.perf_counter()
+        chol = scipy.linalg.cho_factor(head.linear_hessian(base, X, np.ones(n), float(n)))
+        if base_info["grad_inf_norm"] > 1e-10:  # polish the full model to the refits' tolerance
+            base, gn, it = head.fit_preconditioned(base, X, y, np.ones(n), float(n), chol, gtol=1e-11)
+            fc.save_cache(base_path, {"theta": base, "gnorm": np.asarray(gn), "nit": np.asarray(it)})
+            base_info = {"grad_inf_norm": gn, "iterations": base_info["iterations"] + it}
+        print(f"  Hessian + Cholesky + polish {time.perf_counter() - t:.1f}s", flush=True)
     base_info["max_abs_change_from_indexed_params"] = float(np.max(np.abs(base - head.theta0)))
     _, g0 = head.objective(head.theta0, X, y, np.ones(n), float(n))
     base_info["indexed_params_grad_inf_norm"] = float(np.max(np.abs(g0)))
@@ -135,7 +158,7 @@ def run_experiment(label, index, *, n_top, n_rand, tests, norm_kind, fixed_iters
     print(f"  {len(rows)} test points, {len(remove)} distinct removals", flush=True)
     cache_path = fc.CACHE / f"loo_{label}_{norm_kind}{'_T' + str(fixed_iters) if fixed_iters else ''}.npz"
     thetas, rstats = retrain_all(
-        head, X, y, base, remove, norm_kind=norm_kind, fixed_iters=fixed_iters, cache_path=cache_path
+        head, X, y, base, remove, norm_kind=norm_kind, fixed_iters=fixed_iters, cache_path=cache_path, chol=chol
     )
 
     base_loss = head.losses(base, Xte[rows], targets)
@@ -143,12 +166,18 @@ def run_experiment(label, index, *, n_top, n_rand, tests, norm_kind, fixed_iters
     out = {
         "n_train": n,
         "l2": index.l2,
+        "representer_fidelity": index.manifest.extra["representer"]["fidelity"],
         "retrain_objective": "(1/(n-1)) sum_{j!=i} CE_j + l2/2 |theta|^2"
         if norm_kind == "n-1"
         else "(1/n) sum_{j!=i} CE_j + l2/2 |theta|^2",
         "procedure": f"{fixed_iters} L-BFGS iterations from the indexed params, minus the same on all data"
         if fixed_iters
-        else "L-BFGS to |grad|_inf < 1e-10, warm start from the float64 refit of the full model",
+        else (
+            "theta <- theta - H0^-1 grad (H0 = the full model's Hessian, Cholesky) to |grad|_inf < 1e-10, "
+            "from the float64 refit of the full model"
+            if precondition
+            else "L-BFGS to |grad|_inf < 1e-10, warm start from the float64 refit of the full model"
+        ),
         "base_fit": base_info,
         "retrain": rstats,
         "solver": diags,
@@ -237,6 +266,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer removals (smoke test)")
     ap.add_argument("--skip-mlp", action="store_true")
+    ap.add_argument("--skip-fmnist", action="store_true")
+    ap.add_argument("--fmnist-train", type=int, default=FMNIST_TRAIN)
     args = ap.parse_args()
     k = 20 if args.quick else 100
     t0 = time.perf_counter()
@@ -252,6 +283,13 @@ def main() -> None:
     results["lr_l2=1e-3"], scatter["lr_l2=1e-3"] = run_experiment(
         "lr_l2=1e-3", lr3, n_top=k, n_rand=k, tests=(3, 2, 2), norm_kind="n-1", fixed_iters=0
     )
+    if not args.skip_fmnist:
+        fm = fc.fmnist_index("lr", FMNIST_L2, n_train=args.fmnist_train, pool=2)
+        label = f"fmnist_lr_l2={FMNIST_L2:g}_n{args.fmnist_train}"
+        results[label], scatter[label] = run_experiment(
+            label, fm, n_top=k, n_rand=k, tests=(3, 2, 2), norm_kind="n-1", fixed_iters=0, precondition=True
+        )
+        results[label]["data"] = "Fashion-MNIST, 2x2-average-pooled pixels (196 features), seeded training subsample"
     if not args.skip_mlp:
         mlp = fc.digits_index("mlp", 1e-3)
         km = 10 if args.quick else 30
