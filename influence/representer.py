@@ -179,7 +179,8 @@ def compute_representer_logits(alpha: np.ndarray, phi_aug_train: np.ndarray, phi
         raise ValueError(
             f"phi_aug_query must have shape [m, {phi_aug_train.shape[1]}], got shape {phi_aug_query.shape}"
         )
-    return (phi_aug_query @ phi_aug_train.T) @ alpha
+    # phi_q (Phi^T alpha): [d+1, C] first, never the dense [m, n] kernel (74 GB for 10k x 1M in float64)
+    return phi_aug_query @ (phi_aug_train.T @ alpha)
 
 
 def compute_representer_embeddings(alpha: np.ndarray, phi_aug: np.ndarray) -> np.ndarray:
