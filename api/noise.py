@@ -16,7 +16,18 @@ Signals (higher = more suspicious), each selectable as `method`:
 - ``tracin``: TracIn self-influence sum_c eta_c ||g_i(theta_c)||^2 over the Task's training checkpoints
   (Pruthi et al. 2020), computed at build time; only for runs whose Task supplied ``checkpoints``.
 - ``grad-cos``: the gradient-cosine self score, 1 for every example (a negative control).
-- ``fused`` (default): mean rank percentile of self-influence, loss and confident-learning.
+- ``oos-loss``: the out-of-sample cross-entropy -log p_oos[y] (the same K-fold refits): the loss of a model that
+  did not see the example, so memorised flips do not hide.
+- ``loo-loss``: the influence-function estimate of the leave-one-out loss, loss_i + self_influence_i / n
+  (removing example i raises its own loss by about g_i^T H^-1 g_i / n; Koh & Liang 2017, sec. 2).
+- ``fused`` (default): an estimate of each example's held-out loss, class-normalised (loss + log t_y with
+  t_y the mean self-confidence of the example's class: confident learning's per-class threshold,
+  ``influence.noise.class_normalized_loss``), so that a flipped label is not hidden by memorisation and
+  a hard class does not crowd the top. The held-out loss is ``loo-loss`` when self-influence is exact (the
+  head has the dense eigendecomposition), else the mean rank percentile of the training loss and the K-fold
+  ``oos-loss`` (the low-rank self-influence over-weights the directions it does not resolve). Chosen on the
+  benchmark's evidence (README, label noise): fusing ranks with self-influence or the confident-learning
+  margin lowered the fraction of flips found at 10% checked on Fashion-MNIST; both remain methods.
 
 ``suggested_label`` is the most probable other class under p_oos when that is confident, else the model's
 prediction. Scores and suggested labels are written to the run's SQLite (``suspect_score``); the expensive
@@ -41,10 +52,20 @@ from .records import Suspect
 if TYPE_CHECKING:
     from .index import Index
 
-SIGNALS = ("self-influence", "loss", "margin", "representer", "confident-learning", "tracin", "grad-cos")
+SIGNALS = (
+    "self-influence",
+    "loss",
+    "margin",
+    "representer",
+    "confident-learning",
+    "oos-loss",
+    "loo-loss",
+    "tracin",
+    "grad-cos",
+)
 NOISE_METHODS = (*SIGNALS, "fused")
-FUSED_SIGNALS = ("self-influence", "loss", "confident-learning")
-DEFAULT_SIGNALS = ("loss", "margin", "representer", "confident-learning")
+FUSED_SIGNALS = ("loss", "oos-loss", "self-influence", "loo-loss")
+DEFAULT_SIGNALS = ("loss", "margin", "representer", "confident-learning", "oos-loss")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,8 +92,17 @@ class NoiseSignals:
 
     def score(self, method: str) -> np.ndarray:
         if method == "fused":
-            return nz.fuse_ranks({s: self.signals[s] for s in FUSED_SIGNALS})
+            return fused_score(
+                self.signals, self.labels, exact=self.info.get("self-influence", {}).get("solver") == "exact"
+            )
         return self.signals[method]
+
+
+def fused_score(signals: dict[str, np.ndarray], labels: np.ndarray, *, exact: bool) -> np.ndarray:
+    """The default label-noise score: a class-normalised held-out loss estimate (see the module docstring)."""
+    if exact:
+        return nz.class_normalized_loss(signals["loo-loss"], labels)
+    return nz.fuse_ranks({s: nz.class_normalized_loss(signals[s], labels) for s in ("loss", "oos-loss")})
 
 
 def _check_method(method: Any) -> str:
@@ -250,10 +280,18 @@ def compute_noise_signals(
     probs, info["confident-learning"] = compute_oos_probs(index, folds=folds, seed=seed, progress=progress)
     if "confident-learning" in names:
         out["confident-learning"] = nz.confident_learning_scores(probs, labels)
+    if "oos-loss" in names:
+        out["oos-loss"] = -np.log(np.clip(probs[np.arange(n), labels], 1e-300, None))
     if "self-influence" in names:
         out["self-influence"], info["self-influence"] = compute_self_influence(
             index, rank=rank, curvature_rows=curvature_rows, seed=seed, progress=progress
         )
+    if "loo-loss" in names:
+        if "self-influence" not in out:
+            out["self-influence"], info["self-influence"] = compute_self_influence(
+                index, rank=rank, curvature_rows=curvature_rows, seed=seed, progress=progress
+            )
+        out["loo-loss"] = np.asarray(inf.cross_entropy(logits, labels), np.float64) + out["self-influence"] / n
     if "tracin" in names:
         out["tracin"] = np.asarray(load_array(index.paths.array("tracin_self_influence")), np.float64)
         info["tracin"] = index.manifest.extra.get("tracin", {})
@@ -290,7 +328,7 @@ def find_label_noise(
     Args:
         index: an opened, complete Index.
         method: one of "fused" (default), "self-influence", "loss", "margin", "representer",
-            "confident-learning", "grad-cos".
+            "confident-learning", "oos-loss", "tracin" (runs with checkpoints), "grad-cos".
         top: return only the first `top` suspects (all are still scored and stored); None = all.
         folds: K of the out-of-sample refits (>= 2).
         seed: seed of the fold assignment and of the low-rank solver.
@@ -301,7 +339,9 @@ def find_label_noise(
     method = _check_method(method)
     n = len(index.train_ids)
     top = _check_top(top, n)
-    needed = (*DEFAULT_SIGNALS, *({"fused": FUSED_SIGNALS}.get(method, (method,))))
+    exact = index.paths.array("curvature_eigenvalues").exists()
+    fused_needs = FUSED_SIGNALS if exact else ("loss", "oos-loss")
+    needed = (*DEFAULT_SIGNALS, *({"fused": fused_needs}.get(method, (method,))))
     names = tuple(s for s in SIGNALS if s in needed)
     result = compute_noise_signals(
         index, signals=names, folds=folds, seed=seed, rank=rank, curvature_rows=curvature_rows, progress=progress

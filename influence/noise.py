@@ -247,6 +247,31 @@ def per_class_thresholds(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return t
 
 
+def class_normalized_loss(loss: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """-log(p_i,y_i / t_y_i) = loss_i + log t_y_i, with t_c = mean_{j: y_j = c} p_j,c = mean exp(-loss_j), [n].
+
+    An example's self-confidence p_i,y_i = exp(-loss_i) measured against the average self-confidence of its
+    class, the per-class threshold of confident learning (Northcutt et al. 2021, JAIR, eq. 2): a low
+    confidence is less suspicious in a class the model finds hard (shirts) than in an easy one (trousers).
+    Only a per-class shift of the loss, so within a class the order is the loss order.
+
+    Args:
+        loss: per-example cross-entropy at the given label [n] (in-sample or out-of-sample).
+        labels: given labels [n].
+    """
+    loss = np.asarray(loss, np.float64)
+    labels = np.asarray(labels)
+    if loss.ndim != 1 or labels.shape != loss.shape:
+        raise ValueError(f"loss and labels must both have shape [n], got {loss.shape} and {labels.shape}")
+    if not np.all(np.isfinite(loss)):
+        raise ValueError("loss must be finite, got NaN or inf entries")
+    out = loss.copy()
+    for c in np.unique(labels):
+        mask = labels == c
+        out[mask] += np.log(np.mean(np.exp(-loss[mask])))
+    return out
+
+
 def confident_learning_scores(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Returns max_{c != y} p[i, c] - p[i, y_i] in [-1, 1], higher = more suspicious (negated normalised margin).
 

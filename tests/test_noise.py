@@ -55,7 +55,7 @@ def test_results_written_to_sqlite_in_order(noisy_digits):
     assert [r.example_id for r in stored] == [s.example_id for s in suspects[:25]]
     assert [r.suggested_label for r in stored] == [s.suggested_label for s in suspects[:25]]
     assert stored[0].suspect_score == pytest.approx(suspects[0].score)
-    assert set(suspects[0].signals) >= {"self-influence", "loss", "confident-learning", "representer", "margin"}
+    assert set(suspects[0].signals) >= {"self-influence", "loss", "confident-learning", "representer", "margin", "loo-loss"}
     top = index.find_label_noise(top=7, method="loss", progress=False)
     assert len(top) == 7 and top[0].signals["loss"] >= top[-1].signals["loss"]
 
@@ -149,3 +149,19 @@ def test_low_rank_self_influence_uses_the_build_eigenpairs(tmp_path, digits_logr
         )
     np.testing.assert_allclose(got, want, rtol=2e-3)
     index.close()
+
+
+def test_class_normalized_loss_is_log_of_confidence_over_class_threshold():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(200, 4)) * 2
+    labels = rng.integers(0, 4, 200)
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    loss = -np.log(p[np.arange(200), labels])
+    t = nz.per_class_thresholds(p, labels)
+    want = -np.log(p[np.arange(200), labels] / t[labels])
+    np.testing.assert_allclose(nz.class_normalized_loss(loss, labels), want, rtol=1e-12)
+    # within a class the order is the loss order; a constant shift of one class's losses changes nothing
+    shifted = loss + 3.0 * (labels == 2)
+    np.testing.assert_allclose(nz.class_normalized_loss(shifted, labels), want, rtol=1e-9)
+    with pytest.raises(ValueError, match="finite"):
+        nz.class_normalized_loss(np.array([np.nan, 1.0]), np.array([0, 1]))
