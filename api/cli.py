@@ -231,17 +231,37 @@ def noise(
     run: Annotated[Path, typer.Argument(help="run directory")],
     top: Annotated[int, typer.Option(help="suspects shown")] = 20,
     method: Annotated[
-        str, typer.Option(help="fused|self-influence|loss|margin|representer|confident-learning")
+        str,
+        typer.Option(help="fused|self-influence|loss|margin|representer|confident-learning|oos-loss|loo-loss|tracin"),
     ] = "fused",
     out: Annotated[Path | None, typer.Option(help="write every suspect to .csv, .parquet or .json")] = None,
+    png: Annotated[
+        Path | None, typer.Option(help="PNG of the result (default: <run>/noise.png); 'none' to skip")
+    ] = None,
+    known_wrong: Annotated[
+        Path | None,
+        typer.Option(help="text file of example ids known to be mislabeled: the PNG shows found vs checked"),
+    ] = None,
 ) -> None:
     """Rank training examples by how likely their label is wrong (most suspicious first)."""
     from api import open_index
+    from api.noise import plot_suspects
 
+    wrong: set[int] | None = None
+    if known_wrong is not None:
+        try:
+            wrong = {int(v) for v in known_wrong.read_text().split()}
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"--known-wrong must be a readable file of integer ids, got {str(known_wrong)!r}: {e}"
+            ) from e
     with open_index(run) as idx:
         suspects = idx.find_label_noise(method=method)
     if out is not None:
         write_suspects(suspects, out)
+    if png is None or str(png) != "none":
+        png_path = plot_suspects(suspects, png if png is not None else run / "noise.png", wrong)
+        typer.echo(f"wrote {png_path}")
     typer.echo(f"{'rank':>4} {'example_id':>10} {'score':>10} {'label':>5} {'suggested':>9}  preview")
     for rank, s in enumerate(suspects[:top], 1):
         preview = s.preview if "/" not in s.preview else "(image)"

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -361,3 +362,53 @@ def find_label_noise(
         )
         for i, r in zip(order, records, strict=True)
     ]
+
+
+def plot_suspects(suspects: list[Suspect], path: str | Path, known_wrong: set[int] | None = None) -> Path:
+    """PNG of a label-noise job: with `known_wrong` (ids whose labels are known to be wrong), the fraction of
+    them found versus the fraction of the data checked, one curve per signal; otherwise the distribution of
+    the ranking score (what a reviewer sees: how sharply the top separates from the bulk)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from store import atomic_path
+
+    path = Path(path)
+    if path.suffix != ".png":
+        raise ValueError(f"path must end in .png, got {str(path)!r}")
+    if not suspects:
+        raise ValueError("suspects is empty: nothing to plot")
+    ids = np.array([s.example_id for s in suspects], np.int64)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if known_wrong:
+        wrong = np.isin(ids, np.fromiter(known_wrong, np.int64))
+        if not wrong.any():
+            raise ValueError("known_wrong: none of these ids is a training example of this run")
+        curves = {"job score": np.array([s.score for s in suspects])}
+        curves |= {k: np.array([s.signals[k] for s in suspects]) for k in suspects[0].signals}
+        checked = np.arange(1, len(ids) + 1) / len(ids)
+        for name, score in curves.items():
+            order = nz.rank_order(score, ids)
+            found = np.cumsum(wrong[order]) / wrong.sum()
+            ax.plot(
+                checked,
+                found,
+                lw=2.2 if name == "job score" else 1.0,
+                label=f"{name} (AUC {nz.detection_auc(score, wrong):.3f})",
+            )
+        ax.set_xlabel("fraction of training data checked")
+        ax.set_ylabel("fraction of known-wrong labels found")
+        ax.legend(fontsize=6)
+    else:
+        ax.hist([s.score for s in suspects], bins=60)
+        ax.set_xlabel("label-noise score (higher = more suspicious)")
+        ax.set_ylabel("training examples")
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path

@@ -165,3 +165,26 @@ def test_class_normalized_loss_is_log_of_confidence_over_class_threshold():
     np.testing.assert_allclose(nz.class_normalized_loss(shifted, labels), want, rtol=1e-9)
     with pytest.raises(ValueError, match="finite"):
         nz.class_normalized_loss(np.array([np.nan, 1.0]), np.array([0, 1]))
+
+
+def test_cli_noise_table_csv_and_png(noisy_digits, tmp_path):
+    import matplotlib.image as mpimg
+    import pyarrow.csv as pacsv
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    index, _, is_flip = noisy_digits
+    truth = tmp_path / "flips.txt"
+    truth.write_text("\n".join(str(int(i)) for i in index.train_ids[is_flip]))
+    out, png = tmp_path / "suspects.csv", tmp_path / "noise.png"
+    args = ["noise", str(index.paths.root), "--top", "5", "--out", str(out), "--png", str(png)]
+    result = CliRunner().invoke(app, [*args, "--known-wrong", str(truth)])
+    assert result.exit_code == 0, result.output
+    assert "suggested" in result.output and f"wrote {png}" in result.output
+    table = pacsv.read_csv(out)
+    assert table.num_rows == len(index.train_ids) and "signal_loss" in table.column_names
+    image = mpimg.imread(png)
+    assert image.shape[0] > 100 and image[..., :3].std() > 0.05  # a drawn figure, not a blank canvas
+    bad = CliRunner().invoke(app, [*args, "--known-wrong", str(tmp_path / "missing.txt")])
+    assert bad.exit_code != 0 and "--known-wrong" in bad.output
