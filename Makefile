@@ -95,6 +95,7 @@ $(PEERS)/.hf: $(STAMP)
 tweets: $(STAMP) $(PEERS)/.hf
 	test -f experiments/cache/tweets/features.npy || $(BIN)/python experiments/tweets_features.py compute --out experiments/cache/tweets/features.npy
 	$(BIN)/python experiments/tweets_minilm.py
+	$(BIN)/python experiments/tweets_latency.py
 
 # HTTP service under load (issue 7): 5,000 POST /explain at concurrency 16 against a Fashion-MNIST index.
 bench-service: $(STAMP) data
