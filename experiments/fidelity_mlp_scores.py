@@ -78,7 +78,7 @@ def compute_scores(inp: dict[str, np.ndarray], dampings=(1e-2, 1e-1), chunk: int
 
     t = time.perf_counter()
     matvec = inf.make_head_matvec(spec, unravel, theta, h, y, l2=l2, curvature="ggn", batch_size=None)
-    lam, vecs = inf.compute_top_eigenpairs(matvec, p, rank=64, dtype=np.float64)
+    lam, vecs = inf.compute_top_eigenpairs(matvec, p, rank=min(64, p - 1), dtype=np.float64)
     deflation = (np.asarray(lam), np.ascontiguousarray(np.asarray(vecs), dtype=np.float32))
     auto = float(inf.resolve_damping(float(np.min(lam)), l2, None))
     diag["curvature"] = {
