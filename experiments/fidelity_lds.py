@@ -203,6 +203,38 @@ def mlp_model(cfg, xtr, ytr, xte, yte) -> Path:
     return run
 
 
+def representer_sweep(run, xtr, ytr, xte, lams=(5e-5, 5e-4, 5e-3, 2e-2, 5e-2)) -> list[dict]:
+    """Representer fidelity of the MLP against Yeh et al.'s lambda, and how far the refit last layer moved."""
+    from safetensors.numpy import load_file
+
+    import influence as inf
+
+    head = load_file(str(Path(run) / "head.safetensors"))
+    params = [
+        {"weight": head["0.weight"], "bias": head["0.bias"]},
+        {},
+        {"weight": head["2.weight"], "bias": head["2.bias"]},
+    ]
+    phi = inf.augment_features(np.asarray(inf.penultimate_features(MLP_SPEC, params, xtr), np.float64))
+    phi_t = inf.augment_features(np.asarray(inf.penultimate_features(MLP_SPEC, params, xte), np.float64))
+    logits = np.asarray(inf.apply_head(MLP_SPEC, params, xte), np.float64)
+    theta0 = np.concatenate([head["2.weight"], head["2.bias"][:, None]], axis=1).astype(np.float64)
+    out = []
+    for lam in lams:
+        theta, alpha, _ = inf.fit_representer(phi, ytr, theta0, lam=lam)
+        rep = np.asarray(inf.compute_representer_logits(np.asarray(alpha), phi, phi_t))
+        out.append(
+            {
+                "lambda": lam,
+                "fidelity": float(inf.compute_fidelity(rep, logits)),
+                "refit_logits_vs_model_logits": float(inf.compute_fidelity(phi_t @ np.asarray(theta).T, logits)),
+                "max_abs_change_of_last_layer": float(np.max(np.abs(np.asarray(theta) - theta0))),
+            }
+        )
+        print(f"  representer lambda {lam:g}: fidelity {out[-1]['fidelity']:.4f}", flush=True)
+    return out
+
+
 def representer_scores(run, xq, yq) -> np.ndarray:
     """Yeh et al. representer scores [m, n] at the true labels, from the run's stored alpha and phi."""
     from safetensors.numpy import load_file
@@ -280,6 +312,9 @@ def lds_fmnist_mlp(
     margins = margins_all[:, rows].T  # [m, K]
     run = mlp_model(cfg, xtr, ytr, xte, yte)
     meta = json.loads((run / "meta.json").read_text())
+    if "representer_lambda_sweep" not in meta:
+        meta["representer_lambda_sweep"] = representer_sweep(run, xtr, ytr, xte)
+        (run / "meta.json").write_text(json.dumps(meta, indent=1))
     out = {
         "model": f"784-{cfg['hidden']}-10 MLP, whole MLP as the head ({meta['n_params']} parameters)",
         "config": cfg,
@@ -289,6 +324,7 @@ def lds_fmnist_mlp(
         "n_test_points": n_test,
         "representer_fidelity": meta["representer_fidelity"],
         "representer_lambda": meta["representer_lambda"],
+        "representer_lambda_sweep": meta["representer_lambda_sweep"],
         "seconds": {"retrain_now": retrain_s},
         "methods": {},
     }
