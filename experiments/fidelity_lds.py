@@ -144,7 +144,7 @@ MLP_SPEC = [
 
 def mlp_model(cfg, xtr, ytr, xte, yte) -> Path:
     """The indexed model of the LDS, cached in experiments/cache/fmnist_mlp_<cfg>/: head.safetensors (trained
-    exactly as fidelity_common.fmnist_index("mlp") trains it), its 15 epoch checkpoints (TracIn), and Yeh et
+    by label_noise.train_minibatch, one checkpoint per epoch), its 15 epoch checkpoints (TracIn), and Yeh et
     al.'s representer fit of its last layer (influence.fit_representer, lambda = l2/2 as the index builder).
     No Index is built: the curvature stage (top-64 eigenpairs of a 101,770-parameter GGN) takes hours on the
     shared 2-core machine; fidelity_mlp_scores.py recomputes it where the scores are computed."""
@@ -256,14 +256,14 @@ def representer_scores(run, xq, yq) -> np.ndarray:
 
 
 def mlp_scores_input(run_dir, xtr, ytr, xq, yq, cfg) -> dict[str, np.ndarray]:
-    """The arrays fidelity_mlp_scores.compute_scores needs: the indexed MLP's parameters (head.safetensors of
-    the run), training pixels/labels, the query points and the epoch checkpoints."""
+    """The arrays fidelity_mlp_scores.compute_scores needs: the MLP's parameters (head.safetensors of
+    mlp_model's directory), training pixels/labels, the query points and the epoch checkpoints."""
     import torch
     from safetensors.numpy import load_file
 
     head = load_file(str(Path(run_dir) / "head.safetensors"))
-    spec = json.loads((Path(run_dir) / "manifest.json").read_text())["head"]["spec"]
-    ck = torch.load(Path(run_dir).parent / f"{Path(run_dir).name}_checkpoints.pt", weights_only=True)
+    spec = MLP_SPEC
+    ck = torch.load(Path(run_dir) / "checkpoints.pt", weights_only=True)
     stack = {k: np.stack([c[0][src].numpy() for c in ck]) for k, src in CK_KEYS.items()}
     return {
         "spec": np.asarray(json.dumps(spec)),
@@ -299,10 +299,8 @@ def lds_fmnist_mlp(
     rows = np.sort(np.random.default_rng(seed + 1).choice(len(yte), size=n_test, replace=False))
     yq = yte[rows]
     score_path = fc.CACHE / f"lds_fmnist_mlp_scores_m{n_test}_s{seed}.npz"
-    if export:  # needs only the trained model (the run's head.safetensors), not the finished index
-        run = (
-            fc.CACHE / "runs" / fc.fmnist_run_name("mlp", cfg["l2"], n_train=n, hidden=cfg["hidden"], seed=cfg["seed"])
-        )
+    if export:  # needs only the trained model and its checkpoints
+        run = mlp_model(cfg, xtr, ytr, xte, yte)
         np.savez(export, **mlp_scores_input(run, xtr, ytr, xte[rows], yq, cfg))
         print(f"wrote {export}: run experiments/fidelity_mlp_scores.py on it and save the output as {score_path}")
         raise SystemExit(0)

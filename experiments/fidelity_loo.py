@@ -286,7 +286,7 @@ def main() -> None:
         "lr_l2=1e-3", lr3, n_top=k, n_rand=k, tests=(3, 2, 2), norm_kind="n-1", fixed_iters=0
     )
     if not args.skip_fmnist:
-        fm = fc.fmnist_index("lr", FMNIST_L2, n_train=args.fmnist_train, pool=2)
+        fm = fc.fmnist_index(FMNIST_L2, n_train=args.fmnist_train, pool=2)
         label = f"fmnist_lr_l2={FMNIST_L2:g}_n{args.fmnist_train}"
         results[label], scatter[label] = run_experiment(
             label, fm, n_top=k, n_rand=k, tests=(3, 2, 2), norm_kind="n-1", fixed_iters=0, precondition=True

@@ -36,7 +36,7 @@ HEADS = {
     "lr_l2=1e-2": (lambda: fc.digits_index("lr", 1e-2), 8, 20000),
     "lr_l2=1e-3": (lambda: fc.digits_index("lr", 1e-3), 8, 20000),
     "mlp_l2=1e-3": (lambda: fc.digits_index("mlp", 1e-3), 2, 10000),
-    "fmnist_lr_l2=1e-3": (lambda: fc.fmnist_index("lr", 1e-3, n_train=5000, pool=2), 2, 2000),
+    "fmnist_lr_l2=1e-3": (lambda: fc.fmnist_index(1e-3, n_train=5000, pool=2), 2, 2000),
 }
 
 
