@@ -66,6 +66,7 @@ class UpdateReport:
         seconds: Wall time of the update.
         refreshed: What was recomputed over the whole training set.
         stale: What was kept although it depends on the training set.
+        timings: Seconds per step.
     """
 
     op: str
@@ -74,6 +75,7 @@ class UpdateReport:
     seconds: float
     refreshed: tuple[str, ...]
     stale: tuple[str, ...]
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,6 +124,7 @@ def add_examples(
     *,
     ids: Any = None,
     refresh_curvature: bool = True,
+    refresh_representer: bool = True,
     progress: bool = False,
 ) -> UpdateReport:
     """Adds the examples of the dataset `train` (yielding `(x, y)`) to the built run `run`.
@@ -132,6 +135,8 @@ def add_examples(
         train: New training examples.
         ids: Their example ids; default: consecutive ids after every id ever used (stored or tombstoned).
         refresh_curvature: Recompute the curvature eigenpairs over the new training set (see module docstring).
+        refresh_representer: Refit Theta* on the new training set; False keeps the stored Theta* and only
+            recomputes every alpha_i from it in closed form (the fast path; noted as stale in the manifest).
         progress: Show a progress bar for the body forward.
 
     Raises:
@@ -186,6 +191,7 @@ def add_examples(
         bar.update(len(y))
     bar.close()
     h_new, y_new = np.concatenate(hs), np.concatenate(ys).astype(np.int64)
+    t_forward = time.perf_counter() - t0
     logits = np.asarray(inf.apply_head(r.spec, r.params, h_new), np.float32)
     losses = np.asarray(inf.cross_entropy(logits, y_new))
     margins = np.asarray(inf.compute_margins(logits, y_new))
@@ -222,7 +228,9 @@ def add_examples(
     def sqlite_change(meta: MetadataStore) -> None:
         meta.append("train", records)
 
-    return _commit(r, "add", new_ids, arrays, faiss_change, sqlite_change, refresh_curvature, t0)
+    return _commit(
+        r, "add", new_ids, arrays, faiss_change, sqlite_change, refresh_curvature, t0, t_forward, refresh_representer
+    )
 
 
 def delete_examples(run: str | Path, ids: Any, *, refresh_curvature: bool = True) -> UpdateReport:
@@ -267,11 +275,22 @@ def delete_examples(run: str | Path, ids: Any, *, refresh_curvature: bool = True
     def sqlite_change(meta: MetadataStore) -> None:
         meta.delete("train", del_ids.tolist(), deleted_at=datetime.now(UTC).isoformat(timespec="seconds"))
 
-    return _commit(r, "delete", del_ids, arrays, faiss_change, sqlite_change, refresh_curvature, t0)
+    return _commit(r, "delete", del_ids, arrays, faiss_change, sqlite_change, refresh_curvature, t0, 0.0)
 
 
-def _commit(r: _Run, op, changed_ids, arrays, faiss_change, sqlite_change, refresh_curvature, t0) -> UpdateReport:
+def _commit(
+    r: _Run, op, changed_ids, arrays, faiss_change, sqlite_change, refresh_curvature, t0, t_forward, refit=True
+) -> UpdateReport:
     """Refits what depends on the whole training set, then replaces the files: arrays, FAISS, SQLite, manifest."""
+    timings = {"prepare": time.perf_counter() - t0 - t_forward, "body_forward": t_forward}
+    mark = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        timings[name] = now - mark
+        mark = now
+
     labels = arrays["train_labels"]
     ids = arrays["train_ids"]
     # representer: warm-started refit on all current examples; every alpha_i changes with n
@@ -279,9 +298,13 @@ def _commit(r: _Run, op, changed_ids, arrays, faiss_change, sqlite_change, refre
     lam = float(rep["lambda"])
     phi = np.asarray(arrays["train_phi"], np.float64)
     theta0 = np.asarray(load_array(r.paths.array("representer_theta")), np.float64)
-    theta, alpha, grad_norm = inf.fit_representer(phi, labels, theta0, lam=lam)
+    if refit:
+        theta, alpha, grad_norm = inf.fit_representer(phi, labels, theta0, lam=lam)
+    else:  # alpha_i = -(softmax(Theta* phi_i) - onehot(y_i)) / (2 lam n) at the stored Theta*, current n
+        theta, alpha, grad_norm = theta0, inf.compute_representer_alpha(phi, labels, theta0, lam=lam), float("nan")
     alpha = np.asarray(alpha)
     emb = np.asarray(inf.compute_representer_embeddings(alpha, phi), np.float32)
+    lap("representer_refit")
     rep_index, rep_spec = build_vector_index(emb, ids, factory=r.config.factory)
 
     spaces = dict(r.manifest.spaces)
@@ -294,6 +317,7 @@ def _commit(r: _Run, op, changed_ids, arrays, faiss_change, sqlite_change, refre
         grad_indexes[space] = changed if changed is not None else index
         spaces[space] = {**spaces[space], "ntotal": grad_indexes[space].ntotal}
     spaces["representer"] = rep_spec
+    lap("faiss_update")
 
     # write: arrays, FAISS, SQLite (one transaction), manifest last
     for name, value in arrays.items():
@@ -309,14 +333,17 @@ def _commit(r: _Run, op, changed_ids, arrays, faiss_change, sqlite_change, refre
         else:
             save_array(tracin, np.concatenate([values, np.full(len(ids) - len(values), np.nan)]))
             stale.append("tracin_self_influence (NaN for added examples)")
+    lap("write_arrays")
     for space, index in grad_indexes.items():
         index.save(r.paths.vector(space))
     rep_index.save(r.paths.vector("representer"))
+    lap("write_faiss")
     with MetadataStore(r.paths.metadata, create=False) as meta:
         sqlite_change(meta)
+    lap("sqlite")
 
     extra = dict(r.manifest.extra)
-    refreshed = ["representer"]
+    refreshed = ["representer"] if refit else ["representer alpha"]
     if refresh_curvature:
         h = arrays["train_features"]
         extra |= write_curvature(
@@ -324,11 +351,17 @@ def _commit(r: _Run, op, changed_ids, arrays, faiss_change, sqlite_change, refre
         )
         extra.pop("curvature_stale", None)
         refreshed.append("curvature")
+        lap("curvature")
     else:
         note = extra.get("curvature_stale") or {"n_train_at_curvature": len(r.arrays["train_ids"])}
         extra["curvature_stale"] = note
         stale.append("curvature")
-    extra["representer"] = {**rep, "grad_norm": float(grad_norm), "fidelity": None}
+    if refit:
+        extra["representer"] = {**rep, "grad_norm": float(grad_norm), "fidelity": None}
+        extra.pop("representer_stale", None)
+    else:
+        extra["representer_stale"] = extra.get("representer_stale") or {"n_train_at_fit": len(r.arrays["train_ids"])}
+        stale.append("representer fit")
     extra["n_train"] = len(ids)
     updates = list(extra.get("updates", []))
     updates.append(
@@ -350,4 +383,5 @@ def _commit(r: _Run, op, changed_ids, arrays, faiss_change, sqlite_change, refre
         seconds=time.perf_counter() - t0,
         refreshed=tuple(refreshed),
         stale=tuple(stale),
+        timings=timings,
     )

@@ -569,6 +569,7 @@ def build_vector_index(
     recall_target: float = RECALL_TARGET,
     n_queries: int = 256,
     seed: int = 0,
+    max_train: int | None = None,
 ) -> tuple[FaissVectorIndex, dict[str, Any]]:
     """Builds a FAISS index of ``vectors`` under ``ids``; approximate ones are tuned and their recall measured.
 
@@ -580,6 +581,7 @@ def build_vector_index(
     Returns:
         ``(index, spec)`` with ``spec`` the manifest entry: ``dim``, ``ntotal``, ``factory`` (resolved),
         ``metric``, ``recall@<k>`` (1.0 for ``Flat``), ``recall_queries`` and ``nprobe`` / ``ef_search``.
+        ``max_train`` caps the vectors used to train IVF centroids / PQ codebooks (a random sample).
     """
     if np.ndim(vectors) != 2:
         raise ValueError(f"vectors: must be 2-D [n, d], got shape {np.shape(vectors)}")
@@ -587,15 +589,19 @@ def build_vector_index(
     id_arr = check_ids(ids, "ids", x.shape[0])
     resolved = resolve_factory(factory, x.shape[0])
     index = FaissVectorIndex.create(x.shape[1], factory=resolved)
+    rng = np.random.default_rng(seed)
     if not index.is_trained:
-        index.train(x)
+        # k-means / PQ training on a random sample when max_train is set (cost ~ sample x lists x d)
+        sample_rows = (
+            None if max_train is None or max_train >= x.shape[0] else rng.choice(x.shape[0], max_train, replace=False)
+        )
+        index.train(x if sample_rows is None else x[np.sort(sample_rows)])
     index.add(x, id_arr)
     spec: dict[str, Any] = {"dim": int(x.shape[1]), "ntotal": int(x.shape[0]), "factory": resolved, "metric": "ip"}
     key = f"recall@{recall_k}"
     if resolved == "Flat" or x.shape[0] == 0:
         spec[key] = 1.0
         return index, spec
-    rng = np.random.default_rng(seed)
     sample = x[rng.choice(x.shape[0], size=min(n_queries, x.shape[0]), replace=False)]
     queries = np.concatenate([sample, -sample])
     exact = exact_neighbours(x, id_arr, queries, recall_k)
