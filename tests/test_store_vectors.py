@@ -373,3 +373,11 @@ def test_one_pass_both_signs_equals_two_faiss_searches(tmp_path):
     index.remove(one_pass[0][0].ids[:2])  # the view follows removals
     again = search_both_signs(index, queries[:1], 8)[0][0]
     assert again.ids.tolist()[:6] == one_pass[0][0].ids.tolist()[2:]
+
+
+def test_max_train_trains_on_a_sample():
+    from store.vectors import build_vector_index
+
+    x = _clustered(3000, 8)
+    index, spec = build_vector_index(x, np.arange(3000), factory="IVF16,Flat", max_train=16 * 39)
+    assert index.ntotal == 3000 and spec["recall@10"] >= 0.95
