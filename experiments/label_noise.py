@@ -166,7 +166,9 @@ def peak_rss_mb() -> float:
 
 
 # ---------------------------------------------------------------------------------------------- one run
-def run_one(name: str, data: dict[str, Any], noise: str, seed: int, workdir: Path) -> dict[str, Any]:
+def run_one(
+    name: str, data: dict[str, Any], noise: str, seed: int, workdir: Path, retrain: bool = True
+) -> dict[str, Any]:
     x, y_true, l2 = data["x"], data["y"], data["l2"]
     y_noisy, flipped = flip(y_true, noise, 10, seed, data["confusable"])
     is_flip = np.zeros(len(y_true), bool)
@@ -209,7 +211,7 @@ def run_one(name: str, data: dict[str, Any], noise: str, seed: int, workdir: Pat
         for c in CHECKED:
             metrics[m][f"found@{round(c * 100)}"] = nz.fraction_found(orders[m], is_flip, c)
     n_fix = round(FIX_FRACTION * len(y_true))
-    for m in RETRAIN_METHODS:
+    for m in RETRAIN_METHODS if retrain else ():
         fixed = y_noisy.copy()
         if m == "oracle":
             fixed = y_true.copy()
@@ -304,6 +306,9 @@ def main() -> None:
     ap.add_argument("--fmnist-train", type=int, default=20_000, help="Fashion-MNIST training subsample (60000 = all)")
     ap.add_argument("--cleanlab-path", default="/tmp/cleanlab_target", help="extra sys.path entry holding cleanlab")
     ap.add_argument("--out", default=str(RESULTS / "label_noise.json"))
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
+    ap.add_argument("--merge", nargs="+", default=None, help="merge the runs of these result files into --out and exit")
+    ap.add_argument("--no-retrain", action="store_true", help="skip the test-accuracy-after-fix retrains (timing runs)")
     args = ap.parse_args()
     if args.cleanlab_path and Path(args.cleanlab_path).exists():
         sys.path.append(args.cleanlab_path)
@@ -322,15 +327,30 @@ def main() -> None:
     }
     if out_path.exists():
         results["experiments"] = json.loads(out_path.read_text()).get("experiments", {})
+    if args.merge:  # runs of one (dataset, noise) split over several processes or machines
+        merged: dict[str, dict[int, Any]] = {}
+        for f in args.merge:
+            part = json.loads(Path(f).read_text())
+            results["machine"] = part.get("machine", results["machine"])
+            for key, exp in part["experiments"].items():
+                for run in exp["runs"]:
+                    merged.setdefault(key, {})[run["seed"]] = run
+        for key, by_seed in merged.items():
+            runs = [by_seed[k] for k in sorted(by_seed)]
+            results["experiments"][key] = {"runs": runs, "summary": summarise(runs)}
+        out_path.write_text(json.dumps(results, indent=1))
+        plot(results, out_path.with_suffix(".png"))
+        print(f"wrote {out_path} and {out_path.with_suffix('.png')}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.datasets:
             data = dataset(name, args.fmnist_train)
             for noise in args.noise:
                 key = f"{name}/{noise}"
                 runs = []
-                for seed in range(args.seeds):
+                for seed in range(args.first_seed, args.first_seed + args.seeds):
                     t0 = time.perf_counter()
-                    runs.append(run_one(name, data, noise, seed, Path(tmp)))
+                    runs.append(run_one(name, data, noise, seed, Path(tmp), retrain=not args.no_retrain))
                     m = runs[-1]["metrics"]
                     print(
                         f"{key} seed {seed}: AUC fused {m['fused']['auc']:.4f} loss {m['loss']['auc']:.4f} "
