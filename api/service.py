@@ -22,6 +22,7 @@ import ipaddress
 import os
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -280,6 +281,76 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class ExplainBatcher:
+    """Micro-batching of concurrent `/explain` requests on stored test ids.
+
+    Requests that arrive while the index is busy wait in a queue; when it is free, every queued request with
+    the same `(method, k)` (up to `max_queries` queries in all) is answered by one `Index.explain` call, whose
+    cost is dominated by one pass over the stored train vectors (FAISS scan, LiSSA's HVPs over the cached
+    features) whatever the number of queries. A lone request runs at once: no waiting window. Each query's
+    answer is the same as alone (every step is per query), except that `diagnostics` (e.g. LiSSA's
+    `residual_max`) describe the whole batch. If the batched call fails, each request is retried alone, so
+    an error reaches only the request that caused it.
+    """
+
+    def __init__(self, index: Index, lock: threading.Lock, *, max_queries: int = MAX_BATCH) -> None:
+        self.index, self.lock, self.max_queries = index, lock, max_queries
+        self._cv = threading.Condition()
+        self._queue: list[tuple[tuple[str, int], list[int], Future[list[Any]]]] = []
+        self._stopped = False
+        self._thread = threading.Thread(target=self._work, name="explain-batcher", daemon=True)
+        self._thread.start()
+
+    def explain(self, test_ids: list[int], *, k: int, method: str) -> list[Any]:
+        future: Future[list[Any]] = Future()
+        with self._cv:
+            if self._stopped:
+                raise RuntimeError("the service is shutting down")
+            self._queue.append(((method, k), list(test_ids), future))
+            self._cv.notify()
+        return future.result()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(60)
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopped:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                key, batch, rest, n = self._queue[0][0], [], [], 0
+                for item in self._queue:
+                    if item[0] == key and n + len(item[1]) <= self.max_queries:
+                        batch.append(item)
+                        n += len(item[1])
+                    else:
+                        rest.append(item)
+                self._queue = rest
+            self._answer(key, batch)
+
+    def _answer(self, key: tuple[str, int], batch: list[tuple[tuple[str, int], list[int], Future[list[Any]]]]) -> None:
+        method, k = key
+        try:
+            with self.lock:
+                exps = self.index.explain(test_ids=[i for _, ids, _ in batch for i in ids], k=k, method=method)
+        except Exception as err:
+            if len(batch) == 1:
+                batch[0][2].set_exception(err)
+            else:
+                for item in batch:
+                    self._answer(key, [item])
+            return
+        start = 0
+        for _, ids, future in batch:
+            future.set_result(exps[start : start + len(ids)])
+            start += len(ids)
+
+
 # ------------------------------------------------------------------------------------------------ app
 def create_app(
     run: str | Path,
@@ -288,7 +359,8 @@ def create_app(
     task: Any = None,
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
-    """The FastAPI app over one run directory (opened once; queries are serialised by a lock).
+    """The FastAPI app over one run directory (opened once; index calls are serialised by a lock, and
+    concurrent `/explain` requests on stored test ids are answered in micro-batches, see `ExplainBatcher`).
 
     Args:
         run: a built run directory.
@@ -300,6 +372,7 @@ def create_app(
         raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
     index: Index = open_index(run, task=task)
     lock = threading.Lock()
+    batcher = ExplainBatcher(index, lock)
     key = api_key or os.environ.get("INFLUENCE_API_KEY") or None
     jobs = DumpJobs(index.paths.root, n_test=len(index.test_ids))
     jobs.start()
@@ -308,6 +381,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
+        batcher.stop()
         jobs.stop()
         index.close()
 
@@ -438,10 +512,13 @@ def create_app(
             if len(widths) != 1:
                 raise ValueError(f"inputs rows must all have the same length, got lengths {sorted(widths)}")
             inputs = np.asarray(inputs, np.float32)
-        with lock:
-            exps = index.explain(
-                test_ids=body.test_ids, inputs=inputs, k=body.k, method=body.method, targets=body.targets
-            )
+        if body.test_ids is not None and body.targets is None:
+            exps = batcher.explain(body.test_ids, k=body.k, method=body.method)
+        else:
+            with lock:
+                exps = index.explain(
+                    test_ids=body.test_ids, inputs=inputs, k=body.k, method=body.method, targets=body.targets
+                )
         return [e.to_dict() for e in exps]
 
     @app.get("/noise", response_model=list[SuspectOut], dependencies=auth, responses=errors(422))

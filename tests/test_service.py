@@ -4,6 +4,7 @@ Real FastAPI app over a real run directory (FAISS + SQLite), driven by Starlette
 """
 
 import json
+import time
 import typing
 
 import numpy as np
@@ -209,3 +210,53 @@ def test_cli_serve_refuses_a_public_bind_without_a_key(digits_mlp_run, monkeypat
     result = CliRunner().invoke(app, ["serve", str(digits_mlp_run), "--host", "0.0.0.0"])
     assert result.exit_code == 2
     assert "not loopback" in result.output
+
+
+def test_concurrent_explains_are_batched_and_answer_as_alone(digits_mlp_run):
+    import threading
+
+    from api.service import ExplainBatcher
+    from store import UnknownExampleError
+
+    with open_index(digits_mlp_run) as index:
+        calls = []
+        original = index.explain
+
+        def counting(**kwargs):
+            calls.append(len(kwargs["test_ids"]))
+            return original(**kwargs)
+
+        index.explain = counting
+        lock = threading.Lock()
+        batcher = ExplainBatcher(index, lock)
+        requests = [[3], [7, 8], [99999], [3], [11], [12, 13, 14], [15]]
+        results: dict[int, object] = {}
+
+        def ask(i):
+            try:
+                results[i] = batcher.explain(requests[i], k=4, method="lissa")
+            except Exception as err:  # the one bad request must get its own error
+                results[i] = err
+
+        with lock:  # everything queues while the index is busy, then runs in as few calls as possible
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
+            for t in threads:
+                t.start()
+            time.sleep(0.5)
+        for t in threads:
+            t.join(120)
+        batcher.stop()
+        index.explain = original
+        assert isinstance(results[2], UnknownExampleError) and "99999" in str(results[2])
+        assert len(calls) < 2 * len(requests) and max(calls) > 2  # batched (the failed batch is retried alone)
+        for i, ids in enumerate(requests):
+            if i == 2:
+                continue
+            alone = index.explain(test_ids=ids, k=4, method="lissa")
+            for got, want in zip(results[i], alone, strict=True):
+                assert got.test_id == want.test_id and got.prediction == want.prediction
+                assert [p.example_id for p in got.proponents] == [p.example_id for p in want.proponents]
+                assert [p.example_id for p in got.opponents] == [p.example_id for p in want.opponents]
+                np.testing.assert_allclose(
+                    [p.score for p in got.proponents], [p.score for p in want.proponents], rtol=1e-4
+                )
