@@ -55,7 +55,14 @@ def test_results_written_to_sqlite_in_order(noisy_digits):
     assert [r.example_id for r in stored] == [s.example_id for s in suspects[:25]]
     assert [r.suggested_label for r in stored] == [s.suggested_label for s in suspects[:25]]
     assert stored[0].suspect_score == pytest.approx(suspects[0].score)
-    assert set(suspects[0].signals) >= {"self-influence", "loss", "confident-learning", "representer", "margin", "loo-loss"}
+    assert set(suspects[0].signals) >= {
+        "self-influence",
+        "loss",
+        "confident-learning",
+        "representer",
+        "margin",
+        "loo-loss",
+    }
     top = index.find_label_noise(top=7, method="loss", progress=False)
     assert len(top) == 7 and top[0].signals["loss"] >= top[-1].signals["loss"]
 
@@ -135,7 +142,9 @@ def test_low_rank_self_influence_uses_the_build_eigenpairs(tmp_path, digits_logr
     from indexer import IndexConfig
     from store import load_array
 
-    index = build_index(digits_logreg_task, tmp_path / "lowrank", config=IndexConfig(exact_max_params=0), progress=False)
+    index = build_index(
+        digits_logreg_task, tmp_path / "lowrank", config=IndexConfig(exact_max_params=0), progress=False
+    )
     assert not index.paths.array("curvature_eigenvalues").exists()
     got, info = compute_self_influence(index, rank=32, progress=False)
     assert info["eigenpairs"] == "build" and info["rank"] == 32

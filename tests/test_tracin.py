@@ -61,7 +61,7 @@ def test_tracin_self_influence_matches_torch(tmp_path):
 def test_tracin_requires_checkpoints(digits_logreg_run):
     from api import open_index
 
-    with open_index(digits_logreg_run) as index, pytest.raises(ValueError, match="tracin.*checkpoints"):
+    with open_index(digits_logreg_run) as index, pytest.raises(ValueError, match=r"tracin.*checkpoints"):
         index.find_label_noise(method="tracin", progress=False)
 
 
