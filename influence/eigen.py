@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
 import numpy as np
+from jax.tree_util import Partial
 from jax.typing import DTypeLike
 
-from influence.hvp import MatVec
+from influence.hvp import MatVec, as_matvec_pytree
 
 
 def _is_int(value: Any) -> bool:
@@ -75,12 +76,11 @@ def compute_top_eigenpairs(
     extra = max(10, rank // 2) if oversample is None else int(oversample)
     k = min(p, rank + extra)
 
-    batched = jax.vmap(matvec)
     eps = float(jnp.finfo(dtype).eps)
 
-    def apply(Q: jax.Array) -> jax.Array:
+    def apply(mv: Partial, Q: jax.Array) -> jax.Array:
         # Q [p, k] -> A Q [p, k]: the matvec is vmapped over the k columns (one data pass for the block).
-        return jnp.asarray(batched(Q.T)).astype(dtype).T
+        return jnp.asarray(jax.vmap(mv)(Q.T)).astype(dtype).T
 
     def orth(Y: jax.Array) -> jax.Array:
         # Shifted CholeskyQR followed by one CholeskyQR pass (Fukaya et al. 2020): Gram matrices and a k x k
@@ -95,17 +95,18 @@ def compute_top_eigenpairs(
         return Y
 
     @jax.jit
-    def run(omega: jax.Array, n_iters: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def run(mv: Partial, omega: jax.Array, n_iters: jax.Array) -> tuple[jax.Array, jax.Array]:
         Q0 = orth(omega)
-        Q = jax.lax.fori_loop(0, n_iters, lambda _, Q: orth(apply(Q)), Q0)
-        B = Q.T @ apply(Q)
+        Q = jax.lax.fori_loop(0, n_iters, lambda _, Q: orth(apply(mv, Q)), Q0)
+        B = Q.T @ apply(mv, Q)
         theta, S = jnp.linalg.eigh(0.5 * (B + B.T))
         order = jnp.argsort(-theta)
         theta, S = theta[order], S[:, order]
         return theta, Q @ S
 
     omega = jax.random.normal(jax.random.PRNGKey(seed), (p, k), dtype=dtype)
-    theta, vectors = run(omega, jnp.asarray(iters))
+    # The matvec's arrays enter as arguments, not as constants XLA would fold at compile time.
+    theta, vectors = run(as_matvec_pytree(matvec), omega, jnp.asarray(iters))
     theta, vectors = np.asarray(theta), np.asarray(vectors)
     if not (np.all(np.isfinite(theta)) and np.all(np.isfinite(vectors))):
         raise ValueError("subspace iteration produced NaN or inf: the matvec is not finite")

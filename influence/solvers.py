@@ -38,18 +38,17 @@ preconditioners" (SIAM J. Sci. Comput. 23(2)).
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 from jax.typing import DTypeLike
 
-from influence.hvp import MatVec
+from influence.hvp import MatVec, as_matvec_pytree
 
 AUTO_DAMPING_RATIO = 1e-3
 """Automatic damping keeps lambda_min(C + l2 I + damping I) >= 1e-3 lambda_max (condition number <= ~1000)."""
@@ -266,51 +265,40 @@ def _check_rhs(V: Any) -> jax.Array:
     return V
 
 
-@functools.lru_cache(maxsize=4)
-def _lissa_runners(matvec: MatVec) -> tuple[Callable[..., jax.Array], Callable[[jax.Array], jax.Array]]:
-    """Jitted batched LiSSA and the batched matvec for one matvec; depth, scale and damping are traced.
+@jax.jit
+def _lissa_run(mv: Partial, V: jax.Array, depth: jax.Array, scale: jax.Array, damping: jax.Array) -> jax.Array:
+    """Plain LiSSA for all rows of V at once; the matvec pytree is an argument (its rows are traced, not
+    constants), so one compilation serves every matvec of the same head, shapes and dtypes."""
+    return jax.vmap(lambda v: lissa(mv, v, depth=depth, scale=scale, damping=damping))(V)
 
-    Cached per matvec object so that repeated solves (one per query) compile once; kept small because a
-    matvec holds its training features on the device.
+
+@jax.jit
+def _deflated_run(
+    mv: Partial,
+    V: jax.Array,
+    U: jax.Array,
+    inv_top: jax.Array,
+    depth: jax.Array,
+    scale: jax.Array,
+    damping: jax.Array,
+) -> jax.Array:
+    """Deflated LiSSA for all rows of V at once: one ``lax.fori_loop`` around the vmapped matvec.
+
+    (V [m, p], U [p, r], inv_top [r], depth, scale, damping) -> X [m, p]; see the module docstring.
     """
+    batched = jax.vmap(mv)
+    Ut = U.T.copy()  # [r, p], laid out once outside the loop
+    gain = inv_top - 1.0 / scale
 
-    def one(v: jax.Array, depth: jax.Array, scale: jax.Array, damping: jax.Array) -> jax.Array:
-        return lissa(matvec, v, depth=depth, scale=scale, damping=damping)
+    def precondition(R: jax.Array) -> jax.Array:
+        # M^-1 R = U D^-1 U^T R + (I - U U^T) R / scale = R / scale + U (D^-1 - I / scale) U^T R, by rows.
+        return R / scale + ((R @ U) * gain) @ Ut
 
-    return jax.jit(jax.vmap(one, in_axes=(0, None, None, None))), jax.vmap(matvec)
+    def body(_: Any, X: jax.Array) -> jax.Array:
+        AX = jnp.asarray(batched(X)).astype(V.dtype) + damping * X
+        return X + precondition(V - AX)
 
-
-@functools.lru_cache(maxsize=4)
-def _deflated_runner(matvec: MatVec) -> Callable[..., jax.Array]:
-    """Jitted deflated LiSSA for all rows of V at once: one ``lax.fori_loop`` around the vmapped matvec.
-
-    run(V [m, p], U [p, r], inv_top [r], depth, scale, damping) -> X [m, p]; see the module docstring.
-    """
-    batched = jax.vmap(matvec)
-
-    @jax.jit
-    def run(
-        V: jax.Array,
-        U: jax.Array,
-        inv_top: jax.Array,
-        depth: jax.Array,
-        scale: jax.Array,
-        damping: jax.Array,
-    ) -> jax.Array:
-        Ut = U.T.copy()  # [r, p], laid out once outside the loop
-        gain = inv_top - 1.0 / scale
-
-        def precondition(R: jax.Array) -> jax.Array:
-            # M^-1 R = U D^-1 U^T R + (I - U U^T) R / scale = R / scale + U (D^-1 - I / scale) U^T R, by rows.
-            return R / scale + ((R @ U) * gain) @ Ut
-
-        def body(_: Any, X: jax.Array) -> jax.Array:
-            AX = jnp.asarray(batched(X)).astype(V.dtype) + damping * X
-            return X + precondition(V - AX)
-
-        return jax.lax.fori_loop(0, depth, body, precondition(V))
-
-    return run
+    return jax.lax.fori_loop(0, depth, body, precondition(V))
 
 
 def _check_deflation(deflation: Any, p: int) -> tuple[np.ndarray, np.ndarray]:
@@ -427,10 +415,10 @@ def solve_lissa(
         )
     floor = float(min_eigenvalue_floor) if min_eigenvalue_floor is not None else float(l2) + damping
 
-    run, batched_matvec = _lissa_runners(matvec)
+    mv = as_matvec_pytree(matvec)
+    batched_matvec = jax.vmap(mv)
     damping_arr = jnp.asarray(damping, dtype=V.dtype)
     if rank > 0:
-        run_deflated = _deflated_runner(matvec)
         U_arr = jnp.asarray(U, dtype=V.dtype)
         inv_top = jnp.asarray(1.0 / (lam + damping), dtype=V.dtype)
     for attempt in range(MAX_SCALE_DOUBLINGS + 1):
@@ -439,9 +427,9 @@ def solve_lissa(
         for _ in range(config.repeats):
             if rank > 0:
                 scale_arr = jnp.asarray(scale, dtype=V.dtype)
-                x = x + run_deflated(V, U_arr, inv_top, jnp.asarray(depth), scale_arr, damping_arr)
+                x = x + _deflated_run(mv, V, U_arr, inv_top, jnp.asarray(depth), scale_arr, damping_arr)
             else:
-                x = x + run(V, jnp.asarray(depth), jnp.asarray(scale, dtype=V.dtype), damping_arr)
+                x = x + _lissa_run(mv, V, jnp.asarray(depth), jnp.asarray(scale, dtype=V.dtype), damping_arr)
         x = x / config.repeats
         residual = _residuals(batched_matvec, x, V, damping)
         if bool(jnp.all(jnp.isfinite(x))) and bool(np.all(residual <= 1.0)):
