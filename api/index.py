@@ -19,6 +19,7 @@ import numpy as np
 import influence as inf
 from indexer import IndexConfig, Task, build_run
 from indexer.build import params_from_tensors
+from indexer.queries import query_cache_key
 from store import (
     ConfigMismatchError,
     CorruptRunError,
@@ -245,8 +246,60 @@ class Index:
         }
         return np.asarray(result.x), diag
 
-    def query_vectors(self, method: str, h: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
-        """Query-side vectors [m, d_full] for a method (unprojected), plus solver diagnostics."""
+    @cached_property
+    def query_cache(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(solutions [n_test, p], targets [n_test], residuals [n_test]) stored by the build's "queries" stage.
+
+        None unless the run was built with `IndexConfig(cache_queries=True)` and the cache still describes this
+        run and this Index's LiSSA options (`indexer.queries.query_cache_key`); then LiSSA solves at query time.
+        """
+        record = self.manifest.extra.get("query_cache")
+        if record is None or "queries" not in self.manifest.stages:
+            return None
+        lam = None if self.deflation is None else self.deflation[0]
+        key = query_cache_key(
+            self.train_ids,
+            self.train_labels,
+            len(self.train_features),
+            self.top_eigenvalue,
+            lam,
+            l2=self.l2,
+            damping=self.damping,
+            lissa=dataclasses.replace(self.lissa_config, damping=self.damping),
+        )
+        if key != record["key"]:
+            return None
+        return tuple(
+            np.asarray(load_array(self.paths.array(name)))
+            for name in ("query_solutions", "query_targets", "query_residuals")
+        )
+
+    def lissa_vectors(
+        self, g: np.ndarray, targets: np.ndarray, test_rows: np.ndarray | None
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """LiSSA vectors of g [m, p]: read from the query cache for stored test rows at their cached target."""
+        cache = self.query_cache
+        if test_rows is None or cache is None:
+            return self.solve(g, "lissa")
+        solutions, cached_targets, residuals = cache
+        hit = cached_targets[test_rows] == targets
+        q = np.empty(g.shape, np.result_type(g.dtype, solutions.dtype))
+        q[hit] = solutions[test_rows[hit]]
+        diag = {"damping": self.damping, "cached": float(hit.mean())}
+        if hit.any():
+            diag["residual_max"] = float(residuals[test_rows[hit]].max())
+        if not hit.all():
+            q[~hit], solved = self.solve(g[~hit], "lissa")
+            diag |= {**solved, "residual_max": max(solved["residual_max"], diag.get("residual_max", 0.0))}
+        return q, diag
+
+    def query_vectors(
+        self, method: str, h: np.ndarray, targets: np.ndarray, *, test_rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """Query-side vectors [m, d_full] for a method (unprojected), plus solver diagnostics.
+
+        `test_rows`: the stored test rows of h, if any: method "lissa" then reads the build's query cache.
+        """
         if method == "representer":
             params = self.params
             phi = inf.augment_features(np.asarray(inf.penultimate_features(self.spec, params, h), np.float64))
@@ -256,6 +309,8 @@ class Index:
             return g, {}
         if method == "grad-cos":
             return np.asarray(inf.normalize_rows(g)), {}
+        if method == "lissa":
+            return self.lissa_vectors(g, targets, test_rows)
         return self.solve(g, method)
 
     def train_scores(self, method: str, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -362,7 +417,8 @@ class Index:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         k = _check_k(k)
         h, logits, tgt, qids, labels = self.prepare(test_ids, inputs, targets)
-        q, diag = self.query_vectors(method, h, tgt)
+        rows = None if test_ids is None else self._rows(qids, "test")
+        q, diag = self.query_vectors(method, h, tgt, test_rows=rows)
         pos, neg = self.scores_topk(method, q, k)
         probs = np.exp(logits - logits.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)

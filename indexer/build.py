@@ -42,7 +42,7 @@ from .errors import TaskError
 from .task import Task
 from .translate import TranslatedHead, check_head_logits
 
-STAGES = ("features", "metadata", "grad", "representer", "curvature", "tracin")
+STAGES = ("features", "metadata", "grad", "representer", "curvature", "tracin", "queries")
 SPLITS = ("train", "test")
 
 
@@ -64,6 +64,10 @@ class IndexConfig:
             ones such as "IVF,Flat", "IVF,PQ32", "IVF,SQfp16" (IVF list count chosen from n when omitted),
             "HNSW32", "SQfp16"; their search breadth is tuned to recall@10 >= 0.95 against exact search and
             the measured recall recorded per space in the manifest.
+        cache_queries: solve LiSSA once at build time for every stored test example (at its predicted class)
+            and store the vectors, so that `explain(test_ids=..., method="lissa")` skips the solve; see
+            `indexer.queries` (cheap when the head has a dense eigendecomposition, else n_test x depth
+            curvature products over the training set).
     """
 
     curvature: str = "ggn"
@@ -76,6 +80,7 @@ class IndexConfig:
     logit_tolerance: float = 1e-4
     chunk_rows: int = 2048
     factory: str = "Flat"
+    cache_queries: bool = False
 
     def __post_init__(self) -> None:
         if self.curvature not in ("ggn", "hessian"):
@@ -94,6 +99,8 @@ class IndexConfig:
             raise ValueError(f"factory must be a non-empty FAISS factory string, got {self.factory!r}")
         if not (math.isfinite(self.logit_tolerance) and self.logit_tolerance > 0):
             raise ValueError(f"logit_tolerance must be > 0, got {self.logit_tolerance!r}")
+        if not isinstance(self.cache_queries, bool):
+            raise ValueError(f"cache_queries must be a bool, got {self.cache_queries!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -200,7 +207,9 @@ class Builder:
                     f"run directory {paths.root} was built for model {manifest.model_fingerprint[:16]}, "
                     f"not this model ({self.fingerprint[:16]}): use another --out"
                 )
-            if manifest.methods != self.config.to_dict() or manifest.task != self.task.config():
+            # runs written before a config field existed hold its default
+            stored = {**IndexConfig().to_dict(), **manifest.methods}
+            if stored != self.config.to_dict() or manifest.task != self.task.config():
                 raise ConfigMismatchError(
                     f"run directory {paths.root} was started with another config "
                     f"({manifest.methods}, {manifest.task}); use another --out or the same config"
@@ -492,6 +501,26 @@ class Builder:
             model.load_state_dict(original)
         save_array(self.paths.array("tracin_self_influence"), total)
         self.update_manifest(extra={"tracin": {"checkpoints": len(self.task.checkpoints)}})
+
+    def stage_queries(self, manifest: Manifest) -> None:
+        """LiSSA vectors of every stored test example, solved in blocks (`cache_queries=True` only)."""
+        if not self.config.cache_queries:
+            return
+        from .queries import build_query_cache
+
+        _, theta, unravel = self.jax_head()
+        record = build_query_cache(
+            self.paths,
+            self.head.spec,
+            unravel,
+            theta,
+            l2=self.task.l2,
+            curvature=self.config.curvature,
+            top_eigenvalue=float(load_manifest(self.paths.root).extra["top_eigenvalue"]),
+            progress=self.progress,
+        )
+        if record is not None:
+            self.update_manifest(extra={"query_cache": record})
 
 
 def build_run(task: Task, out: str | Path, *, config: IndexConfig | None = None, progress: bool = True) -> Manifest:
