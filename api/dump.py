@@ -149,7 +149,7 @@ def _select(scores: np.ndarray, rows: np.ndarray, k: int, *, largest: bool) -> t
     kk = min(k, c)
     key = -scores if largest else scores
     kth = np.partition(key, kk - 1, axis=1)[:, kk - 1 : kk] if kk < c else key.max(1, keepdims=True)
-    qi, ci = np.nonzero(key <= kth)
+    qi, ci = np.divmod(np.flatnonzero(key <= kth), c)  # 1-D flatnonzero: ~6x faster than a 2-D nonzero
     r_all = rows[ci] if rows.ndim == 1 else rows[qi, ci]
     k_all = key[qi, ci]
     order = np.lexsort((r_all, k_all, qi))
@@ -159,6 +159,11 @@ def _select(scores: np.ndarray, rows: np.ndarray, k: int, *, largest: bool) -> t
     return scores[qi[keep], ci[keep]].reshape(b, kk), r_all[keep].reshape(b, kk)
 
 
+#: columns of the first tile of a block that seed the running top-k by a partial sort; the rest of the tile is
+#: merged in spans that double in width, so each span brings ~k candidates per query instead of a full sort
+SEED_COLUMNS = 1024
+
+
 def _update(
     best: tuple[np.ndarray, np.ndarray] | None, scores: np.ndarray, start: int, k: int, *, largest: bool
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -166,26 +171,71 @@ def _update(
 
     Once a query holds k results, only entries strictly better than its current k-th can enter (later rows have
     larger indices, so ties keep the earlier row): one comparison pass instead of a partial sort of the tile.
+    Without k results yet, the first `max(k, SEED_COLUMNS)` columns are partially sorted and the rest follows in
+    spans as wide as everything seen so far (the k-th best of n rows is beaten by ~k of the next n).
     """
-    rows = np.arange(start, start + scores.shape[1])
+    c = scores.shape[1]
     if best is None or best[0].shape[1] < k:
-        new = _select(scores, rows, k, largest=largest)
-        if best is None:
-            return new
-        return _select(np.concatenate([best[0], new[0]], 1), np.concatenate([best[1], new[1]], 1), k, largest=largest)
-    b = scores.shape[0]
+        m = min(c, max(k, SEED_COLUMNS))
+        new = _select(scores[:, :m], np.arange(start, start + m), k, largest=largest)
+        if best is not None:
+            cat = (np.concatenate([best[0], new[0]], 1), np.concatenate([best[1], new[1]], 1))
+            new = _select(cat[0], cat[1], k, largest=largest)
+        best, seen = new, start + m
+        while m < c and best[0].shape[1] == k:
+            w = min(seen, c - m)
+            best = _merge(best, scores[:, m : m + w], start + m, k, largest=largest)
+            m, seen = m + w, seen + w
+        return best  # m == c here: with columns left, m >= k, so `best` was full and the loop took them
+    return _merge(best, scores, start, k, largest=largest)
+
+
+def _merge(
+    best: tuple[np.ndarray, np.ndarray], scores: np.ndarray, start: int, k: int, *, largest: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_update` for a full running top-k `best` (k columns): candidates strictly better than each k-th."""
+    b, c = scores.shape
     kth = best[0][:, -1:]
-    qi, ci = np.nonzero(scores > kth if largest else scores < kth)
+    qi, ci = np.divmod(np.flatnonzero(scores > kth if largest else scores < kth), c)
     if qi.size == 0:
         return best
     q_all = np.concatenate([np.repeat(np.arange(b), k), qi])
     s_all = np.concatenate([best[0].ravel(), scores[qi, ci]])
-    r_all = np.concatenate([best[1].ravel(), rows[ci]])
+    r_all = np.concatenate([best[1].ravel(), start + ci])
     order = np.lexsort((r_all, -s_all if largest else s_all, q_all))
     q_sorted = q_all[order]
     rank = np.arange(order.size) - np.searchsorted(q_sorted, np.arange(b))[q_sorted]
     keep = order[rank < k]
     return s_all[keep].reshape(b, k), r_all[keep].reshape(b, k)
+
+
+def _topk_columns(
+    block: np.ndarray,
+    pos: tuple[np.ndarray, np.ndarray],
+    neg: tuple[np.ndarray, np.ndarray],
+    train_ids: np.ndarray,
+    train_labels: np.ndarray,
+    method: str,
+) -> dict[str, Any]:
+    """The Parquet columns of one block: per query its proponents (score > 0) then its opponents (score < 0)."""
+    k = pos[0].shape[1]
+    # [b, 2, k]: the kinds of one query are adjacent, proponents first; masks drop the wrong-signed entries
+    score = np.stack([pos[0], neg[0]], 1)
+    row = np.stack([pos[1], neg[1]], 1)
+    keep = np.stack([pos[0] > 0, neg[0] < 0], 1)
+    rank = np.broadcast_to(np.arange(1, k + 1, dtype=np.int32), keep.shape)  # wrong-signed entries come last
+    kind = np.broadcast_to(np.array([0, 1])[None, :, None], keep.shape)
+    test_id = np.broadcast_to(np.asarray(block, np.int64)[:, None, None], keep.shape)
+    rows = row[keep]
+    return {
+        "test_id": test_id[keep],
+        "kind": np.array(["proponent", "opponent"])[kind[keep]],
+        "rank": rank[keep],
+        "example_id": train_ids[rows],
+        "score": score[keep],
+        "label": np.asarray(train_labels[rows], np.int64),
+        "method": np.full(len(rows), method),
+    }
 
 
 def _fingerprint(index: Index, ids: np.ndarray, k: int, method: str, block_size: int, dense: bool) -> str:
@@ -330,6 +380,7 @@ def dump(
 
     side = TrainSide(index, method)
     chunk_rows = max(1, min(n_train, TILE_SCORES // block_size, (256 << 20) // (4 * max(side.dim, 1))))
+    tile = np.empty(block_size * chunk_rows, np.float32)  # one reused score buffer: no page faults per tile
     schema = _topk_schema()
     train_labels = np.asarray(index.train_labels)
     train_ids = np.asarray(index.train_ids, np.int64)
@@ -342,44 +393,32 @@ def dump(
         q, _ = index.query_vectors(method, h, tgt)
         q = np.ascontiguousarray(q, np.float32)
         mis = logits.argmax(1) != np.asarray(labels)
+        # column sums over the block's queries and over its misclassified ones, as one [2, b] x [b, c] product
+        weights = np.stack([np.ones(len(block)), mis]).astype(np.float32)
         pos = neg = None
         for start in range(0, n_train, chunk_rows):
             sl = slice(start, min(start + chunk_rows, n_train))
-            s = q @ side.chunk(sl).T  # [b, c]
+            s = tile[: len(block) * (sl.stop - start)].reshape(len(block), -1)
+            np.matmul(q, side.chunk(sl).T, out=s)  # [b, c]
             pos = _update(pos, s, sl.start, k, largest=True)
             neg = _update(neg, s, sl.start, k, largest=False)
-            if aggregates:
-                plus = np.maximum(s, 0.0)
-                acc["sum_positive"][sl] += plus.sum(0, dtype=np.float64)
-                acc["sum_negative"][sl] += s.sum(0, dtype=np.float64) - plus.sum(0, dtype=np.float64)
-                if mis.any():
-                    plus_m, s_m = plus[mis], s[mis]
-                    acc["sum_positive_misclassified"][sl] += plus_m.sum(0, dtype=np.float64)
-                    acc["sum_negative_misclassified"][sl] += s_m.sum(0, dtype=np.float64) - plus_m.sum(
-                        0, dtype=np.float64
-                    )
             if dense_mm is not None:
                 dense_mm[b * block_size : b * block_size + len(block), sl] = s
+            if aggregates:  # s is not needed after this: its positive part is taken in place
+                total = weights @ s
+                plus = weights @ np.maximum(s, 0.0, out=s)
+                acc["sum_positive"][sl] += plus[0]
+                acc["sum_negative"][sl] += total[0] - plus[0].astype(np.float64)
+                acc["sum_positive_misclassified"][sl] += plus[1]
+                acc["sum_negative_misclassified"][sl] += total[1] - plus[1].astype(np.float64)
         assert pos is not None and neg is not None
-        cols: dict[str, list[Any]] = {name: [] for name in TOPK_COLUMNS}
-        for j, qid in enumerate(block):
-            for kind, (sc, rw), keep in (
-                ("proponent", (pos[0][j], pos[1][j]), pos[0][j] > 0),
-                ("opponent", (neg[0][j], neg[1][j]), neg[0][j] < 0),
-            ):
-                rw, sc = rw[keep], sc[keep]
-                cols["test_id"] += [int(qid)] * len(rw)
-                cols["kind"] += [kind] * len(rw)
-                cols["rank"] += list(range(1, len(rw) + 1))
-                cols["example_id"] += train_ids[rw].tolist()
-                cols["score"] += sc.tolist()
-                cols["label"] += train_labels[rw].tolist()
-                cols["method"] += [method] * len(rw)
-                if aggregates:
-                    counter = "n_top_proponent" if kind == "proponent" else "n_top_opponent"
-                    np.add.at(acc[counter], rw, 1)
-                    if kind == "opponent" and mis[j]:
-                        np.add.at(acc["n_top_opponent_misclassified"], rw, 1)
+        cols = _topk_columns(block, pos, neg, train_ids, train_labels, method)
+        if aggregates:
+            pro_rows = pos[1][pos[0] > 0]
+            opp_keep = neg[0] < 0
+            acc["n_top_proponent"] += np.bincount(pro_rows, minlength=n_train)
+            acc["n_top_opponent"] += np.bincount(neg[1][opp_keep], minlength=n_train)
+            acc["n_top_opponent_misclassified"] += np.bincount(neg[1][opp_keep & mis[:, None]], minlength=n_train)
         with atomic_path(work / f"part-{b:06d}.parquet") as tmp:
             pq.write_table(pa.table(cols, schema=schema), tmp)
         if dense_mm is not None:
