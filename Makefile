@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets scale scale-update bench-service clean
+.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets scale scale-dump scale-update bench-service clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -63,6 +63,10 @@ fidelity: loo lds lissa hvp
 # a quick pass. Needs ~4 GB of disk under experiments/cache/scale.
 scale: $(STAMP)
 	$(BIN)/python experiments/scale_1m.py
+
+# Only the 10k x 1M top-100 dump (and its interleaved matmul rate) against the run `make scale` built.
+scale-dump: $(STAMP)
+	$(BIN)/python experiments/scale_1m.py --dump
 
 # Incremental updates on Fashion-MNIST (60k + 6k) against a full build (needs `make data`).
 scale-update: $(STAMP)
