@@ -57,6 +57,10 @@ class IndexConfig:
         projection_seed: seed of the Gaussian projection.
         exact_max_params: heads up to this many parameters get a dense eigendecomposition (method "exact").
         deflation_rank: top eigenpairs of the curvature computed once and deflated in LiSSA (0 = plain LiSSA).
+        curvature_rows: the top-eigenpair subspace iterations run over a seeded subsample of this many
+            training rows (all rows when there are fewer); one final Rayleigh-Ritz step uses every row. The
+            eigenpairs only precondition LiSSA (its fixed point is exact whatever the subspace), so the
+            subsample costs iterations, never accuracy; it makes 100k-parameter heads buildable on a CPU.
         representer_l2: Yeh et al.'s lambda of lambda||Theta||^2; None = l2/2 of the task, or 1e-3 if it is 0.
         logit_tolerance: max abs difference allowed between torch and JAX head logits (relative to max |logit|).
         chunk_rows: examples per resumable chunk.
@@ -76,6 +80,7 @@ class IndexConfig:
     projection_seed: int = 0
     exact_max_params: int = 4096
     deflation_rank: int = 64
+    curvature_rows: int = 4096
     representer_l2: float | None = None
     logit_tolerance: float = 1e-4
     chunk_rows: int = 2048
@@ -85,7 +90,7 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.curvature not in ("ggn", "hessian"):
             raise ValueError(f"curvature must be 'ggn' or 'hessian', got {self.curvature!r}")
-        for name in ("project_above", "projection_dim", "chunk_rows"):
+        for name in ("project_above", "projection_dim", "chunk_rows", "curvature_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -170,7 +175,14 @@ def write_curvature(
     extra: dict[str, Any] = {}
     rank = min(config.deflation_rank, p - 1)
     if rank > 0:
-        lam, vecs = inf.compute_top_eigenpairs(matvec, p, rank=rank, dtype=np.float64)
+        subspace_matvec = None
+        if len(h) > config.curvature_rows:
+            rows = np.sort(np.random.default_rng(0).choice(len(h), size=config.curvature_rows, replace=False))
+            subspace_matvec = inf.make_head_matvec(
+                spec, unravel, theta, np.asarray(h[rows]), y[rows], l2=l2, curvature=config.curvature
+            )
+            extra["curvature_subspace_rows"] = config.curvature_rows
+        lam, vecs = inf.compute_top_eigenpairs(matvec, p, rank=rank, dtype=np.float64, subspace_matvec=subspace_matvec)
         save_array(paths.array("curvature_top_eigenvalues"), np.asarray(lam, np.float64))
         save_array(paths.array("curvature_top_eigenvectors"), np.asarray(vecs, np.float32))
         extra |= {"top_eigenvalue": float(lam[0]), "deflation_rank": rank}

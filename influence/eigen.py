@@ -43,8 +43,14 @@ def compute_top_eigenpairs(
     oversample: int | None = None,
     seed: int = 0,
     dtype: DTypeLike = jnp.float64,
+    subspace_matvec: MatVec | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Returns the top ``rank`` eigenpairs of a symmetric PSD matvec by block subspace iteration.
+
+    With ``subspace_matvec`` (e.g. the curvature over a seeded subsample of the training rows, an unbiased
+    estimate of A), the power iterations use it and only the final Rayleigh-Ritz step uses ``matvec``: the
+    returned pairs are exact Ritz pairs of A on a subspace found cheaply, the Ritz values still lower bounds
+    of A's eigenvalues, and the cost is iters passes over the subsample plus one pass over all rows.
 
     Args:
         matvec: v -> A v on vectors [p] (vmap-able; e.g. ``make_head_matvec``, which gives C + l2 I).
@@ -54,6 +60,7 @@ def compute_top_eigenpairs(
         oversample: extra columns iterated but not returned; None = max(10, rank // 2) (capped at p - rank).
         seed: seed of the Gaussian start block.
         dtype: dtype of the basis, the orthogonalisation and the results (matvec outputs are cast to it).
+        subspace_matvec: a cheaper approximation of the matvec for the power iterations; None = matvec.
 
     Returns:
         (eigenvalues [rank] descending, eigenvectors [p, rank] with orthonormal columns), numpy arrays in dtype.
@@ -95,9 +102,9 @@ def compute_top_eigenpairs(
         return Y
 
     @jax.jit
-    def run(mv: Partial, omega: jax.Array, n_iters: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def run(mv: Partial, sub: Partial, omega: jax.Array, n_iters: jax.Array) -> tuple[jax.Array, jax.Array]:
         Q0 = orth(omega)
-        Q = jax.lax.fori_loop(0, n_iters, lambda _, Q: orth(apply(mv, Q)), Q0)
+        Q = jax.lax.fori_loop(0, n_iters, lambda _, Q: orth(apply(sub, Q)), Q0)
         B = Q.T @ apply(mv, Q)
         theta, S = jnp.linalg.eigh(0.5 * (B + B.T))
         order = jnp.argsort(-theta)
@@ -106,7 +113,9 @@ def compute_top_eigenpairs(
 
     omega = jax.random.normal(jax.random.PRNGKey(seed), (p, k), dtype=dtype)
     # The matvec's arrays enter as arguments, not as constants XLA would fold at compile time.
-    theta, vectors = run(as_matvec_pytree(matvec), omega, jnp.asarray(iters))
+    mv = as_matvec_pytree(matvec)
+    sub = mv if subspace_matvec is None else as_matvec_pytree(subspace_matvec)
+    theta, vectors = run(mv, sub, omega, jnp.asarray(iters))
     theta, vectors = np.asarray(theta), np.asarray(vectors)
     if not (np.all(np.isfinite(theta)) and np.all(np.isfinite(vectors))):
         raise ValueError("subspace iteration produced NaN or inf: the matvec is not finite")

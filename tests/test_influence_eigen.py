@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from influence import (
+    LissaConfig,
     compute_dense_curvature,
     compute_top_eigenpairs,
     eigenpair_residuals,
     flatten_params,
     make_head_matvec,
+    solve_lissa,
 )
 
 P = 60
@@ -69,6 +71,49 @@ def test_head_ggn_eigenpairs_match_dense_curvature() -> None:
     lam, U = compute_top_eigenpairs(matvec, p, rank=6, iters=100)
     np.testing.assert_allclose(lam, np.linalg.eigvalsh(dense)[::-1][:6], rtol=1e-6)
     np.testing.assert_allclose(U.T @ dense @ U, np.diag(lam), atol=1e-8 * lam[0])
+
+
+def test_subsampled_subspace_gives_ritz_pairs_of_the_full_curvature_and_an_exact_lissa_solve() -> None:
+    """Power iterations on 300 of 3,000 rows, Rayleigh-Ritz on all: exact Ritz pairs of the full GGN, lower
+    bounds of its eigenvalues, close to the top ones; deflated LiSSA with them still solves the full system."""
+    rng = np.random.default_rng(2)
+    spec = [
+        {"kind": "linear", "in_features": 12, "out_features": 8, "bias": True},
+        {"kind": "relu"},
+        {"kind": "linear", "in_features": 8, "out_features": 3, "bias": True},
+    ]
+    h = rng.normal(size=(3000, 12)) * np.geomspace(3.0, 0.2, 12)
+    y = rng.integers(0, 3, size=3000)
+    params = [
+        {"weight": 0.5 * rng.normal(size=(8, 12)), "bias": 0.1 * rng.normal(size=8)},
+        {},
+        {"weight": 0.5 * rng.normal(size=(3, 8)), "bias": np.zeros(3)},
+    ]
+    theta, unravel = flatten_params(params)
+    p = theta.shape[0]
+    matvec = make_head_matvec(spec, unravel, theta, h, y, l2=1e-3)
+    rows = np.sort(rng.choice(3000, size=300, replace=False))
+    sub = make_head_matvec(spec, unravel, theta, h[rows], y[rows], l2=1e-3)
+    dense = compute_dense_curvature(matvec, p, dtype=np.float64)
+    true = np.linalg.eigvalsh(dense)[::-1]
+    lam, U = compute_top_eigenpairs(matvec, p, rank=6, iters=30, subspace_matvec=sub)
+    np.testing.assert_allclose(U.T @ dense @ U, np.diag(lam), atol=1e-10 * lam[0])  # Ritz pairs of the full C
+    assert np.all(lam <= true[:6] * (1 + 1e-10))
+    assert np.max(np.abs(lam - true[:6]) / true[:6]) < 0.1  # the subsample finds the top subspace
+    sub_only, _ = compute_top_eigenpairs(sub, p, rank=6, iters=30)
+    assert not np.allclose(sub_only, lam, rtol=1e-6)  # the final step did use every row
+    rhs = rng.normal(size=(3, p))
+    config = LissaConfig(damping=0.0, tol=1e-8)
+    result = solve_lissa(matvec, jnp.asarray(rhs), config=config, l2=1e-3, deflation=(lam, U))
+    np.testing.assert_allclose(result.x, np.linalg.solve(dense, rhs.T).T, rtol=1e-5, atol=1e-8)
+
+
+def test_subspace_matvec_equal_to_matvec_changes_nothing(decaying) -> None:
+    _, matvec = decaying
+    lam, U = compute_top_eigenpairs(matvec, P, rank=4, iters=20)
+    lam2, U2 = compute_top_eigenpairs(matvec, P, rank=4, iters=20, subspace_matvec=matvec)
+    np.testing.assert_allclose(lam2, lam, rtol=1e-12)
+    np.testing.assert_allclose(np.abs(np.sum(U * U2, axis=0)), 1.0, atol=1e-10)
 
 
 @pytest.mark.parametrize(
