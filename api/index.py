@@ -68,6 +68,8 @@ class Index:
 
     #: candidates per sign fetched from a projected FAISS space before exact re-scoring (at least 20 k)
     min_candidates: int = 1000
+    #: read LiSSA vectors of stored test examples from the build's query cache when valid (False: always solve)
+    use_query_cache: bool = True
 
     def __init__(self, path: str | Path, *, task: Task | None = None, lissa: inf.LissaConfig | None = None) -> None:
         self.paths = RunPaths(Path(path))
@@ -278,7 +280,7 @@ class Index:
         self, g: np.ndarray, targets: np.ndarray, test_rows: np.ndarray | None
     ) -> tuple[np.ndarray, dict[str, float]]:
         """LiSSA vectors of g [m, p]: read from the query cache for stored test rows at their cached target."""
-        cache = self.query_cache
+        cache = self.query_cache if self.use_query_cache else None
         if test_rows is None or cache is None:
             return self.solve(g, "lissa")
         solutions, cached_targets, residuals = cache

@@ -66,7 +66,7 @@ def test_cached_vectors_equal_uncached_lissa_and_the_dense_solve(cached_runs, op
 
 def test_explain_reads_the_cache_and_gives_the_uncached_answer(cached_runs):
     with open_index(cached_runs / "dense") as cached, open_index(cached_runs / "dense") as uncached:
-        uncached.__dict__["query_cache"] = None  # the same run with its cache switched off
+        uncached.use_query_cache = False  # the same run, solving at query time
         fast = cached.explain(test_ids=TEST_IDS, k=10, method="lissa")
         slow = uncached.explain(test_ids=TEST_IDS, k=10, method="lissa")
         dense = uncached.pairwise_scores(TEST_IDS, method="exact")
