@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets scale scale-dump scale-update bench-service clean
+.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets tweets-noise bench-lastblock scale scale-dump scale-update bench-service clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -102,6 +102,22 @@ tweets: $(STAMP) $(PEERS)/.hf
 	test -f experiments/cache/tweets/features.npy || $(BIN)/python experiments/tweets_features.py compute --out experiments/cache/tweets/features.npy
 	$(BIN)/python experiments/tweets_minilm.py
 	$(BIN)/python experiments/tweets_latency.py
+
+# The label-noise job on the tweets (current fused default) against training loss and cleanlab, 5 seeds of 10%
+# injected flips; reuses `make tweets`' cached features and run directories.
+tweets-noise: $(STAMP) $(PEERS)/.hf $(PEERS)/.cleanlab
+	$(BIN)/python experiments/tweets_noise.py --cleanlab-path $(PEERS)
+
+# Last-block scope (issue 5): per-example gradient embeddings of MiniLM's last block + head against captum
+# TracInCP and dattri in one run (peers in their own target dirs, never project deps; ~20 min on 2 shared cores).
+$(PEERS)/.lastblock: $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt --no-deps --target $(PEERS)/captum captum==0.9.0
+	$(BIN)/pip install -q -c constraints.txt --no-deps --target $(PEERS)/dattri dattri==0.3.0
+	touch $@
+
+bench-lastblock: $(STAMP) $(PEERS)/.hf $(PEERS)/.lastblock
+	test -f experiments/cache/tweets/features.npy || $(BIN)/python experiments/tweets_features.py compute --out experiments/cache/tweets/features.npy
+	$(BIN)/python experiments/hf_lastblock_bench.py
 
 # HTTP service under load (issue 7): 5,000 POST /explain at concurrency 16 against a Fashion-MNIST index.
 bench-service: $(STAMP) data
