@@ -312,6 +312,71 @@ def phase_dump() -> dict:
     }
 
 
+def phase_dump_profile() -> dict:
+    """Where a dump block's time goes: the steps of `api.dump`'s block loop timed one by one on the real run
+    (one block of 256 queries x 1M, after a warm-up block so JAX compilation is not counted)."""
+    import contextlib
+
+    from api import open_index
+    from api.dump import TrainSide, _save_state, _topk_columns, _update
+
+    times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(name: str):
+        t0 = time.perf_counter()
+        yield
+        times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+    with open_index(run_dir()) as index:
+        side = TrainSide(index, "grad-dot")
+        n, chunk, b = len(index.train_ids), 65_536, 256
+        tile = np.empty(b * chunk, np.float32)
+        acc = {"sum_positive": np.zeros(n), "sum_negative": np.zeros(n)}
+        weights = np.ones((2, b), np.float32)
+        for first in (0, b):  # the first block warms up (JAX compiles the query-gradient function)
+            times.clear()
+            ids = [int(v) for v in index.test_ids[first : first + b]]
+            with timed("prepare + query vectors"):
+                h, _, tgt, _, _ = index.prepare(ids, None, None)
+                q = np.ascontiguousarray(index.query_vectors("grad-dot", h, tgt)[0], np.float32)
+            pos = neg = None
+            for start in range(0, n, chunk):
+                sl = slice(start, min(start + chunk, n))
+                s = tile[: b * (sl.stop - start)].reshape(b, -1)
+                with timed("train chunk (memmap)"):
+                    g = side.chunk(sl)
+                with timed("matmul"):
+                    np.matmul(q, g.T, out=s)
+                with timed("top-k proponents"):
+                    pos = _update(pos, s, start, 100, largest=True)
+                with timed("top-k opponents"):
+                    neg = _update(neg, s, start, 100, largest=False)
+                with timed("aggregates"):
+                    total = weights @ s
+                    plus = weights @ np.maximum(s, 0.0, out=s)
+                    acc["sum_positive"][sl] += plus[0]
+                    acc["sum_negative"][sl] += total[0] - plus[0].astype(np.float64)
+            with timed("Parquet columns"):
+                _topk_columns(np.asarray(ids), pos, neg, index.train_ids, index.train_labels, "grad-dot")
+            work = WORK / "profile-state"
+            work.mkdir(exist_ok=True)
+            state = {f"a{i}": np.zeros(n) for i in range(7)}
+            with timed("checkpoint (7 accumulators of 1M, fsync)"):
+                _save_state(work, 1, state)
+            shutil.rmtree(work)
+    total_s = sum(times.values())
+    return {
+        "queries": b,
+        "train": n,
+        "seconds": times,
+        "share": {k: v / total_s for k, v in times.items()},
+        "matmul_gflop_s_in_loop": 2 * 256 * b * n / times["matmul"] / 1e9,
+        "matmul_gflop_s_after": matmul_gflop_s(5),
+        "load_avg_after": os.getloadavg(),
+    }
+
+
 def _parquet_rows(path: Path) -> int:
     import pyarrow.parquet as pq
 
@@ -370,6 +435,7 @@ def main() -> None:
             "search": phase_search,
             "explain": phase_explain,
             "dump": phase_dump,
+            "dump_profile": phase_dump_profile,
         }[name](*args)
         print(json.dumps(result))
         return
@@ -379,6 +445,7 @@ def main() -> None:
         results = json.loads(json_path.read_text()) if json_path.exists() else {"n_train": N_TRAIN}
         results["dump"] = run_phase("dump")
         results["dump_over_matmul"] = results["dump"].get("dump_over_matmul", float("nan"))
+        results["dump_profile"] = run_phase("dump_profile")
         json_path.write_text(json.dumps(results, indent=2) + "\n")
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--approximate":  # the approximate indexes alone, on a built grad space
