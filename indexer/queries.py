@@ -93,6 +93,48 @@ def _deflation(paths: RunPaths, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray
     return np.asarray(load_array(path)), np.ascontiguousarray(vecs, dtype=dtype)
 
 
+def lissa_operator(
+    paths: RunPaths,
+    spec: list[dict[str, Any]],
+    unravel: Any,
+    theta: Any,
+    h_train: np.ndarray,
+    y_train: np.ndarray,
+    *,
+    l2: float,
+    curvature: str,
+    dense: bool | None = None,
+) -> tuple[str, Any]:
+    """("dense" | "data", matvec v -> (C + l2 I) v) for the cache's solves (see the module docstring).
+
+    dense=None picks "dense" when the run stores the eigendecomposition; True / False force one.
+    """
+    dense_path = paths.array("curvature_eigenvalues")
+    if dense is None:
+        dense = dense_path.exists()
+    if dense:
+        lam = np.asarray(load_array(dense_path), np.float64)
+        Q = np.asarray(load_array(paths.array("curvature_eigenvectors")), np.float64)
+        A = jnp.asarray(((Q * lam) @ Q.T).astype(h_train.dtype))
+
+        def matvec(v: Any) -> Any:
+            return A @ v.astype(A.dtype)
+
+        return "dense", matvec
+    n = len(h_train)
+    # the same product as Index.matvec
+    return "data", inf.make_head_matvec(
+        spec,
+        unravel,
+        theta,
+        h_train,
+        y_train,
+        l2=l2,
+        curvature=curvature,
+        batch_size=None if n <= 16_384 else 4096,
+    )
+
+
 def build_query_cache(
     paths: RunPaths,
     spec: list[dict[str, Any]],
@@ -123,30 +165,9 @@ def build_query_cache(
     lam_defl = None if deflation is None else deflation[0]
     config = inf.LissaConfig()
     damping = lissa_damping(top_eigenvalue, lam_defl, l2, config)
-    dense_path = paths.array("curvature_eigenvalues")
-    if dense_path.exists():
-        operator = "dense"
-        lam = np.asarray(load_array(dense_path), np.float64)
-        Q = np.asarray(load_array(paths.array("curvature_eigenvectors")), np.float64)
-        A = jnp.asarray(((Q * lam) @ Q.T).astype(h_train.dtype))
-
-        def matvec(v: Any) -> Any:
-            return A @ v.astype(A.dtype)
-
-    else:
-        operator = "data"
-        n = len(h_train)
-        # the same product as Index.matvec
-        matvec = inf.make_head_matvec(
-            spec,
-            unravel,
-            theta,
-            h_train,
-            y_train,
-            l2=l2,
-            curvature=curvature,
-            batch_size=None if n <= 16_384 else 4096,
-        )
+    operator, matvec = lissa_operator(
+        paths, spec, unravel, theta, h_train, y_train, l2=l2, curvature=curvature, dense=None
+    )
     p = int(np.asarray(theta).shape[0])
     solutions = ChunkedArray.open_or_create(
         paths.array("query_solutions"), shape=(n_test, p), dtype=np.float32, chunk_rows=BLOCK_ROWS
