@@ -36,3 +36,37 @@ def digits_logreg_run(tmp_path_factory, digits_logreg_task):
     path = tmp_path_factory.mktemp("runs") / "digits-logreg"
     build_index(digits_logreg_task, path, progress=False).close()
     return path
+
+
+@pytest.fixture(scope="session")
+def loopback_uvicorn():
+    """Serves an ASGI app on a real uvicorn server on 127.0.0.1 (a free port) in a daemon thread.
+
+    Usage: `with loopback_uvicorn(app) as base_url: ...`; the server is stopped and joined on exit.
+    """
+    import contextlib
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    @contextlib.contextmanager
+    def serve(app, *, start_timeout: float = 30.0, stop_timeout: float = 60.0):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + start_timeout
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            thread.join(stop_timeout)
+
+    return serve

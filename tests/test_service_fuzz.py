@@ -11,14 +11,10 @@ of this model and one per query, and raw `inputs` need a server started with the
 """
 
 import shutil
-import socket
-import threading
-import time
 
 import hypothesis
 import pytest
 import schemathesis
-import uvicorn
 from schemathesis.checks import positive_data_acceptance
 from schemathesis.generation import GenerationMode
 
@@ -41,27 +37,17 @@ OPERATIONS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def api_schema(digits_mlp_run, tmp_path_factory):
+def api_schema(digits_mlp_run, tmp_path_factory, loopback_uvicorn):
     run = tmp_path_factory.mktemp("fuzz") / "run"
     shutil.copytree(digits_mlp_run, run, ignore=shutil.ignore_patterns("dumps"))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(run, api_key=KEY), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{port}/openapi.json")
+    with loopback_uvicorn(create_app(run, api_key=KEY)) as base_url:
+        yield _schema(base_url)
+
+
+def _schema(base_url):
+    """The served OpenAPI schema, every case sent with the API key."""
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
 
     @schema.auth()
     class KeyAuth:
@@ -71,9 +57,7 @@ def api_schema(digits_mlp_run, tmp_path_factory):
         def set(self, case, data, context):
             case.headers = {**(case.headers or {}), "X-API-Key": data}
 
-    yield schema
-    server.should_exit = True
-    thread.join(60)
+    return schema
 
 
 def test_every_route_is_fuzzed(api_schema):

@@ -8,13 +8,10 @@ proponent/opponent digits drawn where the page puts them.
 import io
 import os
 import shutil
-import socket
-import threading
 import time
 
 import numpy as np
 import pytest
-import uvicorn
 
 from api import open_index
 from api.service import create_app
@@ -44,24 +41,11 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright missing
 
 
 @pytest.fixture(scope="module")
-def base_url(digits_mlp_run, tmp_path_factory):
+def base_url(digits_mlp_run, tmp_path_factory, loopback_uvicorn):
     run = tmp_path_factory.mktemp("web") / "run"
     shutil.copytree(digits_mlp_run, run, ignore=shutil.ignore_patterns("dumps"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(run, api_key=KEY), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    with loopback_uvicorn(create_app(run, api_key=KEY), stop_timeout=30) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
