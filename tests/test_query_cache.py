@@ -13,11 +13,13 @@ import shutil
 
 import numpy as np
 import pytest
+from torch.utils.data import TensorDataset
 
 import indexer.queries as queries
 import influence as inf
 from api import build_index, open_index
-from indexer import IndexConfig
+from indexer import IndexConfig, Task
+from indexer.update import add_examples, delete_examples
 from store import ConfigMismatchError
 
 TEST_IDS = list(range(0, 360, 9))
@@ -167,3 +169,27 @@ def test_config_is_checked_and_old_runs_resume(digits_logreg_task, cached_runs, 
     build_index(digits_logreg_task, path, progress=False).close()
     with pytest.raises(ConfigMismatchError, match="another config"):
         build(digits_logreg_task, path)
+
+
+@pytest.mark.slow
+def test_an_incremental_update_invalidates_the_cache(digits_logreg_task, tmp_path):
+    base = digits_logreg_task
+    x, y = base.train.tensors
+    n0 = len(x) - 20
+    task = Task(model=base.model, train=TensorDataset(x[:n0], y[:n0]), test=base.test, l2=base.l2)
+    build(task, tmp_path / "run")
+    with open_index(tmp_path / "run") as index:
+        assert index.query_cache is not None
+        [before] = index.explain(test_ids=[3], k=3)
+        assert before.diagnostics["cached"] == 1.0
+    # the fast path keeps the stored curvature: only the training set (and so the LiSSA operator) changes
+    add_examples(
+        task, tmp_path / "run", TensorDataset(x[n0:], y[n0:]), refresh_curvature=False, refresh_representer=False
+    )
+    with open_index(tmp_path / "run") as index:
+        assert index.query_cache is None
+        [after] = index.explain(test_ids=[3], k=3)
+        assert "cached" not in after.diagnostics
+    delete_examples(tmp_path / "run", [0, 1], refresh_curvature=False)
+    with open_index(tmp_path / "run") as index:
+        assert index.query_cache is None
