@@ -192,7 +192,11 @@ def task_kwargs_from_hf(
     if scope not in SCOPES:
         raise TaskError(f"scope must be one of {SCOPES}, got {scope!r}")
     if scope == "last-block":
-        raise TaskError("scope='last-block' is not implemented yet; use scope='head'")
+        raise TaskError(
+            "scope='last-block' is not available through build_index yet: its per-example gradient embeddings, "
+            "projection and curvature products are in indexer.torch_backend (LastBlockScope, embed_texts, "
+            "make_torch_matvec); use scope='head' for an index"
+        )
     if not isinstance(model, nn.Module):
         raise TaskError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(tokenizer) or not hasattr(tokenizer, "pad"):

@@ -20,13 +20,12 @@ Per-example gradients (`compute_per_example_grads`): g_i = d CE(f(theta, x_i), y
 `vmap(grad(...))` over the examples of a micro-batch (padding tokens masked, so g_i does not depend on the
 batch it sits in). They are projected as they are computed, never stored at full size:
 
-- `SparseProjection` (default for large scopes): a seeded sparse Johnson-Lindenstrauss transform
-  (Kane & Nelson 2014, "Sparser Johnson-Lindenstrauss transforms", block construction): coordinate j is sent
-  to one bucket in each of s blocks of d/s output dimensions with a random sign, scaled by 1/sqrt(s); then
-  E[<S x, S y>] = <x, y> and Var <= 2 ||x||^2 ||y||^2 / d (as for the Gaussian projection). Applying it to
-  a batch costs O(batch x p x s) instead of O(batch x p x d). Buckets and signs are a pure function of
-  (p, d, s, seed), drawn with numpy's PCG64 (`np.random.default_rng(seed)`); it is *not* the Gaussian of
-  `influence.projection` (that one is dense; at p ~ 2M, d = 1024 it is 8 GB and 2 TFLOP per 1,000 examples).
+- `SketchProjection` (`kind="sketch"`, the default): a seeded count-sketch fold of the p coordinates to
+  q = 65,536 buckets (random signs, bucket j mod q: one pass, no gather or scatter), then `influence.projection`'s
+  Gaussian P [q, d] (same seed and rows). E[<S x, S y>] = <x, y>; the fold adds a variance of order
+  ||x||^2 ||y||^2 / q to the Gaussian's. It costs O(p + q d) per example instead of O(p d): the dense Gaussian
+  of `influence.projection` at p ~ 1.8M (MiniLM's last block), d = 1024 is 7 GB and 3.6 GFLOP per example.
+  For p <= q it *is* `influence.project` (no fold).
 - `GaussianProjection` (`kind="gaussian"`): exactly `influence.projection`'s P (same seed and row layout,
   materialised once from JAX), so the torch side projects identically to the JAX side; for small p only.
 
@@ -57,7 +56,7 @@ from .errors import TaskError, UnsupportedLayerError
 from .gradients import head_param_names
 from .hf import check_texts, pool_hidden, split_hf_model
 
-PROJECTIONS = ("sparse", "gaussian")
+PROJECTIONS = ("sketch", "gaussian")
 
 
 # ------------------------------------------------------------------------------------------------ scopes
@@ -247,48 +246,68 @@ class LastBlockScope(TorchScope):
 
 # ------------------------------------------------------------------------------------------- projections
 @dataclass(frozen=True, kw_only=True)
-class SparseProjection:
-    """Seeded sparse JL transform S: R^p -> R^d, s nonzeros (+-1/sqrt(s)) per input coordinate, one per block
-    of d/s output dimensions (Kane & Nelson 2014). E[<Sx, Sy>] = <x, y>; a pure function of (p, d, s, seed)."""
+class SketchProjection:
+    """Seeded two-stage JL transform S: R^p -> R^d, a count-sketch fold to q buckets, then a Gaussian q -> d.
+
+        S^T x = P^T (F^T x),   (F^T x)_b = sum_{j : j mod q = b} sigma_j x_j,   sigma_j = +-1,   P [q, d] ~ N(0, 1/d)
+
+    P is `influence.projection`'s (same seed, same rows). E[F F^T] = I (independent random signs) and
+    E[P P^T] = I, so E[<S^T x, S^T y>] = <x, y>; the fold adds a variance of order ||x||^2 ||y||^2 / q to the
+    Gaussian's (<x, y>^2 + ||x||^2 ||y||^2) / d, small for q >> d. The fold is one pass over the gradients
+    (sign flip, reshape, sum: no gather or scatter), the dense part costs q x d per example, not p x d. When
+    p <= q there is no fold and S is exactly `influence.project`'s P.
+
+    References: Charikar, Chen & Farach-Colton 2002 (count sketch); Woodruff 2014, "Sketching as a Tool for
+    Numerical Linear Algebra", sec. 2 (composing sketches); Johnson & Lindenstrauss 1984.
+    """
 
     p: int
     d: int
     seed: int
-    s: int = 4
-    _buckets: torch.Tensor = field(init=False, repr=False)  # [s, p] int64
-    _signs: torch.Tensor = field(init=False, repr=False)  # [s, p] float32 (+-1/sqrt(s))
+    buckets: int = 65_536
+    _signs: torch.Tensor | None = field(init=False, repr=False)  # [p] +-1 (None when p <= buckets)
+    _P: torch.Tensor = field(init=False, repr=False)  # [min(p, buckets), d]
 
     def __post_init__(self) -> None:
-        for name in ("p", "d", "s"):
+        import influence as inf
+
+        for name in ("p", "d", "buckets"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
-        if self.d % self.s:
-            raise ValueError(f"d must be a multiple of s={self.s}, got d={self.d}")
-        rng = np.random.default_rng(self.seed)
-        width = self.d // self.s
-        buckets = rng.integers(0, width, size=(self.s, self.p)) + width * np.arange(self.s)[:, None]
-        signs = (rng.integers(0, 2, size=(self.s, self.p)) * 2 - 1) / math.sqrt(self.s)
-        object.__setattr__(self, "_buckets", torch.from_numpy(buckets.astype(np.int64)))
-        object.__setattr__(self, "_signs", torch.from_numpy(signs.astype(np.float32)))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        q = min(self.p, self.buckets)
+        P = inf.make_projection(q, self.d, seed=int(self.seed)).matrix(dtype=np.float32)
+        object.__setattr__(self, "_P", torch.from_numpy(np.ascontiguousarray(P)))
+        signs = None
+        if self.p > self.buckets:
+            rng = np.random.default_rng([int(self.seed), 1])  # independent of P's stream
+            signs = torch.from_numpy((rng.integers(0, 2, size=self.p) * 2 - 1).astype(np.float32))
+        object.__setattr__(self, "_signs", signs)
+
+    def fold(self, G: torch.Tensor) -> torch.Tensor:
+        """F^T applied to each row: [m, p] -> [m, q]."""
+        if self._signs is None:
+            return G
+        x = G * self._signs.to(G.dtype)
+        q, whole = self.buckets, (self.p // self.buckets) * self.buckets
+        out = x[:, :whole].reshape(len(x), -1, q).sum(1)
+        out[:, : self.p - whole] += x[:, whole:]
+        return out
 
     def project(self, G: torch.Tensor) -> torch.Tensor:
         """[m, p] -> [m, d] (G's dtype)."""
         if G.ndim != 2 or G.shape[1] != self.p:
             raise ValueError(f"G must have shape [m, {self.p}], got {tuple(G.shape)}")
-        out = G.new_zeros((G.shape[0], self.d))
-        for j in range(self.s):
-            out.index_add_(1, self._buckets[j], G * self._signs[j].to(G.dtype))
-        return out
+        return self.fold(G) @ self._P.to(G.dtype)
 
     def matrix(self) -> np.ndarray:
-        """The dense S [p, d] (tests only)."""
-        S = np.zeros((self.p, self.d))
-        for j in range(self.s):
-            S[np.arange(self.p), self._buckets[j].numpy()] += self._signs[j].numpy()
-        return S
+        """The dense S [p, d] (tests only): row j is sigma_j P[j mod q]."""
+        P = self._P.double().numpy()
+        if self._signs is None:
+            return P
+        return P[np.arange(self.p) % self.buckets] * self._signs.double().numpy()[:, None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -312,11 +331,12 @@ class GaussianProjection:
         return G @ self._P.to(G.dtype)
 
 
-def make_torch_projection(p: int, d: int, *, seed: int, kind: str = "sparse") -> SparseProjection | GaussianProjection:
-    """The projection of a torch-backend scope: "sparse" (seeded sparse JL) or "gaussian" (`influence.project`)."""
+def make_torch_projection(p: int, d: int, *, seed: int, kind: str = "sketch") -> SketchProjection | GaussianProjection:
+    """The projection of a torch-backend scope: "sketch" (count-sketch fold + `influence.project`'s Gaussian) or
+    "gaussian" (`influence.project`'s dense P)."""
     if kind not in PROJECTIONS:
         raise ValueError(f"kind must be one of {PROJECTIONS}, got {kind!r}")
-    return SparseProjection(p=p, d=d, seed=seed) if kind == "sparse" else GaussianProjection(p=p, d=d, seed=seed)
+    return SketchProjection(p=p, d=d, seed=seed) if kind == "sketch" else GaussianProjection(p=p, d=d, seed=seed)
 
 
 # ------------------------------------------------------------------------------------ per-example grads
@@ -361,7 +381,7 @@ def compute_projected_grads(
     scope: LastBlockScope,
     batches: Sequence[BlockBatch],
     targets: Any,
-    projection: SparseProjection | GaussianProjection | None,
+    projection: SketchProjection | GaussianProjection | None,
     *,
     chunk: int = 32,
 ) -> np.ndarray:
@@ -387,7 +407,7 @@ def embed_texts(
     *,
     dim: int = 1024,
     seed: int = 0,
-    kind: str = "sparse",
+    kind: str = "sketch",
 ) -> np.ndarray:
     """Gradient embeddings [n, dim] of texts in the last-block scope: frozen body once, then projected
     per-example gradients at `targets` (labels of training texts, explained classes of queries)."""

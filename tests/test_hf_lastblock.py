@@ -19,7 +19,7 @@ from indexer.torch_backend import (
     GaussianProjection,
     HeadScope,
     LastBlockScope,
-    SparseProjection,
+    SketchProjection,
     compute_per_example_grads,
     compute_projected_grads,
     embed_texts,
@@ -184,20 +184,22 @@ def test_last_block_ggn_and_hessian_products_float64(tokenizer):
     assert (got - 0.5 * v - torch.from_numpy(np.array(ggn(v.numpy())))).abs().max() > 1e-6  # H != GGN here
 
 
-def test_sparse_projection_is_its_matrix_and_preserves_inner_products():
-    S = SparseProjection(p=300, d=64, seed=3)
+def test_sketch_projection_is_its_matrix_and_preserves_inner_products():
+    S = SketchProjection(p=300, d=32, seed=3, buckets=64)  # folds 300 coordinates to 64 buckets, then Gaussian
     M = S.matrix()
-    assert ((M != 0).sum(1) == 4).all()  # s = 4 nonzeros per input coordinate, one per block of d / s
-    np.testing.assert_allclose(np.abs(M[M != 0]), 0.5)
     G = torch.from_numpy(np.random.default_rng(0).normal(size=(5, 300)))
-    np.testing.assert_allclose(S.project(G).numpy(), G.numpy() @ M, rtol=1e-12, atol=1e-12)
-    assert np.array_equal(SparseProjection(p=300, d=64, seed=3).matrix(), M)  # a pure function of the seed
-    assert not np.array_equal(SparseProjection(p=300, d=64, seed=4).matrix(), M)
-    # unbiased: E[S^T S] = I, so the mean of <Sx, Sy> over seeds approaches <x, y>
+    np.testing.assert_allclose(S.project(G).numpy(), G.numpy() @ M, rtol=1e-6, atol=1e-6)
+    P = inf.make_projection(64, 32, seed=3).matrix(dtype=np.float32)  # influence.projection's P (float32 draw)
+    np.testing.assert_allclose(np.abs(M), np.abs(P[np.arange(300) % 64]), rtol=1e-6)
+    assert np.array_equal(SketchProjection(p=300, d=32, seed=3, buckets=64).matrix(), M)  # a function of the seed
+    # unbiased: E[S S^T] = I, so the mean of <S^T x, S^T y> over seeds approaches <x, y>
     x, y = G[0].numpy(), G[1].numpy() + G[0].numpy()
-    est = [(x @ m) @ (y @ m) for m in (SparseProjection(p=300, d=64, seed=s).matrix() for s in range(300))]
-    sd = np.sqrt(2 * (x @ x) * (y @ y) / 64 / 300)
+    est = [(x @ m) @ (y @ m) for m in (SketchProjection(p=300, d=32, seed=s, buckets=64).matrix() for s in range(300))]
+    sd = np.sqrt(2 * (x @ x) * (y @ y) / 32 / 300)
     assert abs(np.mean(est) - x @ y) < 4 * sd
+    # no fold when p <= buckets: exactly influence.project
+    small = SketchProjection(p=50, d=8, seed=5).matrix()
+    np.testing.assert_allclose(small, inf.make_projection(50, 8, seed=5).matrix(dtype=np.float32), rtol=1e-6)
 
 
 def test_gaussian_kind_projects_exactly_like_influence_project():
@@ -215,7 +217,7 @@ def test_embeddings_of_texts_are_the_projected_gradients(tokenizer):
     scope = LastBlockScope(model, tokenizer, batch_size=3)
     emb = embed_texts(scope, texts, y, dim=64, seed=1)
     full = compute_projected_grads(scope, scope.block_inputs(texts), y, None)
-    expected = full @ SparseProjection(p=scope.n_params, d=64, seed=1).matrix()
+    expected = full @ SketchProjection(p=scope.n_params, d=64, seed=1).matrix()
     np.testing.assert_allclose(emb, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
@@ -231,10 +233,16 @@ def test_bad_input_and_unsupported_encoders_are_refused_by_name(tokenizer):
         scope.block_inputs(["ok", 3])
     with pytest.raises(TaskError, match="batch_size must be a positive int, got 0"):
         LastBlockScope(perturbed("bert", tokenizer), tokenizer, batch_size=0)
-    with pytest.raises(ValueError, match="d must be a multiple of s=4, got d=10"):
-        SparseProjection(p=5, d=10, seed=0)
+    with pytest.raises(ValueError, match="buckets must be a positive int, got 0"):
+        SketchProjection(p=5, d=10, seed=0, buckets=0)
     with pytest.raises(ValueError, match="kind must be one of"):
         make_torch_projection(5, 8, seed=0, kind="dense")
     [b] = scope.block_inputs(["good day", "bad day"])
     with pytest.raises(ValueError, match="targets must have shape \\[2\\]"):
         compute_projected_grads(scope, [b], [0, 1, 2], None)
+
+
+def test_task_from_hf_refuses_last_block_and_names_the_backend(tokenizer):
+    model = perturbed("bert", tokenizer, torch.float32)
+    with pytest.raises(TaskError, match=r"scope=.last-block. is not available through build_index yet.*torch_backend"):
+        Task.from_hf(model, tokenizer, train=sentiment_corpus(4, seed=0), scope="last-block")
