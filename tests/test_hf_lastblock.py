@@ -63,7 +63,7 @@ def autograd_grad(model: nn.Module, scope: LastBlockScope, tokenizer, text: str,
     return torch.cat([g.reshape(-1) for g in grads]).numpy()
 
 
-@pytest.mark.parametrize("kind", ["bert", "distilbert", "encoder+linear"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert", "encoder+linear"])
 def test_per_example_grads_equal_autograd_one_text_at_a_time_float64(kind, tokenizer):
     model = perturbed(kind, tokenizer)
     data = sentiment_corpus(11, seed=3)
