@@ -199,6 +199,18 @@ def write_curvature(
     return extra
 
 
+def _is_unstarted(paths: RunPaths) -> bool:
+    """True when the directory is empty or holds only what a start killed before its manifest leaves behind
+    (the empty ``vectors/`` and ``arrays/``, the head tensors or their temporary file): safe to start over."""
+    for entry in paths.root.iterdir():
+        if entry in (paths.vectors_dir, paths.arrays_dir) and entry.is_dir() and not any(entry.iterdir()):
+            continue
+        if entry == paths.head or (entry.name.startswith(f".{paths.head.name}.") and entry.name.endswith(".tmp")):
+            continue
+        return False
+    return True
+
+
 class Builder:
     """Runs the build stages for one Task into one run directory."""
 
@@ -227,10 +239,10 @@ class Builder:
                     f"({manifest.methods}, {manifest.task}); use another --out or the same config"
                 )
             return manifest
-        if paths.root.exists() and any(paths.root.iterdir()):
+        if paths.root.exists() and not _is_unstarted(paths):
             raise TaskError(f"out directory {paths.root} exists, is not empty and holds no run (no manifest.json)")
-        paths.create_dirs()
         self.check_translation()
+        paths.create_dirs()
         save_tensors(paths.head, head_tensors(self.head))
         p = self.head.n_params
         projection = (

@@ -73,6 +73,23 @@ def test_resume_with_another_model_or_config_is_refused(reference, digits_logreg
         )
 
 
+def test_start_killed_before_its_manifest_starts_over_but_a_foreign_directory_is_refused(tmp_path, digits_logreg_task):
+    from indexer.errors import TaskError
+
+    skeleton = tmp_path / "killed"
+    for d in ("vectors", "arrays"):
+        (skeleton / d).mkdir(parents=True)
+    (skeleton / ".head.safetensors.x1y2.tmp").write_bytes(b"partial")
+    build_index(digits_logreg_task, skeleton, config=SMALL_CHUNKS, progress=False).close()
+    assert "complete" in load_manifest(skeleton).stages
+    foreign = tmp_path / "foreign"
+    (foreign / "arrays").mkdir(parents=True)
+    (foreign / "arrays" / "mine.npy").write_bytes(b"user data")
+    with pytest.raises(TaskError, match="holds no run"):
+        build_index(digits_logreg_task, foreign, config=SMALL_CHUNKS, progress=False)
+    assert (foreign / "arrays" / "mine.npy").read_bytes() == b"user data"
+
+
 SCRIPT = """
 import sys
 from api import build_index
