@@ -112,5 +112,7 @@ def test_bad_training_data_is_refused_by_the_build(tmp_path, x_bad, y_bad, match
     with pytest.raises(TaskError, match=match):
         build_index(task, tmp_path / "run", progress=False)
     # Refused before anything is written (NaN in the first batch), or left incomplete and unopenable (labels).
-    with pytest.raises((RunNotFoundError, CorruptRunError), match=r"no manifest|incomplete"):
+    if x_bad:
+        assert not (tmp_path / "run").exists()
+    with pytest.raises((RunNotFoundError, CorruptRunError), match=r"no run directory|no manifest|incomplete"):
         Index(tmp_path / "run")
