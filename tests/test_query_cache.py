@@ -107,28 +107,23 @@ def test_other_lissa_options_or_a_changed_run_fall_back(cached_runs):
         assert "cached" not in exp.diagnostics
     with open_index(cached_runs / "dense") as index:
         record = index.manifest.extra["query_cache"]
-        assert record["key"] == queries.query_cache_key(
-            index.train_ids,
-            index.train_labels,
-            len(index.train_features),
-            index.top_eigenvalue,
-            index.deflation[0],
-            l2=index.l2,
-            damping=index.damping,
-            lissa=dataclasses.replace(index.lissa_config, damping=index.damping),
-        )
+
+        def key(labels):
+            return queries.query_cache_key(
+                index.train_ids,
+                labels,
+                len(index.train_features),
+                index.top_eigenvalue,
+                index.deflation[0],
+                l2=index.l2,
+                damping=index.damping,
+                lissa=dataclasses.replace(index.lissa_config, damping=index.damping),
+            )
+
+        assert record["key"] == key(index.train_labels)
         labels = index.train_labels.copy()
         labels[0] = (labels[0] + 1) % index.n_classes
-        changed = queries.query_cache_key(
-            index.train_ids,
-            labels,
-            len(index.train_features),
-            index.top_eigenvalue,
-            index.deflation[0],
-            l2=index.l2,
-            damping=index.damping,
-            lissa=dataclasses.replace(index.lissa_config, damping=index.damping),
-        )
+        changed = key(labels)
         assert changed != record["key"]
 
 
