@@ -4,7 +4,7 @@
 
 const SHADES = " .:-=+*#%@"; // indexer.demo.digit_preview: rows of shade characters joined by "/"
 const PAGE = 40;
-const state = { health: null, offset: 0, selected: null };
+const state = { health: null, offset: 0, selected: null, generation: 0 };
 const $ = (id) => document.getElementById(id);
 
 function headers() {
@@ -116,7 +116,14 @@ function render(exp, preview) {
   $("result").hidden = false;
 }
 
+// Each reload or explain takes a generation number; only the latest one may set the page's final state, so a
+// slow earlier request finishing late cannot overwrite what the user asked for last.
+function settle(generation, finalState) {
+  if (generation === state.generation) document.body.dataset.state = finalState;
+}
+
 async function explain(query) {
+  const generation = ++state.generation;
   $("error").hidden = true;
   document.body.dataset.state = "loading";
   const k = Math.max(1, Math.min(50, parseInt($("k").value, 10) || 8));
@@ -128,15 +135,17 @@ async function explain(query) {
       preview = (await call(`/examples/${query.test_ids[0]}?split=test`)).preview;
       for (const c of document.querySelectorAll("#picker .card")) c.classList.toggle("selected", Number(c.dataset.testId) === state.selected);
     }
+    if (generation !== state.generation) return;
     render(exp, preview);
-    document.body.dataset.state = "explained";
+    settle(generation, "explained");
   } catch (err) {
     showError(err);
-    document.body.dataset.state = "error";
+    settle(generation, "error");
   }
 }
 
 async function init() {
+  const generation = ++state.generation;
   $("error").hidden = true;
   document.body.dataset.state = "loading";
   try {
@@ -147,15 +156,21 @@ async function init() {
     $("test-id").max = h.n_test - 1;
     $("text-query").hidden = !h.accepts_inputs;
     await loadPicker();
-    document.body.dataset.state = "ready";
+    settle(generation, "ready");
   } catch (err) {
     showError(err);
-    document.body.dataset.state = "error";
+    settle(generation, "error");
   }
 }
 
 $("api-key").value = localStorage.getItem("influence-api-key") || "";
-$("api-key").addEventListener("change", () => { localStorage.setItem("influence-api-key", $("api-key").value); init(); });
+// A native "change" also fires when the field loses focus (e.g. on the first click on a digit): reload only when
+// the key really changed, or that reload races the explain the click started and overwrites its state.
+$("api-key").addEventListener("change", () => {
+  if ($("api-key").value === localStorage.getItem("influence-api-key")) return;
+  localStorage.setItem("influence-api-key", $("api-key").value);
+  init();
+});
 $("explain").addEventListener("click", () => explain({ test_ids: [parseInt($("test-id").value, 10)] }));
 $("explain-text").addEventListener("click", () => explain({ inputs: [$("text-input").value] }));
 $("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE); loadPicker().catch(showError); });
