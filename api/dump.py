@@ -112,9 +112,12 @@ class TrainSide:
         self.index = index
         self.method = method
         self.n = len(index.train_ids)
-        projected = index.projection is not None and method != "representer"
+        projected = index.rescored(method)
         self.projected = projected
-        if method == "representer":
+        if index.space_of(method) in ("block", "block-unit"):  # scope="last-block": stored projected gradients
+            self.grads = index.block_train
+            self.dim = int(self.grads.shape[1])
+        elif method == "representer":
             self.alpha = np.asarray(load_array(index.paths.array("representer_alpha")))
             self.phi = load_array(index.paths.array("train_phi"))
             self.dim = int(self.alpha.shape[1] * self.phi.shape[1])
@@ -389,8 +392,9 @@ def dump(
     )
     for b in range(done, n_blocks):
         block = ids[b * block_size : (b + 1) * block_size]
-        h, logits, tgt, _, labels = index.prepare(list(block), None, None)
-        q, _ = index.query_vectors(method, h, tgt)
+        h, logits, tgt, qids, labels = index.prepare(list(block), None, None)
+        rows = index._rows(qids, "test") if index.scope == "last-block" else None  # its stored query gradients
+        q, _ = index.query_vectors(method, h, tgt, test_rows=rows)
         q = np.ascontiguousarray(q, np.float32)
         mis = logits.argmax(1) != np.asarray(labels)
         # column sums over the block's queries and over its misclassified ones, as one [2, b] x [b, c] product

@@ -14,7 +14,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 
 import influence as inf
 from indexer import IndexConfig, Task, build_run
@@ -43,6 +45,8 @@ SPACE_OF = {
     "grad-cos": "grad-unit",
     "representer": "representer",
 }
+#: spaces of the gradient methods in a scope="last-block" run (projected last-block gradients, `indexer.block`)
+BLOCK_SPACE_OF = {"lissa": "block", "exact": "block", "grad-dot": "block", "grad-cos": "block-unit"}
 MAX_K = 10_000
 
 
@@ -105,6 +109,8 @@ class Index:
             self.test_features, self.test_labels, self.test_ids = None, None, np.zeros(0, np.int64)
         self._test_row = self._row_lookup(self.test_ids)
         self._spaces: dict[str, FaissVectorIndex] = {}
+        #: "head" or "last-block": the parameters the gradient methods take influence over
+        self.scope: str = self.manifest.task.get("scope", "head")
 
     # ------------------------------------------------------------------------------------------- helpers
     @staticmethod
@@ -139,6 +145,17 @@ class Index:
     @property
     def projection(self) -> dict[str, Any] | None:
         return self.manifest.projection
+
+    def space_of(self, method: str) -> str:
+        """The FAISS space a method searches (its train-side vectors)."""
+        if self.scope == "last-block" and method in BLOCK_SPACE_OF:
+            return BLOCK_SPACE_OF[method]
+        return SPACE_OF[method]
+
+    def rescored(self, method: str) -> bool:
+        """True when the method's FAISS space holds projected head gradients: FAISS gives candidates and the
+        scores are recomputed exactly from the cached features."""
+        return self.projection is not None and self.space_of(method) in ("grad", "grad-unit")
 
     @cached_property
     def _train_h(self) -> np.ndarray:
@@ -296,12 +313,21 @@ class Index:
         return q, diag
 
     def query_vectors(
-        self, method: str, h: np.ndarray, targets: np.ndarray, *, test_rows: np.ndarray | None = None
+        self,
+        method: str,
+        h: np.ndarray,
+        targets: np.ndarray,
+        *,
+        test_rows: np.ndarray | None = None,
+        texts: Sequence[str] | None = None,
     ) -> tuple[np.ndarray, dict[str, float]]:
         """Query-side vectors [m, d_full] for a method (unprojected), plus solver diagnostics.
 
-        `test_rows`: the stored test rows of h, if any: method "lissa" then reads the build's query cache.
+        `test_rows`: the stored test rows of h, if any: method "lissa" then reads the build's query cache (and a
+        last-block run its stored query gradients). `texts`: the raw texts of h (a last-block run needs them).
         """
+        if self.scope == "last-block" and method in BLOCK_SPACE_OF:
+            return self.block_query_vectors(method, targets, test_rows, texts)
         if method == "representer":
             params = self.params
             phi = inf.augment_features(np.asarray(inf.penultimate_features(self.spec, params, h), np.float64))
@@ -317,10 +343,112 @@ class Index:
 
     def train_scores(self, method: str, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Exact scores of the query vectors q [m, p] against training rows (re-scoring FAISS candidates)."""
+        if self.scope == "last-block" and method in BLOCK_SPACE_OF:
+            g = np.asarray(self.block_train[rows], np.float64)
+            if method == "grad-cos":
+                g = np.asarray(inf.normalize_rows(g))
+            return q @ g.T
         g = self.query_gradients(np.asarray(self.train_features[rows]), self.train_labels[rows])
         if method == "grad-cos":
             g = np.asarray(inf.normalize_rows(g))
         return q @ g.T
+
+    # ------------------------------------------------------------------------------ scope="last-block"
+    @property
+    def block_record(self) -> dict[str, Any]:
+        return self.manifest.extra["block"]
+
+    @cached_property
+    def block_train(self) -> np.ndarray:
+        """Projected last-block gradients phi_i of the training examples at their labels [n, d]."""
+        return load_array(self.paths.array("block_train_vectors"))
+
+    @cached_property
+    def block_curvature(self) -> tuple[np.ndarray, np.ndarray]:
+        """(eigenvalues [d] largest first, eigenvectors [d, d]) of C_S = S^T C S + l2 S^T S (float64)."""
+        return (
+            np.asarray(load_array(self.paths.array("block_curvature_eigenvalues")), np.float64),
+            np.asarray(load_array(self.paths.array("block_curvature_eigenvectors")), np.float64),
+        )
+
+    @cached_property
+    def block_damping(self) -> float:
+        """The automatic damping of C_S, as for the head: max(0, 1e-3 lambda_max(C_S) - l2) unless given."""
+        return float(inf.resolve_damping(float(self.block_curvature[0][0]), self.l2, self.lissa_config.damping))
+
+    @cached_property
+    def block_projection(self):
+        from indexer.block import block_projection
+
+        return block_projection(self._block_scope(), self.block_record)
+
+    def _block_scope(self):
+        if self.task is None or self.task.block is None:
+            raise ValueError(
+                "this run takes influence over the last transformer block: gradients of raw texts, or of stored "
+                "test examples at a class other than the predicted one, need the model: "
+                "open_index(path, task=Task.from_hf(..., scope='last-block'))"
+            )
+        return self.task.block
+
+    def block_gradients(self, texts: Sequence[str], targets: np.ndarray) -> np.ndarray:
+        """phi = S^T g of texts at targets, through the task's last-block scope (needs `task=`)."""
+        from indexer.block import BLOCK_CHUNK_ROWS, embed_block
+
+        return embed_block(
+            self._block_scope(), list(texts), targets, self.block_projection, chunk_rows=BLOCK_CHUNK_ROWS
+        )
+
+    def block_query_vectors(
+        self, method: str, targets: np.ndarray, test_rows: np.ndarray | None, texts: Sequence[str] | None
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """Query vectors of a last-block run: phi_q (grad-dot), phi_q/|phi_q| (grad-cos), or
+        (C_S + delta I)^-1 phi_q solved exactly ("exact", eigendecomposition) or by LiSSA ("lissa")."""
+        if test_rows is not None:
+            stored = np.asarray(load_array(self.paths.array("block_test_targets")))[test_rows]
+            hit = stored == targets
+            phi = np.empty((len(targets), self.block_record["dim"]), np.float64)
+            phi[hit] = np.asarray(load_array(self.paths.array("block_test_vectors")))[test_rows[hit]]
+            if not hit.all():
+                if self.task is None or self.task.test is None:
+                    self._block_scope()  # raises: the model is needed
+                miss = [self.task.test[int(r)][0] for r in test_rows[~hit]]
+                phi[~hit] = self.block_gradients(miss, targets[~hit])
+        elif texts is not None:
+            phi = np.asarray(self.block_gradients(texts, targets), np.float64)
+        else:
+            raise ValueError("a last-block run needs test_rows= or texts= for its query gradients")
+        if method == "grad-dot":
+            return phi, {}
+        if method == "grad-cos":
+            return np.asarray(inf.normalize_rows(phi)), {}
+        lam, vecs = self.block_curvature
+        damping = self.block_damping
+        if method == "exact":
+            return ((phi @ vecs) / (lam + damping)) @ vecs.T, {"damping": damping}
+        # the matrix as a pytree leaf of the matvec: the jitted LiSSA loop compiles once, not once per query
+        matvec = Partial(jnp.matmul, jnp.asarray((vecs * lam) @ vecs.T))
+        result = inf.solve_lissa(
+            matvec,
+            phi,
+            config=dataclasses.replace(self.lissa_config, damping=damping),
+            l2=self.l2,
+            top_eigenvalue=float(lam[0]),
+            min_eigenvalue_floor=max(float(lam[-1]), 0.0) + damping,
+            deflation=(lam[: self.deflation_rank_block], vecs[:, : self.deflation_rank_block]),
+        )
+        diag = {
+            "damping": result.damping,
+            "scale": result.scale,
+            "depth": float(result.depth),
+            "residual_max": float(np.max(result.residual)),
+        }
+        return np.asarray(result.x), diag
+
+    @property
+    def deflation_rank_block(self) -> int:
+        """Top eigenpairs of C_S deflated in the block LiSSA (the build's deflation_rank, below d)."""
+        return int(min(self.manifest.methods.get("deflation_rank", 64), self.block_record["dim"] - 1))
 
     # -------------------------------------------------------------------------------------------- queries
     def prepare(
@@ -358,10 +486,8 @@ class Index:
         self, method: str, q: np.ndarray, k: int
     ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[np.ndarray, np.ndarray]]]:
         """Top-k highest and lowest (ids, scores) per query row, exact scores."""
-        space = SPACE_OF[method]
-        projected = self.projection is not None and space != "representer"
-        index = self.space(space)
-        if not projected:
+        index = self.space(self.space_of(method))
+        if not self.rescored(method):
             pos, neg = search_both_signs(index, np.ascontiguousarray(q, np.float32), k)
             return [(h.ids, h.scores) for h in pos], [(h.ids, h.scores) for h in neg]
         proj = self.projection
@@ -420,7 +546,8 @@ class Index:
         k = _check_k(k)
         h, logits, tgt, qids, labels = self.prepare(test_ids, inputs, targets)
         rows = None if test_ids is None else self._rows(qids, "test")
-        q, diag = self.query_vectors(method, h, tgt, test_rows=rows)
+        texts = list(inputs) if inputs is not None and all(isinstance(t, str) for t in inputs) else None
+        q, diag = self.query_vectors(method, h, tgt, test_rows=rows, texts=texts)
         pos, neg = self.scores_topk(method, q, k)
         probs = np.exp(logits - logits.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)
@@ -447,8 +574,9 @@ class Index:
         """Dense scores [m, n_train] (the reference the top-k results are checked against; small runs only)."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        h, _, tgt, _, _ = self.prepare(test_ids, None, None)
-        q, _ = self.query_vectors(method, h, tgt)
+        h, _, tgt, qids, _ = self.prepare(test_ids, None, None)
+        rows = self._rows(qids, "test") if self.scope == "last-block" else None  # its stored query gradients
+        q, _ = self.query_vectors(method, h, tgt, test_rows=rows)
         if method == "representer":
             alpha = np.asarray(load_array(self.paths.array("representer_alpha")), np.float64)
             emb = np.asarray(

@@ -42,7 +42,7 @@ from .errors import TaskError
 from .task import Task
 from .translate import TranslatedHead, check_head_logits
 
-STAGES = ("features", "metadata", "grad", "representer", "curvature", "tracin", "queries")
+STAGES = ("features", "metadata", "grad", "representer", "curvature", "tracin", "queries", "block")
 SPLITS = ("train", "test")
 
 
@@ -220,6 +220,11 @@ class Builder:
         self.head = task.translated_head()
         self.fingerprint = task.fingerprint()
         self.n_classes = self.head.n_classes
+        if task.scope == "last-block" and config.curvature != "ggn":
+            raise TaskError(
+                f"curvature={config.curvature!r} is not available for scope='last-block': its projected curvature "
+                "is the Gauss-Newton matrix (indexer.block); use IndexConfig(curvature='ggn')"
+            )
 
     # ----------------------------------------------------------------------------------------- manifest
     def open_or_start(self) -> Manifest:
@@ -545,6 +550,28 @@ class Builder:
         )
         if record is not None:
             self.update_manifest(extra={"query_cache": record})
+
+    def stage_block(self, manifest: Manifest) -> None:
+        """scope="last-block" only: projected last-block gradients, their curvature and FAISS spaces
+        (`indexer.block`)."""
+        if self.task.scope != "last-block":
+            return
+        from .block import build_block_space
+
+        spaces, record = build_block_space(
+            self.paths,
+            self.task.block,
+            self.task.train,
+            self.task.test,
+            self.task.ids("train"),
+            l2=self.task.l2,
+            dim=self.config.projection_dim,
+            seed=self.config.projection_seed,
+            curvature_rows=self.config.curvature_rows,
+            factory=self.config.factory,
+            progress=self.progress,
+        )
+        self.update_manifest(spaces={**load_manifest(self.paths.root).spaces, **spaces}, extra={"block": record})
 
 
 def build_run(task: Task, out: str | Path, *, config: IndexConfig | None = None, progress: bool = True) -> Manifest:

@@ -191,12 +191,6 @@ def task_kwargs_from_hf(
     """The Task fields for a Hugging Face classifier (see `Task.from_hf`)."""
     if scope not in SCOPES:
         raise TaskError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if scope == "last-block":
-        raise TaskError(
-            "scope='last-block' is not available through build_index yet: its per-example gradient embeddings, "
-            "projection and curvature products are in indexer.torch_backend (LastBlockScope, embed_texts, "
-            "make_torch_matvec); use scope='head' for an index"
-        )
     if not isinstance(model, nn.Module):
         raise TaskError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(tokenizer) or not hasattr(tokenizer, "pad"):
@@ -207,7 +201,14 @@ def task_kwargs_from_hf(
     encoder, pooling, head = split_hf_model(model)
     model.eval()
     body = TextBody(encoder, tokenizer, pooling=pooling, batch_size=batch_size, max_length=max_length)
+    block = None
+    if scope == "last-block":
+        from .torch_backend import LastBlockScope
+
+        block = LastBlockScope(model, tokenizer, batch_size=batch_size, max_length=max_length)
     return {
+        "scope": scope,
+        "block": block,
         "model": model,
         "train": check_pairs(train, "train"),
         "test": check_pairs(test, "test"),

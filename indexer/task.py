@@ -91,6 +91,9 @@ class Task:
         checkpoints: optional training checkpoints for TracIn, a list of `(state, learning_rate)` with `state`
             a state_dict of `model` (or a path to one saved with torch.save / safetensors) and `learning_rate`
             the step size in effect around it (Pruthi et al. 2020). Used by the label-noise job's "tracin".
+        scope: the parameters influence is taken over: "head" (the translated head, default) or "last-block"
+            (a transformer's last block + head, `Task.from_hf(..., scope="last-block")`, which sets `block`).
+        block: the `indexer.torch_backend.LastBlockScope` of a "last-block" Task (None otherwise).
     """
 
     model: nn.Module
@@ -106,6 +109,8 @@ class Task:
     test_ids: Sequence[int] | None = None
     name: str = "task"
     checkpoints: Sequence[tuple[Any, float]] | None = None
+    scope: str = "head"
+    block: Any = None
     _split: tuple[nn.Module, list[nn.Module]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -140,6 +145,13 @@ class Task:
         else:
             split = split_sequential(self.model, self.head_layers)
         object.__setattr__(self, "_split", split)
+        if self.scope not in ("head", "last-block"):
+            raise TaskError(f"scope must be 'head' or 'last-block', got {self.scope!r}")
+        if (self.scope == "last-block") != (self.block is not None):
+            raise TaskError(
+                "scope='last-block' needs block= (a LastBlockScope; Task.from_hf(..., scope='last-block') sets it) "
+                f"and scope='head' takes none; got scope={self.scope!r}, block={type(self.block).__name__}"
+            )
         if self.checkpoints is not None:
             object.__setattr__(self, "checkpoints", check_checkpoints(self.checkpoints, self.model))
         self.model.eval()
@@ -164,6 +176,10 @@ class Task:
         forward, truncated to `max_length` tokens); the model's classification layers are the head (BERT/MiniLM:
         pooler + classifier, RoBERTa: dense + tanh + out_proj, DistilBERT: pre_classifier + ReLU + classifier,
         or `indexer.hf.HFEncoderClassifier(encoder, head)`). Previews are the texts. See `indexer.hf`.
+
+        `scope="last-block"` takes influence over the encoder's last transformer block plus the head: the build
+        then also stores projected per-example gradients of that scope and its projected Gauss-Newton curvature
+        (`indexer.block`), and explain's gradient methods use them.
         """
         from .hf import task_kwargs_from_hf
 
@@ -224,4 +240,6 @@ class Task:
             "head_layers": len(self.head_modules),
             "body": type(self.body_module).__name__,
             **({"checkpoint_learning_rates": [lr for _, lr in self.checkpoints]} if self.checkpoints else {}),
+            # runs of the default scope keep the task record they always had (resumes compare it)
+            **({"scope": self.scope, "block_params": self.block.n_params} if self.scope != "head" else {}),
         }

@@ -302,6 +302,13 @@ class SketchProjection:
             raise ValueError(f"G must have shape [m, {self.p}], got {tuple(G.shape)}")
         return self.fold(G) @ self._P.to(G.dtype)
 
+    def gram(self) -> np.ndarray:
+        """S^T S [d, d] (float64) without forming S: P^T diag(c) P, c_b = #{j < p : j mod q = b} (sigma_j^2 = 1)."""
+        P = self._P.double().numpy()
+        q = P.shape[0]
+        counts = np.full(q, self.p // q, np.float64) + (np.arange(q) < self.p % q)
+        return P.T @ (counts[:, None] * P)
+
     def matrix(self) -> np.ndarray:
         """The dense S [p, d] (tests only): row j is sigma_j P[j mod q]."""
         P = self._P.double().numpy()
@@ -330,6 +337,14 @@ class GaussianProjection:
             raise ValueError(f"G must have shape [m, {self.p}], got {tuple(G.shape)}")
         return G @ self._P.to(G.dtype)
 
+    def gram(self) -> np.ndarray:
+        """P^T P [d, d] (float64)."""
+        P = self._P.double().numpy()
+        return P.T @ P
+
+    def matrix(self) -> np.ndarray:
+        return self._P.double().numpy()
+
 
 def make_torch_projection(p: int, d: int, *, seed: int, kind: str = "sketch") -> SketchProjection | GaussianProjection:
     """The projection of a torch-backend scope: "sketch" (count-sketch fold + `influence.project`'s Gaussian) or
@@ -349,7 +364,7 @@ def _per_example_fn(scope: TorchScope, n_inputs: int) -> Callable[..., dict[str,
 
 
 def _check_targets(y: Any, n: int) -> torch.Tensor:
-    y = torch.as_tensor(np.asarray(y), dtype=torch.int64)
+    y = torch.as_tensor(np.array(y, dtype=np.int64))  # a copy: y may be a read-only memmap
     if y.shape != (n,):
         raise ValueError(f"targets must have shape [{n}], got {tuple(y.shape)}")
     return y

@@ -89,6 +89,11 @@ class _Run:
         self.manifest = load_manifest(self.paths.root)
         if "complete" not in self.manifest.stages:
             raise CorruptRunError(f"run: {self.paths.root} is not a complete build (stages {self.manifest.stages})")
+        if self.manifest.task.get("scope", "head") != "head":
+            raise ValueError(
+                f"run: {self.paths.root} was built with scope={self.manifest.task['scope']!r}; incremental adds and "
+                "deletes cover scope='head' runs only (its last-block curvature is over the training set): rebuild"
+            )
         self.spec = self.manifest.head["spec"]
         self.params = params_from_tensors(self.spec, load_tensors(self.paths.head))
         self.theta, self.unravel = inf.flatten_params(self.params)

@@ -240,9 +240,3 @@ def test_bad_input_and_unsupported_encoders_are_refused_by_name(tokenizer):
     [b] = scope.block_inputs(["good day", "bad day"])
     with pytest.raises(ValueError, match="targets must have shape \\[2\\]"):
         compute_projected_grads(scope, [b], [0, 1, 2], None)
-
-
-def test_task_from_hf_refuses_last_block_and_names_the_backend(tokenizer):
-    model = perturbed("bert", tokenizer, torch.float32)
-    with pytest.raises(TaskError, match=r"scope=.last-block. is not available through build_index yet.*torch_backend"):
-        Task.from_hf(model, tokenizer, train=sentiment_corpus(4, seed=0), scope="last-block")

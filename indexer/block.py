@@ -1,0 +1,200 @@
+"""The stored gradient space and curvature of scope="last-block": a transformer's last block plus the head.
+
+Influence over the p ~ 1e5-1e6 parameters of a transformer block is taken in a d-dimensional random subspace
+(TRAK, Park et al. 2023, arXiv:2303.14186; LoGra, Choe et al. 2024, arXiv:2405.13954): theta = theta* + S w with
+S [p, d] the seeded projection of `indexer.torch_backend` (count-sketch fold + Gaussian, d =
+`IndexConfig.projection_dim`). In that model everything is exact and d-dimensional:
+
+- gradients: phi_i = S^T g_i, g_i = d CE(f(theta*, x_i), y_i) / d theta (per-example, `torch.func`);
+- curvature: C_S = S^T C S + l2 S^T S, C the Gauss-Newton matrix of the mean cross-entropy,
+  C = (1/n) sum_i J_i^T (diag p_i - p_i p_i^T) J_i. Because diag p - p p^T = sum_c p_c (p - e_c)(p - e_c)^T,
+
+      S^T C S = (1/n) sum_i sum_c p_ic phi_ic phi_ic^T,    phi_ic = S^T J_i^T (p_i - e_c),
+
+  the projected gradient of example i's loss at class c: no Hessian-vector product, one projected gradient per
+  class. (TRAK uses the empirical Fisher (1/n) sum_i phi_i phi_i^T instead: the same formula with the weight on
+  the observed label only.) It is summed over a seeded subsample of `IndexConfig.curvature_rows` training
+  examples (all of them when there are fewer: then it is exact);
+- scores: score(q, i) = phi_q^T (C_S + delta I)^-1 phi_i, delta the automatic damping of `influence.solvers`.
+
+Stored: `block_train_vectors` [n, d] (at the labels) in FAISS spaces "block" (inner product) and "block-unit"
+(cosine); `block_test_vectors` [n_test, d] at the predicted classes (`block_test_targets`), so that stored test
+examples are explained without the model; the eigendecomposition of C_S (`block_curvature_eigenvalues`,
+`block_curvature_eigenvectors`, float64). Every array is written in resumable chunks or atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from store import ChunkedArray, RunPaths, build_vector_index, load_array, save_array
+
+from .torch_backend import LastBlockScope, compute_projected_grads, make_torch_projection
+
+#: texts per chunk of the block stage: the frozen body's hidden states of one chunk are held at once
+BLOCK_CHUNK_ROWS = 256
+
+
+def block_projection(scope: LastBlockScope, record: dict[str, Any]):
+    """The projection S of a run's block space, rebuilt from its manifest record (`extra["block"]`)."""
+    if scope.n_params != record["n_params"]:
+        raise ValueError(
+            f"the task's last-block scope has {scope.n_params} parameters, the run's {record['n_params']}: "
+            "open the run with the task it was built from"
+        )
+    return make_torch_projection(scope.n_params, record["dim"], seed=record["seed"], kind=record["projection"])
+
+
+def embed_block(
+    scope: LastBlockScope, texts: Sequence[str], targets: np.ndarray, projection: Any, *, chunk_rows: int
+) -> np.ndarray:
+    """phi = S^T g of texts at `targets` [m], [m, d] float32, in chunks of `chunk_rows` texts."""
+    out = [
+        compute_projected_grads(
+            scope, scope.block_inputs(list(texts[s : s + chunk_rows])), targets[s : s + chunk_rows], projection
+        )
+        for s in range(0, len(texts), chunk_rows)
+    ]
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def projected_ggn(
+    scope: LastBlockScope,
+    texts: Sequence[str],
+    probs: np.ndarray,
+    projection: Any,
+    *,
+    chunk_rows: int = BLOCK_CHUNK_ROWS,
+    progress: bool = False,
+) -> np.ndarray:
+    """S^T C S [d, d] (float64) over `texts`: (1/m) sum_i sum_c p_ic phi_ic phi_ic^T (see the module docstring).
+
+    Args:
+        scope: the last-block scope at theta*.
+        texts: the m examples C is averaged over.
+        probs: the model's class probabilities p_i [m, classes] on them.
+        projection: S.
+    """
+    m, n_classes = probs.shape
+    if len(texts) != m:
+        raise ValueError(f"probs must have one row per text ({len(texts)}), got {m}")
+    total = np.zeros((projection.d, projection.d), np.float64)
+    bar = tqdm(total=m, desc="block curvature", unit="ex", disable=not progress)
+    for s in range(0, m, chunk_rows):
+        batches = scope.block_inputs(list(texts[s : s + chunk_rows]))
+        p = probs[s : s + chunk_rows]
+        for c in range(n_classes):
+            phi = np.asarray(compute_projected_grads(scope, batches, np.full(len(p), c), projection), np.float64)
+            total += (phi * p[:, c : c + 1]).T @ phi
+        bar.update(len(p))
+    bar.close()
+    return total / m
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def write_block_vectors(
+    path: Any,
+    scope: LastBlockScope,
+    text_of: Callable[[int], str],
+    targets: np.ndarray,
+    projection: Any,
+    *,
+    desc: str,
+    progress: bool,
+) -> np.ndarray:
+    """phi rows of every example (text_of(row), targets[row]) into a resumable chunked array; returns it."""
+    n = len(targets)
+    vectors = ChunkedArray.open_or_create(
+        path, shape=(n, projection.d), dtype=np.float32, chunk_rows=min(BLOCK_CHUNK_ROWS, n)
+    )
+    missing = vectors.missing_chunks()
+    bar = tqdm(total=n, desc=desc, unit="ex", disable=not progress)
+    bar.update(n - sum(vectors.chunk_slice(i).stop - vectors.chunk_slice(i).start for i in missing))
+    for chunk in missing:
+        sl = vectors.chunk_slice(chunk)
+        texts = [text_of(i) for i in range(sl.start, sl.stop)]
+        vectors.write_chunk(chunk, embed_block(scope, texts, targets[sl], projection, chunk_rows=len(texts)))
+        bar.update(sl.stop - sl.start)
+    bar.close()
+    return np.ascontiguousarray(vectors.array())
+
+
+def build_block_space(
+    paths: RunPaths,
+    scope: LastBlockScope,
+    train: Any,
+    test: Any,
+    train_ids: np.ndarray,
+    *,
+    l2: float,
+    dim: int,
+    seed: int,
+    curvature_rows: int,
+    factory: str,
+    progress: bool,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Writes the block space of a run (train/test vectors, curvature, FAISS); returns (spaces, manifest record).
+
+    `train`/`test` are the Task's `(text, label)` datasets; labels, logits and ids are read from the run's
+    arrays, so this runs after the "metadata" stage.
+    """
+    import influence as inf
+
+    projection = make_torch_projection(scope.n_params, dim, seed=seed, kind="sketch")
+    y = np.asarray(load_array(paths.array("train_labels")))
+    train_vecs = write_block_vectors(
+        paths.array("block_train_vectors"),
+        scope,
+        lambda i: train[i][0],
+        y,
+        projection,
+        desc="block grads train",
+        progress=progress,
+    )
+    if test is not None:
+        targets = np.asarray(load_array(paths.array("test_logits"))).argmax(1).astype(np.int64)
+        save_array(paths.array("block_test_targets"), targets)
+        write_block_vectors(
+            paths.array("block_test_vectors"),
+            scope,
+            lambda i: test[i][0],
+            targets,
+            projection,
+            desc="block grads test",
+            progress=progress,
+        )
+    n = len(y)
+    rows = np.arange(n)
+    if n > curvature_rows:
+        rows = np.sort(np.random.default_rng(0).choice(n, size=curvature_rows, replace=False))
+    probs = softmax(np.asarray(load_array(paths.array("train_logits")))[rows])
+    ggn = projected_ggn(scope, [train[int(i)][0] for i in rows], probs, projection, progress=progress)
+    curvature = ggn + l2 * projection.gram()
+    lam, vecs = np.linalg.eigh((curvature + curvature.T) / 2)
+    lam, vecs = lam[::-1].copy(), vecs[:, ::-1].copy()  # largest first, like influence.eigen
+    save_array(paths.array("block_curvature_eigenvalues"), lam)
+    save_array(paths.array("block_curvature_eigenvectors"), vecs)
+    spaces = {}
+    for space, vecs_ in (("block", train_vecs), ("block-unit", np.asarray(inf.normalize_rows(train_vecs), np.float32))):
+        index, spaces[space] = build_vector_index(vecs_, train_ids, factory=factory)
+        index.save(paths.vector(space))
+    record = {
+        "n_params": scope.n_params,
+        "dim": dim,
+        "seed": seed,
+        "projection": "sketch",
+        "curvature": "ggn",
+        "curvature_rows": len(rows),
+        "top_eigenvalue": float(lam[0]),
+        "min_eigenvalue": float(lam[-1]),
+    }
+    return spaces, record
