@@ -364,17 +364,21 @@ class Index:
         return load_array(self.paths.array("block_train_vectors"))
 
     @cached_property
-    def block_curvature(self) -> tuple[np.ndarray, np.ndarray]:
-        """(eigenvalues [d] largest first, eigenvectors [d, d]) of C_S = S^T C S + l2 S^T S (float64)."""
-        return (
-            np.asarray(load_array(self.paths.array("block_curvature_eigenvalues")), np.float64),
-            np.asarray(load_array(self.paths.array("block_curvature_eigenvectors")), np.float64),
-        )
+    def block_curvature(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(A, B, mu, V): A = S^T C S + l2 S^T S, B = S^T S [d, d] (float64), and the pencil's eigenpairs
+        A V = B V diag(mu), V^T B V = I, mu largest first (`indexer.block`)."""
+        import scipy.linalg
+
+        A = np.asarray(load_array(self.paths.array("block_curvature")), np.float64)
+        B = np.asarray(load_array(self.paths.array("block_gram")), np.float64)
+        mu, V = scipy.linalg.eigh((A + A.T) / 2, (B + B.T) / 2)
+        return A, B, mu[::-1].copy(), V[:, ::-1].copy()
 
     @cached_property
     def block_damping(self) -> float:
-        """The automatic damping of C_S, as for the head: max(0, 1e-3 lambda_max(C_S) - l2) unless given."""
-        return float(inf.resolve_damping(float(self.block_curvature[0][0]), self.l2, self.lissa_config.damping))
+        """The automatic damping, as for the head: max(0, 1e-3 mu_max - l2), mu_max the top Ritz value of
+        C + l2 I on span(S), unless the LissaConfig gives one."""
+        return float(inf.resolve_damping(float(self.block_curvature[2][0]), self.l2, self.lissa_config.damping))
 
     @cached_property
     def block_projection(self):
@@ -403,7 +407,8 @@ class Index:
         self, method: str, targets: np.ndarray, test_rows: np.ndarray | None, texts: Sequence[str] | None
     ) -> tuple[np.ndarray, dict[str, float]]:
         """Query vectors of a last-block run: phi_q (grad-dot), phi_q/|phi_q| (grad-cos), or
-        (C_S + delta I)^-1 phi_q solved exactly ("exact", eigendecomposition) or by LiSSA ("lissa")."""
+        (p / d) (A + delta B)^-1 phi_q, solved by the pencil's eigendecomposition ("exact") or by LiSSA
+        ("lissa"); see `indexer.block`."""
         if test_rows is not None:
             stored = np.asarray(load_array(self.paths.array("block_test_targets")))[test_rows]
             hit = stored == targets
@@ -422,28 +427,38 @@ class Index:
             return phi, {}
         if method == "grad-cos":
             return np.asarray(inf.normalize_rows(phi)), {}
-        lam, vecs = self.block_curvature
+        _, _, mu, V = self.block_curvature
         damping = self.block_damping
+        units = self.block_record["n_params"] / self.block_record["dim"]  # p / d: full-space units
         if method == "exact":
-            return ((phi @ vecs) / (lam + damping)) @ vecs.T, {"damping": damping}
-        # the matrix as a pytree leaf of the matvec: the jitted LiSSA loop compiles once, not once per query
-        matvec = Partial(jnp.matmul, jnp.asarray((vecs * lam) @ vecs.T))
+            return units * ((phi @ V) / (mu + damping)) @ V.T, {"damping": damping}
+        M, lam, vecs = self.block_lissa_operator
+        r = self.deflation_rank_block
         result = inf.solve_lissa(
-            matvec,
+            Partial(jnp.matmul, jnp.asarray(M)),
             phi,
-            config=dataclasses.replace(self.lissa_config, damping=damping),
-            l2=self.l2,
-            top_eigenvalue=float(lam[0]),
-            min_eigenvalue_floor=max(float(lam[-1]), 0.0) + damping,
-            deflation=(lam[: self.deflation_rank_block], vecs[:, : self.deflation_rank_block]),
+            config=dataclasses.replace(self.lissa_config, damping=0.0),
+            top_eigenvalue=float(lam[-1]),
+            min_eigenvalue_floor=float(max(lam[0], 1e-12 * lam[-1])),
+            deflation=(lam[::-1][:r].copy(), vecs[:, ::-1][:, :r].copy()),
         )
         diag = {
-            "damping": result.damping,
+            "damping": damping,
             "scale": result.scale,
             "depth": float(result.depth),
             "residual_max": float(np.max(result.residual)),
         }
-        return np.asarray(result.x), diag
+        return units * np.asarray(result.x), diag
+
+    @cached_property
+    def block_lissa_operator(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(M, eigenvalues ascending, eigenvectors) of M = A + delta B, the matrix LiSSA iterates on (damping
+        inside M, deflated by its top eigenpairs). Passed to the jitted loop as a pytree leaf of the matvec, so
+        it compiles once, not once per query."""
+        A, B, _, _ = self.block_curvature
+        M = A + self.block_damping * B
+        lam, vecs = np.linalg.eigh((M + M.T) / 2)
+        return M, lam, vecs
 
     @property
     def deflation_rank_block(self) -> int:

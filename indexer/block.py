@@ -6,8 +6,8 @@ S [p, d] the seeded projection of `indexer.torch_backend` (count-sketch fold + G
 `IndexConfig.projection_dim`). In that model everything is exact and d-dimensional:
 
 - gradients: phi_i = S^T g_i, g_i = d CE(f(theta*, x_i), y_i) / d theta (per-example, `torch.func`);
-- curvature: C_S = S^T C S + l2 S^T S, C the Gauss-Newton matrix of the mean cross-entropy,
-  C = (1/n) sum_i J_i^T (diag p_i - p_i p_i^T) J_i. Because diag p - p p^T = sum_c p_c (p - e_c)(p - e_c)^T,
+- curvature: C the Gauss-Newton matrix of the mean cross-entropy, C = (1/n) sum_i J_i^T (diag p_i - p_i p_i^T) J_i.
+  Because diag p - p p^T = sum_c p_c (p - e_c)(p - e_c)^T,
 
       S^T C S = (1/n) sum_i sum_c p_ic phi_ic phi_ic^T,    phi_ic = S^T J_i^T (p_i - e_c),
 
@@ -15,12 +15,20 @@ S [p, d] the seeded projection of `indexer.torch_backend` (count-sketch fold + G
   class. (TRAK uses the empirical Fisher (1/n) sum_i phi_i phi_i^T instead: the same formula with the weight on
   the observed label only.) It is summed over a seeded subsample of `IndexConfig.curvature_rows` training
   examples (all of them when there are fewer: then it is exact);
-- scores: score(q, i) = phi_q^T (C_S + delta I)^-1 phi_i, delta the automatic damping of `influence.solvers`.
+- scores: the Galerkin projection of the full-space influence g_q^T (C + (l2 + delta) I)^-1 g_i onto span(S),
+
+      score(q, i) = (p / d) phi_q^T (A + delta B)^-1 phi_i,    A = S^T C S + l2 S^T S,   B = S^T S,
+
+  i.e. the influence in the model restricted to theta* + S w (exact there), rescaled by p / d: S^T S ~ (p / d) I,
+  so the restricted model sees a random d-dimensional slice of each gradient, about d / p of its squared norm;
+  the factor restores full-space units (C = 0 gives phi_q^T phi_i / (l2 + delta) ~ g_q^T g_i / (l2 + delta),
+  as in the head scope). The damping delta is `influence.resolve_damping` of the top
+  eigenvalue of the pencil (A, B), the Ritz value of C + l2 I on span(S), as the head's is of C + l2 I.
 
 Stored: `block_train_vectors` [n, d] (at the labels) in FAISS spaces "block" (inner product) and "block-unit"
 (cosine); `block_test_vectors` [n_test, d] at the predicted classes (`block_test_targets`), so that stored test
-examples are explained without the model; the eigendecomposition of C_S (`block_curvature_eigenvalues`,
-`block_curvature_eigenvectors`, float64). Every array is written in resumable chunks or atomically.
+examples are explained without the model; A (`block_curvature`) and B (`block_gram`), float64 [d, d]. Every
+array is written in resumable chunks or atomically.
 """
 
 from __future__ import annotations
@@ -93,6 +101,13 @@ def projected_ggn(
         bar.update(len(p))
     bar.close()
     return total / m
+
+
+def ritz_values(curvature: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """Eigenvalues mu of the pencil A v = mu B v (largest first): the Ritz values of C + l2 I on span(S)."""
+    import scipy.linalg
+
+    return scipy.linalg.eigh((curvature + curvature.T) / 2, (gram + gram.T) / 2, eigvals_only=True)[::-1].copy()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -178,11 +193,11 @@ def build_block_space(
         rows = np.sort(np.random.default_rng(0).choice(n, size=curvature_rows, replace=False))
     probs = softmax(np.asarray(load_array(paths.array("train_logits")))[rows])
     ggn = projected_ggn(scope, [train[int(i)][0] for i in rows], probs, projection, progress=progress)
-    curvature = ggn + l2 * projection.gram()
-    lam, vecs = np.linalg.eigh((curvature + curvature.T) / 2)
-    lam, vecs = lam[::-1].copy(), vecs[:, ::-1].copy()  # largest first, like influence.eigen
-    save_array(paths.array("block_curvature_eigenvalues"), lam)
-    save_array(paths.array("block_curvature_eigenvectors"), vecs)
+    gram = projection.gram()
+    curvature = ggn + l2 * gram
+    lam = ritz_values(curvature, gram)
+    save_array(paths.array("block_curvature"), curvature)
+    save_array(paths.array("block_gram"), gram)
     spaces = {}
     for space, vecs_ in (("block", train_vecs), ("block-unit", np.asarray(inf.normalize_rows(train_vecs), np.float32))):
         index, spaces[space] = build_vector_index(vecs_, train_ids, factory=factory)

@@ -60,8 +60,11 @@ def reference(block_run):
     S = make_torch_projection(scope.n_params, DIM, seed=0, kind="sketch").matrix()  # [p, DIM]
     product = make_torch_matvec(scope, batches, labels, l2=0.0, curvature="ggn").product
     CS = np.stack([product(torch.as_tensor(S[:, j])).numpy() for j in range(DIM)], axis=1)
-    curvature = S.T @ CS + L2 * S.T @ S
-    damping = inf.resolve_damping(float(np.linalg.eigvalsh(curvature)[-1]), L2, None)
+    A, B = S.T @ CS + L2 * S.T @ S, S.T @ S
+    # the damping of C + l2 I's top Ritz value on span(S): max of the Rayleigh quotient v^T A v / v^T B v
+    Binv_half = np.linalg.inv(np.linalg.cholesky(B))
+    top_ritz = float(np.linalg.eigvalsh(Binv_half @ A @ Binv_half.T)[-1])
+    damping = inf.resolve_damping(top_ritz, L2, None)
     test_texts = [t for t, _ in task.test]
     with torch.no_grad():
         logits = torch.cat([scope.logits(scope.params, b.hidden, b.mask) for b in scope.block_inputs(test_texts)])
@@ -70,7 +73,8 @@ def reference(block_run):
     pred[order] = logits.argmax(1).numpy()
     Gq = compute_projected_grads(scope, scope.block_inputs(test_texts), pred, None)
     phi_train, phi_q = G @ S, Gq @ S
-    solved = np.linalg.solve(curvature + damping * np.eye(DIM), phi_q.T).T
+    # influence restricted to theta* + S w, in full-space units p / d
+    solved = (scope.n_params / DIM) * np.linalg.solve(A + damping * B, phi_q.T).T
     return {
         "exact": solved @ phi_train.T,
         "grad-dot": phi_q @ phi_train.T,
@@ -78,7 +82,8 @@ def reference(block_run):
         "pred": pred,
         "scope": scope,
         "S": S,
-        "curvature": curvature,
+        "A": A,
+        "B": B,
         "damping": damping,
     }
 
@@ -92,12 +97,18 @@ def test_the_run_records_the_scope_and_stores_projected_block_gradients(block_ru
     assert {"block", "block-unit", "grad", "representer"} <= set(manifest.spaces)
     with open_index(path) as index:
         stored = np.asarray(index.block_train, np.float64)
-        lam, vecs = index.block_curvature
+        A, B, mu, V = index.block_curvature
+        damping = index.block_damping
     scale = np.abs(reference["phi_train"]).max()
     np.testing.assert_allclose(stored, reference["phi_train"], atol=2e-5 * scale, rtol=0)
-    # the stored eigendecomposition is that of S^T C S + l2 S^T S
-    np.testing.assert_allclose((vecs * lam) @ vecs.T, reference["curvature"], atol=1e-4 * lam[0], rtol=0)
-    assert lam[0] >= lam[-1] > 0
+    # A = S^T C S + l2 S^T S (C the GGN through the torch curvature product), B = S^T S
+    np.testing.assert_allclose(A, reference["A"], atol=1e-4 * np.abs(reference["A"]).max(), rtol=0)
+    np.testing.assert_allclose(B, reference["B"], rtol=1e-5)
+    np.testing.assert_allclose(V.T @ B @ V, np.eye(DIM), atol=1e-8)  # B-orthonormal Ritz vectors
+    assert mu[0] >= mu[-1] >= L2 * (1 - 1e-6)  # Ritz values of C + l2 I, C PSD
+    assert damping == pytest.approx(reference["damping"], rel=1e-4)
+    # S^T S ~ (p / d) I: the restricted model sees d / p of a gradient's squared norm
+    assert np.trace(B) / DIM == pytest.approx(task.block.n_params / DIM, rel=0.05)
 
 
 @pytest.mark.parametrize("method", ["exact", "grad-dot"])
@@ -181,10 +192,10 @@ def test_resuming_the_block_stage_gives_the_same_arrays(block_run, tmp_path):
     stages = tuple(s for s in manifest.stages if s not in ("block", "complete"))
     save_manifest(copy_path, dataclasses.replace(manifest, stages=stages))
     paths = RunPaths(copy_path)
-    for name in ("block_curvature_eigenvalues", "block_curvature_eigenvectors"):
+    for name in ("block_curvature", "block_gram"):
         paths.array(name).unlink()
     build_index(task, copy_path, config=IndexConfig(projection_dim=DIM), progress=False).close()
-    for name in ("block_train_vectors", "block_test_vectors", "block_curvature_eigenvalues"):
+    for name in ("block_train_vectors", "block_test_vectors", "block_curvature", "block_gram"):
         np.testing.assert_array_equal(
             np.asarray(load_array(RunPaths(path).array(name))), np.asarray(load_array(paths.array(name)))
         )
