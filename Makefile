@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets tweets-noise bench-lastblock scale scale-dump scale-update bench-service clean
+.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets tweets-noise tweets-lastblock bench-lastblock scale scale-dump scale-update bench-service clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -118,6 +118,12 @@ $(PEERS)/.lastblock: $(STAMP)
 bench-lastblock: $(STAMP) $(PEERS)/.hf $(PEERS)/.lastblock
 	test -f experiments/cache/tweets/features.npy || $(BIN)/python experiments/tweets_features.py compute --out experiments/cache/tweets/features.npy
 	$(BIN)/python experiments/hf_lastblock_bench.py
+
+# Last-block scope end to end (issue 5): MiniLM's last block + head fine-tuned on 1,000 tweets, indexed with
+# scope="head" and scope="last-block", LDS of both against 32 half-subset retrains (~15 min on 2 shared cores).
+tweets-lastblock: $(STAMP) $(PEERS)/.hf
+	test -f experiments/cache/tweets/features.npy || $(BIN)/python experiments/tweets_features.py compute --out experiments/cache/tweets/features.npy
+	$(BIN)/python experiments/tweets_lastblock.py
 
 # HTTP service under load (issue 7): 5,000 POST /explain at concurrency 16 against a Fashion-MNIST index.
 bench-service: $(STAMP) data
