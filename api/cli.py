@@ -195,11 +195,27 @@ def save_grid(index, explanations, path: Path) -> None:
 def index(
     task: Annotated[str, typer.Argument(help="path/to/file.py:function or module:function returning a Task")],
     out: Annotated[Path, typer.Option("--out", help="run directory (resumed if it exists)")],
+    curvature: Annotated[str | None, typer.Option(help="ggn (default) or hessian")] = None,
+    projection_dim: Annotated[int | None, typer.Option(help="size of projected gradients (default 1024)")] = None,
+    factory: Annotated[str | None, typer.Option(help="FAISS factory: Flat (default), IVF,Flat, HNSW32, ...")] = None,
+    curvature_rows: Annotated[int | None, typer.Option(help="rows of the eigenpair subspace iterations")] = None,
+    cache_queries: Annotated[
+        bool, typer.Option("--cache-queries", help="solve LiSSA for every stored test example at build time")
+    ] = False,
 ) -> None:
-    """Build (or resume) a run directory for a Task."""
+    """Build (or resume) a run directory for a Task (options: `indexer.IndexConfig`; a resume needs the same)."""
     from api import build_index
+    from indexer import IndexConfig
 
-    idx = build_index(load_task(task), out)
+    given = {
+        "curvature": curvature,
+        "projection_dim": projection_dim,
+        "factory": factory,
+        "curvature_rows": curvature_rows,
+        "cache_queries": cache_queries or None,
+    }
+    config = IndexConfig(**{k: v for k, v in given.items() if v is not None})  # bad values: ValueError by name
+    idx = build_index(load_task(task), out, config=config)
     typer.echo(json.dumps(idx.info(), indent=2, default=str))
 
 

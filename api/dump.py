@@ -393,8 +393,8 @@ def dump(
     for b in range(done, n_blocks):
         block = ids[b * block_size : (b + 1) * block_size]
         h, logits, tgt, qids, labels = index.prepare(list(block), None, None)
-        rows = index._rows(qids, "test") if index.scope == "last-block" else None  # its stored query gradients
-        q, _ = index.query_vectors(method, h, tgt, test_rows=rows)
+        # stored test rows: LiSSA reads the build's query cache, a last-block run its stored query gradients
+        q, _ = index.query_vectors(method, h, tgt, test_rows=index._rows(qids, "test"))
         q = np.ascontiguousarray(q, np.float32)
         mis = logits.argmax(1) != np.asarray(labels)
         # column sums over the block's queries and over its misclassified ones, as one [2, b] x [b, c] product

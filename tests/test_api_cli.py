@@ -85,3 +85,19 @@ def test_demo_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "proponents" in result.output and "label-noise job:" in result.output
     assert (tmp_path / "demo" / "explanations.png").stat().st_size > 0
+
+
+def test_index_options_reach_the_manifest_and_bad_ones_write_nothing(tmp_path):
+    from store import load_manifest
+
+    bad = runner.invoke(
+        app, ["index", "indexer.demo:digits_task", "--out", str(tmp_path / "bad"), "--curvature", "nope"]
+    )
+    assert bad.exit_code == 2 and "curvature must be 'ggn' or 'hessian', got 'nope'" in bad.output
+    assert not (tmp_path / "bad").exists()
+    args = ["--factory", "HNSW32", "--curvature-rows", "512", "--cache-queries"]
+    result = runner.invoke(app, ["index", "indexer.demo:digits_task", "--out", str(tmp_path / "run"), *args])
+    assert result.exit_code == 0, result.output
+    methods = load_manifest(tmp_path / "run").methods
+    assert (methods["factory"], methods["curvature_rows"], methods["cache_queries"]) == ("HNSW32", 512, True)
+    assert "queries" in load_manifest(tmp_path / "run").stages
