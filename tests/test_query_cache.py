@@ -85,6 +85,25 @@ def test_explain_reads_the_cache_and_gives_the_uncached_answer(cached_runs):
             np.testing.assert_allclose([p.score for p in a.proponents], exact, rtol=1e-2)
 
 
+def test_a_lissa_dump_reads_the_cache(cached_runs, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from api.index import Index
+
+    with open_index(cached_runs / "dense") as index:
+        expected = index.explain(test_ids=TEST_IDS[:6], k=3, method="lissa")
+
+        def no_solve(*args, **kwargs):
+            raise AssertionError("the dump solved LiSSA although every query is in the cache")
+
+        monkeypatch.setattr(Index, "solve", no_solve)
+        out = index.dump(tmp_path / "d.parquet", TEST_IDS[:6], k=3, method="lissa", progress=False)
+    rows = pq.read_table(out).to_pylist()
+    for exp in expected:
+        got = sorted((r for r in rows if r["test_id"] == exp.test_id and r["score"] > 0), key=lambda r: r["rank"])
+        assert [r["example_id"] for r in got] == [p.example_id for p in exp.proponents]
+
+
 def test_other_targets_and_raw_inputs_are_solved(cached_runs, digits_logreg_task):
     with open_index(cached_runs / "dense", task=digits_logreg_task) as index:
         h, tgt, rows = stored_query(index, TEST_IDS[:4])
