@@ -24,7 +24,6 @@ Results -> experiments/results/tweets_lastblock.json + .png. `make tweets-lastbl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tweets_features import LABELS, load_tweets, model_dir
-from tweets_minilm import CACHE, fresh, train_head
+from tweets_minilm import CACHE, fresh, save_results, train_head
 
 from api import build_index, open_index
 from indexer import IndexConfig, Task
@@ -258,11 +257,7 @@ def main() -> None:
                     "score_seconds": seconds,
                 }
                 print(f"LDS {name}/{method}: {v.mean():.3f} +- {v.std() / np.sqrt(len(v)):.3f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1, default=float))
-    plot(res, out.with_suffix(".png"))
-    print(f"wrote {out}")
+    save_results(res, Path(args.out), plot)
 
 
 def plot(res: dict[str, Any], path: Path) -> None:

@@ -344,10 +344,14 @@ def main() -> None:
         }
     res["injected_flips"] = {"fraction": 0.10, "kind": "uniform", "runs": runs, "summary": summary}
 
-    out = Path(args.out)
+    save_results(res, Path(args.out), plot)
+
+
+def save_results(res: dict[str, Any], out: Path, plot_fn: Any) -> None:
+    """The results JSON and its PNG (plot_fn(res, png_path)) next to it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=float))
-    plot(res, out.with_suffix(".png"))
+    plot_fn(res, out.with_suffix(".png"))
     print(f"wrote {out}")
 
 
