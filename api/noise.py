@@ -210,10 +210,30 @@ def compute_self_influence(
     return out, config
 
 
+OOS_REFITS = ("last-layer", "whole-head")
+
+
 def compute_oos_probs(
-    index: Index, *, folds: int = 5, seed: int = 0, max_iter: int = 300, progress: bool = True
+    index: Index,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    max_iter: int = 300,
+    refit: str = "last-layer",
+    progress: bool = True,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """K-fold out-of-sample probabilities [n, C] from refits of the last linear layer on cached features."""
+    """K-fold out-of-sample probabilities [n, C].
+
+    refit="last-layer" (default): refits of the last linear layer on the cached penultimate features (for a head
+    with one linear layer that is the whole head: exact convex refits). refit="whole-head": for heads with
+    hidden layers, whose penultimate features were trained on the held-out labels too, refits of the whole head
+    from a fresh initialisation until they fit their rows as closely as the model does
+    (`influence.noise.compute_out_of_sample_probs_head`; see experiments/noise_full_refit_probe.py).
+    """
+    if refit not in OOS_REFITS:
+        raise ValueError(f"oos_refit must be one of {OOS_REFITS}, got {refit!r}")
+    if refit == "whole-head" and nz.count_linear_layers(index.spec) >= 2:
+        return _oos_probs_whole_head(index, folds=folds, seed=seed, progress=progress)
     lam = float(index.manifest.extra.get("representer", {}).get("lambda") or (index.l2 / 2 if index.l2 else 1e-3))
     config = {"folds": folds, "seed": seed, "lambda": lam, "max_iter": max_iter}
     cached = _cached(index, "noise_oos_probs", config)
@@ -240,6 +260,29 @@ def compute_oos_probs(
     return probs, config
 
 
+def _oos_probs_whole_head(index: Index, *, folds: int, seed: int, progress: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    config = {"folds": folds, "seed": seed, "refit": "whole head", "l2": index.l2}
+    cached = _cached(index, "noise_oos_probs", config)
+    if cached is not None:
+        return cached, {**config, "cached": True}
+    logits = np.asarray(load_array(index.paths.array("train_logits")))
+    model_losses = np.asarray(inf.cross_entropy(logits, index.train_labels), np.float64)
+    bar = tqdm(total=folds, desc="out-of-sample folds (whole head)", unit="fold", disable=not progress)
+    probs, epochs = nz.compute_out_of_sample_probs_head(
+        index.spec,
+        np.asarray(index.train_features),
+        index.train_labels,
+        model_losses,
+        l2=index.l2,
+        folds=folds,
+        seed=seed,
+        on_fold=lambda _: bar.update(),
+    )
+    bar.close()
+    _save_cached(index, "noise_oos_probs", config, probs)
+    return probs, {**config, "epochs": epochs}
+
+
 def compute_noise_signals(
     index: Index,
     *,
@@ -248,6 +291,7 @@ def compute_noise_signals(
     seed: int = 0,
     rank: int = 64,
     curvature_rows: int = 20_000,
+    oos_refit: str = "last-layer",
     progress: bool = True,
 ) -> NoiseSignals:
     """Computes the named signals (default: all of SIGNALS the run has) plus out-of-sample probabilities and
@@ -278,7 +322,9 @@ def compute_noise_signals(
     if "representer" in names:
         alpha = np.asarray(load_array(index.paths.array("representer_alpha")), np.float64)
         out["representer"] = alpha[np.arange(n), labels]
-    probs, info["confident-learning"] = compute_oos_probs(index, folds=folds, seed=seed, progress=progress)
+    probs, info["confident-learning"] = compute_oos_probs(
+        index, folds=folds, seed=seed, refit=oos_refit, progress=progress
+    )
     if "confident-learning" in names:
         out["confident-learning"] = nz.confident_learning_scores(probs, labels)
     if "oos-loss" in names:
@@ -319,6 +365,7 @@ def find_label_noise(
     seed: int = 0,
     rank: int = 64,
     curvature_rows: int = 20_000,
+    oos_refit: str = "last-layer",
     progress: bool = True,
 ) -> list[Suspect]:
     """Every training example ranked by how likely its label is wrong, most suspicious first.
@@ -335,9 +382,13 @@ def find_label_noise(
         seed: seed of the fold assignment and of the low-rank solver.
         rank: eigenpairs of the low-rank self-influence solver (heads without a dense eigendecomposition).
         curvature_rows: training rows the low-rank solver's curvature is estimated on.
+        oos_refit: "last-layer" (default) or "whole-head": how the out-of-sample probabilities are refit for
+            heads with hidden layers (see `compute_oos_probs`).
         progress: show progress bars.
     """
     method = _check_method(method)
+    if oos_refit not in OOS_REFITS:
+        raise ValueError(f"oos_refit must be one of {OOS_REFITS}, got {oos_refit!r}")
     n = len(index.train_ids)
     top = _check_top(top, n)
     exact = index.paths.array("curvature_eigenvalues").exists()
@@ -345,7 +396,14 @@ def find_label_noise(
     needed = (*DEFAULT_SIGNALS, *({"fused": fused_needs}.get(method, (method,))))
     names = tuple(s for s in SIGNALS if s in needed)
     result = compute_noise_signals(
-        index, signals=names, folds=folds, seed=seed, rank=rank, curvature_rows=curvature_rows, progress=progress
+        index,
+        signals=names,
+        folds=folds,
+        seed=seed,
+        rank=rank,
+        curvature_rows=curvature_rows,
+        oos_refit=oos_refit,
+        progress=progress,
     )
     score = np.asarray(result.score(method), np.float64)
     index.metadata.set_suspects(result.ids, score, result.suggested)

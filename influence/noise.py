@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -231,6 +232,141 @@ def compute_out_of_sample_probs(
         if on_fold is not None:
             on_fold(f)
     return probs
+
+
+def count_linear_layers(spec: Sequence[Mapping[str, Any]]) -> int:
+    return sum(layer["kind"] == "linear" for layer in spec)
+
+
+def init_head_params(spec: Sequence[Mapping[str, Any]], seed: int) -> list[dict[str, np.ndarray]]:
+    """Fresh parameters for the head's layers as torch initialises them (float32): linear weight and bias
+    ~ U(-1/sqrt(in), 1/sqrt(in)) (`nn.Linear`'s default), layernorm weight 1 and bias 0."""
+    rng = np.random.default_rng([seed, 7])
+    out: list[dict[str, np.ndarray]] = []
+    for layer in spec:
+        if layer["kind"] == "linear":
+            bound = 1.0 / math.sqrt(layer["in_features"])
+            params = {"weight": rng.uniform(-bound, bound, (layer["out_features"], layer["in_features"]))}
+            if layer["bias"]:
+                params["bias"] = rng.uniform(-bound, bound, layer["out_features"])
+        elif layer["kind"] == "layernorm" and layer["elementwise_affine"]:
+            shape = tuple(int(v) for v in layer["normalized_shape"])
+            params = {"weight": np.ones(shape), "bias": np.zeros(shape)}
+        else:
+            params = {}
+        out.append({k: v.astype(np.float32) for k, v in params.items()})
+    return out
+
+
+def fit_head_adam(
+    spec: Sequence[Mapping[str, Any]],
+    h: np.ndarray,
+    y: np.ndarray,
+    *,
+    l2: float,
+    target_loss: float,
+    seed: int,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    max_epochs: int = 200,
+) -> tuple[list[dict[str, jax.Array]], int]:
+    """Trains the whole head from a fresh initialisation: Adam (Kingma & Ba 2015, lr `lr`) on shuffled
+    minibatches of (1/b) sum CE + (l2/2) ||theta||^2, epoch after epoch until the mean training CE over (h, y) is
+    at most `target_loss` (or `max_epochs`). Returns (params, epochs run).
+
+    The stopping rule stands in for the user's unknown training procedure: a refit stops when it fits its rows
+    as closely as the user's model fits them (`target_loss` = the model's own mean loss on those rows).
+    """
+    from influence.head import apply_head, flatten_params
+
+    theta, unravel = flatten_params(init_head_params(spec, seed))
+    h_dev, y_dev = jnp.asarray(h, jnp.float32), jnp.asarray(y)
+    n = len(y)
+    b = min(batch_size, n)
+    steps = math.ceil(n / b)
+
+    def batch_objective(th: jax.Array, rows: jax.Array) -> jax.Array:
+        logits = apply_head(spec, unravel(th), h_dev[rows])
+        return jnp.mean(cross_entropy(logits, y_dev[rows])) + 0.5 * l2 * jnp.vdot(th, th)
+
+    @jax.jit
+    def epoch(state: tuple[jax.Array, ...], batches: jax.Array) -> tuple[jax.Array, ...]:
+        def step(carry: tuple[jax.Array, ...], rows: jax.Array) -> tuple[tuple[jax.Array, ...], None]:
+            th, m, v, t = carry
+            g = jax.grad(batch_objective)(th, rows)
+            t = t + 1
+            m = 0.9 * m + 0.1 * g
+            v = 0.999 * v + 0.001 * g * g
+            m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.999**t)
+            return (th - lr * m_hat / (jnp.sqrt(v_hat) + 1e-8), m, v, t), None
+
+        return jax.lax.scan(step, state, batches)[0]
+
+    @jax.jit
+    def mean_loss(th: jax.Array) -> jax.Array:
+        return jnp.mean(cross_entropy(apply_head(spec, unravel(th), h_dev), y_dev))
+
+    rng = np.random.default_rng([seed, 11])
+    state = (theta, jnp.zeros_like(theta), jnp.zeros_like(theta), jnp.asarray(0.0, theta.dtype))
+    done = 0
+    while done < max_epochs:
+        perm = rng.permutation(n)
+        perm = np.concatenate([perm, perm[: steps * b - n]])  # the last batch wraps around: one shape, one compile
+        state = epoch(state, jnp.asarray(perm.reshape(steps, b)))
+        done += 1
+        if float(mean_loss(state[0])) <= target_loss:
+            break
+    return unravel(state[0]), done
+
+
+def compute_out_of_sample_probs_head(
+    spec: Sequence[Mapping[str, Any]],
+    h: np.ndarray,
+    y: np.ndarray,
+    model_losses: np.ndarray,
+    *,
+    l2: float,
+    folds: int = 5,
+    seed: int = 0,
+    max_epochs: int = 200,
+    on_fold: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, list[int]]:
+    """K-fold out-of-sample probabilities [n, C] from refits of the *whole* head (`fit_head_adam`), each trained
+    on the other folds until it fits them as closely as the model does (mean of `model_losses` over them).
+
+    For a head with hidden layers, refitting only its last layer on the penultimate features leaks the held-out
+    labels (those features were trained on them); a whole-head refit does not. Returns (probs, epochs per fold).
+    """
+    from influence.head import apply_head
+
+    h, y, model_losses = np.asarray(h), np.asarray(y), np.asarray(model_losses, np.float64)
+    fold = fold_assignments(len(y), folds, seed)
+    probs: np.ndarray | None = None
+    epochs = []
+    for f in range(folds):
+        held = fold == f
+        params, done = fit_head_adam(
+            spec,
+            h[~held],
+            y[~held],
+            l2=l2,
+            target_loss=float(model_losses[~held].mean()),
+            seed=seed + f,
+            max_epochs=max_epochs,
+        )
+        logits = np.concatenate(
+            [
+                np.asarray(apply_head(spec, params, h[held][s : s + 4096]), np.float64)
+                for s in range(0, int(held.sum()), 4096)
+            ]
+        )
+        if probs is None:
+            probs = np.zeros((len(y), logits.shape[1]), np.float64)
+        probs[held] = softmax(logits)
+        epochs.append(done)
+        if on_fold is not None:
+            on_fold(f)
+    return probs, epochs
 
 
 # ------------------------------------------------------------------------------------- confident learning

@@ -109,8 +109,44 @@ def test_grad_cos_control_is_constant(noisy_digits, signals):
     assert nz.detection_auc(s, is_flip) == pytest.approx(0.5)
 
 
+def test_whole_head_refits_find_the_planted_flips(noisy_digits):
+    from api.noise import compute_noise_signals
+
+    index, _, is_flip = noisy_digits
+    whole = compute_noise_signals(index, signals=("loss", "oos-loss"), oos_refit="whole-head", progress=False)
+    assert whole.info["confident-learning"]["refit"] == "whole head"
+    assert nz.detection_auc(whole.score("oos-loss"), is_flip) >= 0.97
+    order = nz.rank_order(whole.score("fused"), whole.ids)
+    assert nz.fraction_found(order, is_flip, 0.10) >= 0.85
+
+
+def test_whole_head_refit_stops_at_the_model_fit_and_is_out_of_sample():
+    """Random labels on random features: a 2-layer head can fit them (in sample) but not predict held-out ones."""
+    rng = np.random.default_rng(0)
+    h, y = rng.normal(size=(600, 20)).astype(np.float32), rng.integers(0, 3, 600)
+    spec = [
+        {"kind": "linear", "in_features": 20, "out_features": 64, "bias": True},
+        {"kind": "relu"},
+        {"kind": "linear", "in_features": 64, "out_features": 3, "bias": True},
+    ]
+    params, epochs = nz.fit_head_adam(spec, h, y, l2=0.0, target_loss=0.5, seed=0, batch_size=64, lr=3e-3)
+    import influence as inf
+
+    fitted = float(np.mean(np.asarray(inf.cross_entropy(inf.apply_head(spec, params, h), y))))
+    assert fitted <= 0.5 and 1 < epochs < 200  # stopped by the rule, at the asked fit
+    model_losses = np.full(600, 0.5)
+    probs, per_fold = nz.compute_out_of_sample_probs_head(spec, h, y, model_losses, l2=0.0, folds=3, seed=1)
+    assert len(per_fold) == 3 and np.allclose(probs.sum(1), 1)
+    held_out_accuracy = float(np.mean(probs.argmax(1) == y))
+    assert held_out_accuracy < 0.45  # chance is 1/3: nothing of a held-out random label leaks
+    again, _ = nz.compute_out_of_sample_probs_head(spec, h, y, model_losses, l2=0.0, folds=3, seed=1)
+    np.testing.assert_array_equal(probs, again)  # seeded
+
+
 def test_bad_arguments_are_refused(noisy_digits):
     index, _, _ = noisy_digits
+    with pytest.raises(ValueError, match="oos_refit must be one of"):
+        index.find_label_noise(oos_refit="all", progress=False)
     with pytest.raises(ValueError, match="method"):
         index.find_label_noise(method="tracin-magic", progress=False)
     for bad in (0, -3, 2.5, True):
