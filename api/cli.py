@@ -258,6 +258,9 @@ def noise(
         Path | None,
         typer.Option(help="text file of example ids known to be mislabeled: the PNG shows found vs checked"),
     ] = None,
+    oos_refit: Annotated[
+        str, typer.Option(help="last-layer|whole-head: out-of-sample refits of heads with hidden layers")
+    ] = "last-layer",
 ) -> None:
     """Rank training examples by how likely their label is wrong (most suspicious first)."""
     from api import open_index
@@ -272,7 +275,7 @@ def noise(
                 f"--known-wrong must be a readable file of integer ids, got {str(known_wrong)!r}: {e}"
             ) from e
     with open_index(run) as idx:
-        suspects = idx.find_label_noise(method=method)
+        suspects = idx.find_label_noise(method=method, oos_refit=oos_refit)
     if out is not None:
         write_suspects(suspects, out)
     if png is None or str(png) != "none":

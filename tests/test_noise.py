@@ -233,3 +233,5 @@ def test_cli_noise_table_csv_and_png(noisy_digits, tmp_path):
     assert image.shape[0] > 100 and image[..., :3].std() > 0.05  # a drawn figure, not a blank canvas
     bad = CliRunner().invoke(app, [*args, "--known-wrong", str(tmp_path / "missing.txt")])
     assert bad.exit_code != 0 and "--known-wrong" in bad.output
+    bad = CliRunner().invoke(app, [*args, "--oos-refit", "everything"])
+    assert bad.exit_code == 2 and "oos_refit must be one of" in bad.output
