@@ -222,13 +222,31 @@ def compute_out_of_sample_probs(
     """
     phi_aug = np.asarray(phi_aug)
     y = np.asarray(y)
-    n = phi_aug.shape[0]
+
+    def fit_and_predict(keep: np.ndarray, held: np.ndarray) -> np.ndarray:
+        theta = fit_softmax_regression(phi_aug[keep], y[keep], theta0, lam=lam, max_iter=max_iter)
+        return softmax(np.asarray(phi_aug[held], np.float64) @ theta.T)
+
+    return kfold_probs(len(y), folds, seed, fit_and_predict, on_fold)
+
+
+def kfold_probs(
+    n: int,
+    folds: int,
+    seed: int,
+    fit_and_predict: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    on_fold: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """[n, C] probabilities, each fold's rows predicted by `fit_and_predict(keep_mask, held_mask)` (a model fit
+    on the other folds); folds from `fold_assignments(n, folds, seed)`."""
     fold = fold_assignments(n, folds, seed)
-    probs = np.zeros((n, theta0.shape[0]), np.float64)
+    probs: np.ndarray | None = None
     for f in range(folds):
         held = fold == f
-        theta = fit_softmax_regression(phi_aug[~held], y[~held], theta0, lam=lam, max_iter=max_iter)
-        probs[held] = softmax(np.asarray(phi_aug[held], np.float64) @ theta.T)
+        p = fit_and_predict(~held, held)
+        if probs is None:
+            probs = np.zeros((n, p.shape[1]), np.float64)
+        probs[held] = p
         if on_fold is not None:
             on_fold(f)
     return probs
@@ -340,33 +358,25 @@ def compute_out_of_sample_probs_head(
     from influence.head import apply_head
 
     h, y, model_losses = np.asarray(h), np.asarray(y), np.asarray(model_losses, np.float64)
-    fold = fold_assignments(len(y), folds, seed)
-    probs: np.ndarray | None = None
-    epochs = []
-    for f in range(folds):
-        held = fold == f
+    epochs: list[int] = []
+
+    def fit_and_predict(keep: np.ndarray, held: np.ndarray) -> np.ndarray:
+        target = float(model_losses[keep].mean())
         params, done = fit_head_adam(
-            spec,
-            h[~held],
-            y[~held],
-            l2=l2,
-            target_loss=float(model_losses[~held].mean()),
-            seed=seed + f,
-            max_epochs=max_epochs,
+            spec, h[keep], y[keep], l2=l2, target_loss=target, seed=seed + len(epochs), max_epochs=max_epochs
         )
-        logits = np.concatenate(
-            [
-                np.asarray(apply_head(spec, params, h[held][s : s + 4096]), np.float64)
-                for s in range(0, int(held.sum()), 4096)
-            ]
-        )
-        if probs is None:
-            probs = np.zeros((len(y), logits.shape[1]), np.float64)
-        probs[held] = softmax(logits)
         epochs.append(done)
-        if on_fold is not None:
-            on_fold(f)
-    return probs, epochs
+        rows = np.flatnonzero(held)
+        return softmax(
+            np.concatenate(
+                [
+                    np.asarray(apply_head(spec, params, h[rows[s : s + 4096]]), np.float64)
+                    for s in range(0, len(rows), 4096)
+                ]
+            )
+        )
+
+    return kfold_probs(len(y), folds, seed, fit_and_predict, on_fold), epochs
 
 
 # ------------------------------------------------------------------------------------- confident learning
