@@ -462,7 +462,7 @@ class Index:
 
     @property
     def deflation_rank_block(self) -> int:
-        """Top eigenpairs of C_S deflated in the block LiSSA (the build's deflation_rank, below d)."""
+        """Top eigenpairs of A + delta B deflated in the block LiSSA (the build's deflation_rank, below d)."""
         return int(min(self.manifest.methods.get("deflation_rank", 64), self.block_record["dim"] - 1))
 
     # -------------------------------------------------------------------------------------------- queries
