@@ -86,7 +86,7 @@ bench-noise: $(STAMP) $(PEERS)/.cleanlab
 	$(BIN)/python experiments/label_noise.py --cleanlab-path $(PEERS) --datasets digits-mlp --seeds 5
 
 bench-noise-fmnist: $(STAMP) $(PEERS)/.cleanlab data
-	for ds in fmnist-logreg fmnist-mlp; do $(BIN)/python experiments/label_noise.py --cleanlab-path $(PEERS) --datasets $$ds --noise uniform --seeds 3 --fmnist-train 10000 --out experiments/results/label_noise_$$ds.json || exit 1; done
+	for ds in fmnist-logreg fmnist-mlp; do $(BIN)/python experiments/label_noise.py --cleanlab-path $(PEERS) --datasets $$ds --noise uniform --seeds 5 --fmnist-train 10000 --out experiments/results/label_noise_$$ds.json || exit 1; done
 
 # The label-noise job on the full 60k Fashion-MNIST training set: time and peak memory (no retraining).
 bench-noise-60k: $(STAMP) $(PEERS)/.cleanlab data

@@ -259,8 +259,14 @@ def noise(
         typer.Option(help="text file of example ids known to be mislabeled: the PNG shows found vs checked"),
     ] = None,
     oos_refit: Annotated[
-        str, typer.Option(help="last-layer|whole-head: out-of-sample refits of heads with hidden layers")
-    ] = "last-layer",
+        str,
+        typer.Option(
+            help="auto|last-layer|whole-head: out-of-sample refits (auto: whole head if it has hidden layers)"
+        ),
+    ] = "auto",
+    oos_repeats: Annotated[
+        int | None, typer.Option(help="K-fold runs averaged (default: 2 for whole-head refits, 1 for last-layer)")
+    ] = None,
 ) -> None:
     """Rank training examples by how likely their label is wrong (most suspicious first)."""
     from api import open_index
@@ -275,7 +281,7 @@ def noise(
                 f"--known-wrong must be a readable file of integer ids, got {str(known_wrong)!r}: {e}"
             ) from e
     with open_index(run) as idx:
-        suspects = idx.find_label_noise(method=method, oos_refit=oos_refit)
+        suspects = idx.find_label_noise(method=method, oos_refit=oos_refit, oos_repeats=oos_repeats)
     if out is not None:
         write_suspects(suspects, out)
     if png is None or str(png) != "none":

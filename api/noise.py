@@ -11,8 +11,11 @@ Signals (higher = more suspicious), each selectable as `method`:
   per-example work is then one gradient and one [p, k] product, chunked.
 - ``loss``: the model's training cross-entropy; ``margin``: minus the logit margin z_y - max_{c != y} z_c.
 - ``representer``: alpha_{i, y_i} = (1 - p_{i, y_i}) / (2 lambda n) of the representer fit (Yeh et al. 2018).
-- ``confident-learning``: max_{c != y} p_oos[c] - p_oos[y] with p_oos from K-fold refits of the head's last
-  linear layer on the cached penultimate features (L2 softmax regression, warm-started from the model).
+- ``confident-learning``: max_{c != y} p_oos[c] - p_oos[y] with p_oos from K-fold refits of the head
+  (``oos_refit="auto"``): for a head with one linear layer, convex refits of it on the cached features (L2
+  softmax regression, warm-started from the model); for a head with hidden layers, whose penultimate features
+  have seen every label, refits of the whole head from fresh initialisations, averaged over two K-fold runs
+  (``oos_repeats``; see ``resolve_oos_refit``).
 - ``tracin``: TracIn self-influence sum_c eta_c ||g_i(theta_c)||^2 over the Task's training checkpoints
   (Pruthi et al. 2020), computed at build time; only for runs whose Task supplied ``checkpoints``.
 - ``grad-cos``: the gradient-cosine self score, 1 for every example (a negative control).
@@ -210,7 +213,24 @@ def compute_self_influence(
     return out, config
 
 
-OOS_REFITS = ("last-layer", "whole-head")
+OOS_REFITS = ("auto", "last-layer", "whole-head")
+
+
+def resolve_oos_refit(refit: Any, repeats: Any, spec: list[dict[str, Any]]) -> tuple[str, int]:
+    """The out-of-sample refit actually run, (kind, repeats), from the arguments `oos_refit` / `oos_repeats`.
+
+    "auto" (default): "whole-head" for heads with hidden layers (two or more linear layers), else "last-layer"
+    (for a single linear layer the two coincide, and the convex last-layer refit is exact and cheaper).
+    repeats None (default): 2 for whole-head refits (non-convex, from random initialisations: averaging two
+    K-fold runs halves their variance), 1 for the deterministic convex last-layer refit. "whole-head" on a head
+    with one linear layer runs the last-layer refit.
+    """
+    if refit not in OOS_REFITS:
+        raise ValueError(f"oos_refit must be one of {OOS_REFITS}, got {refit!r}")
+    if repeats is not None and (isinstance(repeats, bool) or not isinstance(repeats, int | np.integer) or repeats < 1):
+        raise ValueError(f"oos_repeats must be None or an int >= 1, got {repeats!r}")
+    kind = "whole-head" if refit != "last-layer" and nz.count_linear_layers(spec) >= 2 else "last-layer"
+    return kind, int(repeats) if repeats is not None else (2 if kind == "whole-head" else 1)
 
 
 def compute_oos_probs(
@@ -219,23 +239,26 @@ def compute_oos_probs(
     folds: int = 5,
     seed: int = 0,
     max_iter: int = 300,
-    refit: str = "last-layer",
+    refit: str = "auto",
+    repeats: int | None = None,
     progress: bool = True,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """K-fold out-of-sample probabilities [n, C].
+    """K-fold out-of-sample probabilities [n, C], averaged over `repeats` K-fold runs (fold seeds seed, seed+1..).
 
-    refit="last-layer" (default): refits of the last linear layer on the cached penultimate features (for a head
-    with one linear layer that is the whole head: exact convex refits). refit="whole-head": for heads with
-    hidden layers, whose penultimate features were trained on the held-out labels too, refits of the whole head
-    from a fresh initialisation until they fit their rows as closely as the model does
+    refit="last-layer": refits of the last linear layer on the cached penultimate features (for a head with one
+    linear layer that is the whole head: exact convex refits). refit="whole-head": for heads with hidden
+    layers, whose penultimate features were trained on the held-out labels too, refits of the whole head from a
+    fresh initialisation until they fit their rows as closely as the model does
     (`influence.noise.compute_out_of_sample_probs_head`; see experiments/noise_full_refit_probe.py).
+    refit="auto" (default) picks by the head (`resolve_oos_refit`).
     """
-    if refit not in OOS_REFITS:
-        raise ValueError(f"oos_refit must be one of {OOS_REFITS}, got {refit!r}")
-    if refit == "whole-head" and nz.count_linear_layers(index.spec) >= 2:
-        return _oos_probs_whole_head(index, folds=folds, seed=seed, progress=progress)
+    refit, repeats = resolve_oos_refit(refit, repeats, index.spec)
+    if refit == "whole-head":
+        return _oos_probs_whole_head(index, folds=folds, seed=seed, repeats=repeats, progress=progress)
     lam = float(index.manifest.extra.get("representer", {}).get("lambda") or (index.l2 / 2 if index.l2 else 1e-3))
     config = {"folds": folds, "seed": seed, "lambda": lam, "max_iter": max_iter}
+    if repeats > 1:
+        config["repeats"] = repeats
     cached = _cached(index, "noise_oos_probs", config)
     if cached is not None:
         return cached, {**config, "cached": True}
@@ -244,30 +267,38 @@ def compute_oos_probs(
     weight = np.asarray(last["weight"], np.float64)
     bias = np.asarray(last.get("bias", np.zeros(weight.shape[0])), np.float64)
     theta0 = np.concatenate([weight, bias[:, None]], axis=1)
-    bar = tqdm(total=folds, desc="out-of-sample folds", unit="fold", disable=not progress)
-    probs = nz.compute_out_of_sample_probs(
-        phi,
-        index.train_labels,
-        theta0,
-        lam=lam,
-        folds=folds,
-        seed=seed,
-        max_iter=max_iter,
-        on_fold=lambda _: bar.update(),
+    bar = tqdm(total=folds * repeats, desc="out-of-sample folds", unit="fold", disable=not progress)
+    probs = (
+        sum(
+            nz.compute_out_of_sample_probs(
+                phi,
+                index.train_labels,
+                theta0,
+                lam=lam,
+                folds=folds,
+                seed=seed + r,
+                max_iter=max_iter,
+                on_fold=lambda _: bar.update(),
+            )
+            for r in range(repeats)
+        )
+        / repeats
     )
     bar.close()
     _save_cached(index, "noise_oos_probs", config, probs)
     return probs, config
 
 
-def _oos_probs_whole_head(index: Index, *, folds: int, seed: int, progress: bool) -> tuple[np.ndarray, dict[str, Any]]:
-    config = {"folds": folds, "seed": seed, "refit": "whole head", "l2": index.l2}
+def _oos_probs_whole_head(
+    index: Index, *, folds: int, seed: int, repeats: int, progress: bool
+) -> tuple[np.ndarray, dict[str, Any]]:
+    config = {"folds": folds, "seed": seed, "refit": "whole head", "l2": index.l2, "repeats": repeats}
     cached = _cached(index, "noise_oos_probs", config)
     if cached is not None:
         return cached, {**config, "cached": True}
     logits = np.asarray(load_array(index.paths.array("train_logits")))
     model_losses = np.asarray(inf.cross_entropy(logits, index.train_labels), np.float64)
-    bar = tqdm(total=folds, desc="out-of-sample folds (whole head)", unit="fold", disable=not progress)
+    bar = tqdm(total=folds * repeats, desc="out-of-sample folds (whole head)", unit="fold", disable=not progress)
     probs, epochs = nz.compute_out_of_sample_probs_head(
         index.spec,
         np.asarray(index.train_features),
@@ -276,6 +307,7 @@ def _oos_probs_whole_head(index: Index, *, folds: int, seed: int, progress: bool
         l2=index.l2,
         folds=folds,
         seed=seed,
+        repeats=repeats,
         on_fold=lambda _: bar.update(),
     )
     bar.close()
@@ -291,7 +323,8 @@ def compute_noise_signals(
     seed: int = 0,
     rank: int = 64,
     curvature_rows: int = 20_000,
-    oos_refit: str = "last-layer",
+    oos_refit: str = "auto",
+    oos_repeats: int | None = None,
     progress: bool = True,
 ) -> NoiseSignals:
     """Computes the named signals (default: all of SIGNALS the run has) plus out-of-sample probabilities and
@@ -323,7 +356,7 @@ def compute_noise_signals(
         alpha = np.asarray(load_array(index.paths.array("representer_alpha")), np.float64)
         out["representer"] = alpha[np.arange(n), labels]
     probs, info["confident-learning"] = compute_oos_probs(
-        index, folds=folds, seed=seed, refit=oos_refit, progress=progress
+        index, folds=folds, seed=seed, refit=oos_refit, repeats=oos_repeats, progress=progress
     )
     if "confident-learning" in names:
         out["confident-learning"] = nz.confident_learning_scores(probs, labels)
@@ -365,7 +398,8 @@ def find_label_noise(
     seed: int = 0,
     rank: int = 64,
     curvature_rows: int = 20_000,
-    oos_refit: str = "last-layer",
+    oos_refit: str = "auto",
+    oos_repeats: int | None = None,
     progress: bool = True,
 ) -> list[Suspect]:
     """Every training example ranked by how likely its label is wrong, most suspicious first.
@@ -382,13 +416,14 @@ def find_label_noise(
         seed: seed of the fold assignment and of the low-rank solver.
         rank: eigenpairs of the low-rank self-influence solver (heads without a dense eigendecomposition).
         curvature_rows: training rows the low-rank solver's curvature is estimated on.
-        oos_refit: "last-layer" (default) or "whole-head": how the out-of-sample probabilities are refit for
-            heads with hidden layers (see `compute_oos_probs`).
+        oos_refit: "auto" (default: "whole-head" for heads with hidden layers, else "last-layer"),
+            "last-layer" or "whole-head": how the out-of-sample probabilities are refit (`resolve_oos_refit`).
+        oos_repeats: K-fold runs averaged for the out-of-sample probabilities; None = 2 for whole-head refits,
+            1 for last-layer refits.
         progress: show progress bars.
     """
     method = _check_method(method)
-    if oos_refit not in OOS_REFITS:
-        raise ValueError(f"oos_refit must be one of {OOS_REFITS}, got {oos_refit!r}")
+    resolve_oos_refit(oos_refit, oos_repeats, index.spec)  # refuse bad values before any work
     n = len(index.train_ids)
     top = _check_top(top, n)
     exact = index.paths.array("curvature_eigenvalues").exists()
@@ -403,6 +438,7 @@ def find_label_noise(
         rank=rank,
         curvature_rows=curvature_rows,
         oos_refit=oos_refit,
+        oos_repeats=oos_repeats,
         progress=progress,
     )
     score = np.asarray(result.score(method), np.float64)

@@ -237,6 +237,7 @@ def run_one(
         "train_accuracy_noisy": float(index.manifest.extra["train_accuracy"]),
         "suggested_equals_true_on_found": float(np.mean(res.suggested[found] == y_true[found])) if len(found) else None,
         "self_influence_solver": res.info.get("self-influence"),
+        "oos_refit": {k: v for k, v in res.info["confident-learning"].items() if k != "cached"},
         "tracin_checkpoints": len(checkpoints),
         "cleanlab": cl_info,
         "metrics": metrics,

@@ -346,6 +346,7 @@ def compute_out_of_sample_probs_head(
     l2: float,
     folds: int = 5,
     seed: int = 0,
+    repeats: int = 1,
     max_epochs: int = 200,
     on_fold: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, list[int]]:
@@ -353,30 +354,44 @@ def compute_out_of_sample_probs_head(
     on the other folds until it fits them as closely as the model does (mean of `model_losses` over them).
 
     For a head with hidden layers, refitting only its last layer on the penultimate features leaks the held-out
-    labels (those features were trained on them); a whole-head refit does not. Returns (probs, epochs per fold).
+    labels (those features were trained on them); a whole-head refit does not. Such a refit is non-convex and
+    starts from a random initialisation, so its probabilities vary from run to run: with `repeats` = R > 1 the
+    K-fold procedure runs R times (fold seeds seed, ..., seed + R - 1, fresh initialisations each fold) and the
+    probabilities are averaged, p_oos = (1/R) sum_r p_oos^(r): repeated cross-validation, whose variance falls
+    as 1/R. Returns (probs, epochs per fold, R * K entries).
     """
     from influence.head import apply_head
 
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     h, y, model_losses = np.asarray(h), np.asarray(y), np.asarray(model_losses, np.float64)
     epochs: list[int] = []
 
-    def fit_and_predict(keep: np.ndarray, held: np.ndarray) -> np.ndarray:
-        target = float(model_losses[keep].mean())
-        params, done = fit_head_adam(
-            spec, h[keep], y[keep], l2=l2, target_loss=target, seed=seed + len(epochs), max_epochs=max_epochs
-        )
-        epochs.append(done)
-        rows = np.flatnonzero(held)
-        return softmax(
-            np.concatenate(
-                [
-                    np.asarray(apply_head(spec, params, h[rows[s : s + 4096]]), np.float64)
-                    for s in range(0, len(rows), 4096)
-                ]
-            )
-        )
+    def one_run(run_seed: int) -> np.ndarray:
+        """One K-fold run: folds from `run_seed`, fold k's refit initialised with seed run_seed + k."""
+        fold_index = iter(range(folds))
 
-    return kfold_probs(len(y), folds, seed, fit_and_predict, on_fold), epochs
+        def fit_and_predict(keep: np.ndarray, held: np.ndarray) -> np.ndarray:
+            target = float(model_losses[keep].mean())
+            init_seed = run_seed + next(fold_index)
+            params, done = fit_head_adam(
+                spec, h[keep], y[keep], l2=l2, target_loss=target, seed=init_seed, max_epochs=max_epochs
+            )
+            epochs.append(done)
+            rows = np.flatnonzero(held)
+            return softmax(
+                np.concatenate(
+                    [
+                        np.asarray(apply_head(spec, params, h[rows[s : s + 4096]]), np.float64)
+                        for s in range(0, len(rows), 4096)
+                    ]
+                )
+            )
+
+        return kfold_probs(len(y), folds, run_seed, fit_and_predict, on_fold)
+
+    probs = sum(one_run(seed + r) for r in range(repeats)) / repeats
+    return probs, epochs
 
 
 # ------------------------------------------------------------------------------------- confident learning

@@ -115,6 +115,7 @@ def test_whole_head_refits_find_the_planted_flips(noisy_digits):
     index, _, is_flip = noisy_digits
     whole = compute_noise_signals(index, signals=("loss", "oos-loss"), oos_refit="whole-head", progress=False)
     assert whole.info["confident-learning"]["refit"] == "whole head"
+    assert whole.info["confident-learning"]["repeats"] == 2  # the default for non-convex refits
     assert nz.detection_auc(whole.score("oos-loss"), is_flip) >= 0.97
     order = nz.rank_order(whole.score("fused"), whole.ids)
     assert nz.fraction_found(order, is_flip, 0.10) >= 0.85
@@ -141,12 +142,39 @@ def test_whole_head_refit_stops_at_the_model_fit_and_is_out_of_sample():
     assert held_out_accuracy < 0.45  # chance is 1/3: nothing of a held-out random label leaks
     again, _ = nz.compute_out_of_sample_probs_head(spec, h, y, model_losses, l2=0.0, folds=3, seed=1)
     np.testing.assert_array_equal(probs, again)  # seeded
+    other, _ = nz.compute_out_of_sample_probs_head(spec, h, y, model_losses, l2=0.0, folds=3, seed=2)
+    both, per_fold = nz.compute_out_of_sample_probs_head(spec, h, y, model_losses, l2=0.0, folds=3, seed=1, repeats=2)
+    assert len(per_fold) == 6
+    np.testing.assert_allclose(both, (probs + other) / 2, rtol=1e-12)  # the mean of the two K-fold runs
+    assert not np.allclose(probs, other)  # and the two runs differ (other folds, other initialisations)
+    with pytest.raises(ValueError, match="repeats"):
+        nz.compute_out_of_sample_probs_head(spec, h, y, model_losses, l2=0.0, folds=3, repeats=0)
+
+
+def test_auto_refit_follows_the_head():
+    from api.noise import resolve_oos_refit
+
+    mlp = [
+        {"kind": "linear", "in_features": 8, "out_features": 4, "bias": True},
+        {"kind": "relu"},
+        {"kind": "linear", "in_features": 4, "out_features": 3, "bias": True},
+    ]
+    linear = mlp[-1:]
+    assert resolve_oos_refit("auto", None, mlp) == ("whole-head", 2)
+    assert resolve_oos_refit("auto", None, linear) == ("last-layer", 1)
+    assert resolve_oos_refit("whole-head", None, linear) == ("last-layer", 1)  # one layer: the same refit
+    assert resolve_oos_refit("last-layer", 3, mlp) == ("last-layer", 3)
+    for bad in (0, -1, 2.5, True, "2"):
+        with pytest.raises(ValueError, match="oos_repeats"):
+            resolve_oos_refit("auto", bad, mlp)
 
 
 def test_bad_arguments_are_refused(noisy_digits):
     index, _, _ = noisy_digits
     with pytest.raises(ValueError, match="oos_refit must be one of"):
         index.find_label_noise(oos_refit="all", progress=False)
+    with pytest.raises(ValueError, match="oos_repeats"):
+        index.find_label_noise(oos_repeats=0, progress=False)
     with pytest.raises(ValueError, match="method"):
         index.find_label_noise(method="tracin-magic", progress=False)
     for bad in (0, -3, 2.5, True):
