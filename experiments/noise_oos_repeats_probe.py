@@ -1,0 +1,107 @@
+"""Probe (the job's own refit functions, no index): does averaging R K-fold runs of the out-of-sample refits help?
+
+`find_label_noise`'s out-of-sample probabilities come from one K-fold run of refits (`oos_refit`): for a head with
+one linear layer, convex L-BFGS refits of it warm-started from the model (`influence.noise.
+compute_out_of_sample_probs`); for a head with hidden layers, refits of the whole head from fresh initialisations
+(`influence.noise.compute_out_of_sample_probs_head`). Both depend on the fold split, the whole-head refit also on
+its initialisation and minibatch order. This probe runs the refit the job picks for each model with R = 1 and
+R = 2 (fold seeds 0 and 1, probabilities averaged: repeated cross-validation) on the label-noise benchmark's
+data, flips and models (experiments/label_noise.py: Fashion-MNIST 10k, 10% uniform flips, seeds 0-4) and scores
+the job's non-exact fused rule (mean rank of the class-normalised training loss and out-of-sample loss), the
+out-of-sample loss alone and training loss.
+
+Usage: .venv/bin/python experiments/noise_oos_repeats_probe.py [--models fmnist-mlp fmnist-logreg] [--seeds 5]
+Results -> experiments/results/noise_oos_repeats_probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from label_noise import RESULTS, dataset, flip, train
+
+import influence as inf
+from indexer.translate import translate_head
+from influence import noise as nz
+
+
+def fused_score(loss: np.ndarray, oos_loss: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The job's non-exact fused rule (api.noise.fused_score)."""
+    return nz.fuse_ranks(
+        {"loss": nz.class_normalized_loss(loss, labels), "oos-loss": nz.class_normalized_loss(oos_loss, labels)}
+    )
+
+
+def oos_runs(name: str, model: torch.nn.Module, x: np.ndarray, y: np.ndarray, loss: np.ndarray, l2: float, runs: int):
+    """One K-fold run per fold seed 0..runs-1 of the refit the job picks for this model (5 folds)."""
+    head = translate_head(list(model))
+    if nz.count_linear_layers(head.spec) >= 2:
+        return [
+            nz.compute_out_of_sample_probs_head(head.spec, x, y, loss, l2=l2, folds=5, seed=r)[0] for r in range(runs)
+        ], "whole-head"
+    last = head.params[inf.last_linear_index(head.spec)]
+    theta0 = np.concatenate([np.asarray(last["weight"], np.float64), np.asarray(last["bias"], np.float64)[:, None]], 1)
+    phi = inf.augment_features(np.asarray(x, np.float64))
+    return [
+        nz.compute_out_of_sample_probs(phi, y, theta0, lam=l2 / 2, folds=5, seed=r) for r in range(runs)
+    ], "last-layer"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["fmnist-mlp", "fmnist-logreg"])
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--fmnist-train", type=int, default=10_000)
+    ap.add_argument("--out", default=str(RESULTS / "noise_oos_repeats_probe.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    results: dict[str, object] = {"args": vars(args), "models": {}}
+    for name in args.models:
+        data = dataset(name, args.fmnist_train)
+        x, y, l2 = data["x"], data["y"], data["l2"]
+        rows = np.arange(len(y))
+        runs = []
+        for seed in range(args.seeds):
+            t0 = time.perf_counter()
+            noisy, flipped = flip(y, "uniform", 10, seed, data["confusable"])
+            is_flip = np.zeros(len(y), bool)
+            is_flip[flipped] = True
+            model = train(name, x, noisy, l2, seed)
+            with torch.no_grad():
+                logits = model(torch.from_numpy(x)).double().numpy()
+            loss = np.asarray(inf.cross_entropy(logits, noisy), np.float64)
+            probs, refit = oos_runs(name, model, x, noisy, loss, l2, 2)
+            scores = {"loss": loss}
+            for label, p in (("R=1", probs[0]), ("R=2", (probs[0] + probs[1]) / 2)):
+                oos_loss = -np.log(np.clip(p[rows, noisy], 1e-300, None))
+                scores[f"oos-loss {label}"] = oos_loss
+                scores[f"fused {label}"] = fused_score(loss, oos_loss, noisy)
+            metrics = {
+                m: {
+                    "auc": nz.detection_auc(s, is_flip),
+                    "found@10": nz.fraction_found(np.argsort(-s, kind="stable"), is_flip, 0.1),
+                }
+                for m, s in scores.items()
+            }
+            runs.append({"seed": seed, "refit": refit, "seconds": time.perf_counter() - t0, "metrics": metrics})
+            print(name, seed, {m: round(v["found@10"], 3) for m, v in metrics.items()}, flush=True)
+        summary = {
+            m: {key: float(np.mean([r["metrics"][m][key] for r in runs])) for key in ("auc", "found@10")}
+            for m in runs[0]["metrics"]
+        }
+        results["models"][name] = {"runs": runs, "summary": summary}
+    out = Path(args.out)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
