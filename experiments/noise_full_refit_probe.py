@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from label_noise import RESULTS, cleanlab_order, dataset, flip, order_to_score, train
 
+from api.noise import fused_score as api_fused_score
 from indexer.translate import translate_head
 from influence import noise as nz
 
@@ -41,10 +42,8 @@ def probabilities(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 
 
 def fused_score(loss: np.ndarray, oos_loss: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The job's non-exact fused rule: mean rank of the class-normalised in-sample and out-of-sample losses."""
-    return nz.fuse_ranks(
-        {"loss": nz.class_normalized_loss(loss, labels), "oos-loss": nz.class_normalized_loss(oos_loss, labels)}
-    )
+    """The job's fused rule (`api.noise.fused_score`) on these losses."""
+    return api_fused_score({"loss": loss, "oos-loss": oos_loss}, labels)
 
 
 def main() -> None:

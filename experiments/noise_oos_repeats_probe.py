@@ -29,15 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from label_noise import RESULTS, dataset, flip, train
 
 import influence as inf
+from api.noise import fused_score as api_fused_score
 from indexer.translate import translate_head
 from influence import noise as nz
 
 
 def fused_score(loss: np.ndarray, oos_loss: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The job's non-exact fused rule (api.noise.fused_score)."""
-    return nz.fuse_ranks(
-        {"loss": nz.class_normalized_loss(loss, labels), "oos-loss": nz.class_normalized_loss(oos_loss, labels)}
-    )
+    """The job's fused rule (`api.noise.fused_score`) on these losses."""
+    return api_fused_score({"loss": loss, "oos-loss": oos_loss}, labels)
 
 
 def oos_runs(name: str, model: torch.nn.Module, x: np.ndarray, y: np.ndarray, loss: np.ndarray, l2: float, runs: int):
