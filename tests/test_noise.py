@@ -55,14 +55,9 @@ def test_results_written_to_sqlite_in_order(noisy_digits):
     assert [r.example_id for r in stored] == [s.example_id for s in suspects[:25]]
     assert [r.suggested_label for r in stored] == [s.suggested_label for s in suspects[:25]]
     assert stored[0].suspect_score == pytest.approx(suspects[0].score)
-    assert set(suspects[0].signals) >= {
-        "self-influence",
-        "loss",
-        "confident-learning",
-        "representer",
-        "margin",
-        "loo-loss",
-    }
+    assert set(suspects[0].signals) >= {"loss", "oos-loss", "confident-learning", "representer", "margin"}
+    by_self_influence = index.find_label_noise(top=3, method="self-influence", progress=False)
+    assert {"self-influence", "loss", "oos-loss"} <= set(by_self_influence[0].signals)
     top = index.find_label_noise(top=7, method="loss", progress=False)
     assert len(top) == 7 and top[0].signals["loss"] >= top[-1].signals["loss"]
 
