@@ -266,21 +266,16 @@ def compute_oos_probs(
     bias = np.asarray(last.get("bias", np.zeros(weight.shape[0])), np.float64)
     theta0 = np.concatenate([weight, bias[:, None]], axis=1)
     bar = tqdm(total=folds * repeats, desc="out-of-sample folds", unit="fold", disable=not progress)
-    probs = (
-        sum(
-            nz.compute_out_of_sample_probs(
-                phi,
-                index.train_labels,
-                theta0,
-                lam=lam,
-                folds=folds,
-                seed=seed + r,
-                max_iter=max_iter,
-                on_fold=lambda _: bar.update(),
-            )
-            for r in range(repeats)
-        )
-        / repeats
+    probs = nz.compute_out_of_sample_probs(
+        phi,
+        index.train_labels,
+        theta0,
+        lam=lam,
+        folds=folds,
+        seed=seed,
+        max_iter=max_iter,
+        repeats=repeats,
+        on_fold=lambda _: bar.update(),
     )
     bar.close()
     _save_cached(index, "noise_oos_probs", config, probs)

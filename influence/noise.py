@@ -206,9 +206,11 @@ def compute_out_of_sample_probs(
     folds: int = 5,
     seed: int = 0,
     max_iter: int = 300,
+    repeats: int = 1,
     on_fold: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """K-fold out-of-sample class probabilities [n, C]: each fold scored by a softmax regression fit on the rest.
+    """K-fold out-of-sample class probabilities [n, C]: each fold scored by a softmax regression fit on the rest
+    (averaged over `repeats` K-fold runs, see `kfold_probs`).
 
     Args:
         phi_aug: bias-augmented features [n, d+1].
@@ -218,38 +220,52 @@ def compute_out_of_sample_probs(
         folds: K.
         seed: seed of the fold assignment.
         max_iter: L-BFGS iterations per fold.
+        repeats: K-fold runs averaged (fold seeds seed, ..., seed + repeats - 1).
         on_fold: called with the fold index after each fold (progress).
     """
     phi_aug = np.asarray(phi_aug)
     y = np.asarray(y)
 
-    def fit_and_predict(keep: np.ndarray, held: np.ndarray) -> np.ndarray:
+    def fit_and_predict(keep: np.ndarray, held: np.ndarray, _: int) -> np.ndarray:
         theta = fit_softmax_regression(phi_aug[keep], y[keep], theta0, lam=lam, max_iter=max_iter)
         return softmax(np.asarray(phi_aug[held], np.float64) @ theta.T)
 
-    return kfold_probs(len(y), folds, seed, fit_and_predict, on_fold)
+    return kfold_probs(len(y), folds, seed, fit_and_predict, on_fold, repeats=repeats)
 
 
 def kfold_probs(
     n: int,
     folds: int,
     seed: int,
-    fit_and_predict: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    fit_and_predict: Callable[[np.ndarray, np.ndarray, int], np.ndarray],
     on_fold: Callable[[int], None] | None = None,
+    *,
+    repeats: int = 1,
 ) -> np.ndarray:
-    """[n, C] probabilities, each fold's rows predicted by `fit_and_predict(keep_mask, held_mask)` (a model fit
-    on the other folds); folds from `fold_assignments(n, folds, seed)`."""
-    fold = fold_assignments(n, folds, seed)
-    probs: np.ndarray | None = None
-    for f in range(folds):
-        held = fold == f
-        p = fit_and_predict(~held, held)
-        if probs is None:
-            probs = np.zeros((n, p.shape[1]), np.float64)
-        probs[held] = p
-        if on_fold is not None:
-            on_fold(f)
-    return probs
+    """[n, C] probabilities, each fold's rows predicted by `fit_and_predict(keep_mask, held_mask, fit_seed)` (a
+    model fit on the other folds; fit_seed = the run's fold seed + the fold's index, for refits that draw an
+    initialisation); folds from `fold_assignments(n, folds, run_seed)`.
+
+    With `repeats` = R > 1 the K-fold procedure runs R times with fold seeds seed, ..., seed + R - 1 and the
+    probabilities are averaged, p = (1/R) sum_r p^(r) (repeated cross-validation: the fold-to-fold and
+    initialisation noise of one run falls as 1/R in variance).
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int | np.integer) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    total: np.ndarray | None = None
+    for run_seed in range(seed, seed + repeats):
+        fold = fold_assignments(n, folds, run_seed)
+        probs: np.ndarray | None = None
+        for f in range(folds):
+            held = fold == f
+            p = fit_and_predict(~held, held, run_seed + f)
+            if probs is None:
+                probs = np.zeros((n, p.shape[1]), np.float64)
+            probs[held] = p
+            if on_fold is not None:
+                on_fold(f)
+        total = probs if total is None else total + probs
+    return total / repeats
 
 
 def count_linear_layers(spec: Sequence[Mapping[str, Any]]) -> int:
@@ -355,43 +371,32 @@ def compute_out_of_sample_probs_head(
 
     For a head with hidden layers, refitting only its last layer on the penultimate features leaks the held-out
     labels (those features were trained on them); a whole-head refit does not. Such a refit is non-convex and
-    starts from a random initialisation, so its probabilities vary from run to run: with `repeats` = R > 1 the
-    K-fold procedure runs R times (fold seeds seed, ..., seed + R - 1, fresh initialisations each fold) and the
-    probabilities are averaged, p_oos = (1/R) sum_r p_oos^(r): repeated cross-validation, whose variance falls
-    as 1/R. Returns (probs, epochs per fold, R * K entries).
+    starts from a random initialisation (fold k of the run with fold seed s: seed s + k), so its probabilities
+    vary from run to run: `repeats` = R > 1 averages R K-fold runs (`kfold_probs`). Returns (probs, epochs per
+    fold, R * K entries).
     """
     from influence.head import apply_head
 
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     h, y, model_losses = np.asarray(h), np.asarray(y), np.asarray(model_losses, np.float64)
     epochs: list[int] = []
 
-    def one_run(run_seed: int) -> np.ndarray:
-        """One K-fold run: folds from `run_seed`, fold k's refit initialised with seed run_seed + k."""
-        fold_index = iter(range(folds))
-
-        def fit_and_predict(keep: np.ndarray, held: np.ndarray) -> np.ndarray:
-            target = float(model_losses[keep].mean())
-            init_seed = run_seed + next(fold_index)
-            params, done = fit_head_adam(
-                spec, h[keep], y[keep], l2=l2, target_loss=target, seed=init_seed, max_epochs=max_epochs
+    def fit_and_predict(keep: np.ndarray, held: np.ndarray, fit_seed: int) -> np.ndarray:
+        target = float(model_losses[keep].mean())
+        params, done = fit_head_adam(
+            spec, h[keep], y[keep], l2=l2, target_loss=target, seed=fit_seed, max_epochs=max_epochs
+        )
+        epochs.append(done)
+        rows = np.flatnonzero(held)
+        return softmax(
+            np.concatenate(
+                [
+                    np.asarray(apply_head(spec, params, h[rows[s : s + 4096]]), np.float64)
+                    for s in range(0, len(rows), 4096)
+                ]
             )
-            epochs.append(done)
-            rows = np.flatnonzero(held)
-            return softmax(
-                np.concatenate(
-                    [
-                        np.asarray(apply_head(spec, params, h[rows[s : s + 4096]]), np.float64)
-                        for s in range(0, len(rows), 4096)
-                    ]
-                )
-            )
+        )
 
-        return kfold_probs(len(y), folds, run_seed, fit_and_predict, on_fold)
-
-    probs = sum(one_run(seed + r) for r in range(repeats)) / repeats
-    return probs, epochs
+    return kfold_probs(len(y), folds, seed, fit_and_predict, on_fold, repeats=repeats), epochs
 
 
 # ------------------------------------------------------------------------------------- confident learning
