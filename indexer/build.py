@@ -33,6 +33,7 @@ from store import (
     content_hash,
     load_array,
     load_manifest,
+    remove_stale_temps,
     save_array,
     save_manifest,
     save_tensors,
@@ -243,6 +244,8 @@ class Builder:
                     f"run directory {paths.root} was started with another config "
                     f"({manifest.methods}, {manifest.task}); use another --out or the same config"
                 )
+            if "complete" not in manifest.stages:  # resuming: drop what a killed build was half-way writing
+                remove_stale_temps(paths.root)
             return manifest
         if paths.root.exists() and not _is_unstarted(paths):
             raise TaskError(f"out directory {paths.root} exists, is not empty and holds no run (no manifest.json)")

@@ -5,7 +5,13 @@ FAISS's raw ``(D, I)``.
 """
 
 from store.arrays import ChunkedArray, load_array, load_tensors, save_array, save_tensors
-from store.atomic import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from store.atomic import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    remove_stale_temps,
+)
 from store.errors import (
     ConfigMismatchError,
     CorruptRunError,
@@ -55,6 +61,7 @@ __all__ = [
     "load_array",
     "load_manifest",
     "load_tensors",
+    "remove_stale_temps",
     "save_array",
     "save_manifest",
     "save_tensors",

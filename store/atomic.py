@@ -53,6 +53,25 @@ def _temp_path(path: Path) -> Path:
     return Path(name)
 
 
+def is_temp_name(name: str) -> bool:
+    """True for the names `_temp_path` gives: ``.<target name>.<random>.tmp``."""
+    return name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3
+
+
+def remove_stale_temps(root: str | os.PathLike[str]) -> list[Path]:
+    """Removes the temporary files that writers killed mid-write left under ``root`` (recursively); returns them.
+
+    Only for a directory no other process is writing to (e.g. a build resuming its own unfinished run): a
+    live writer's temporary file is indistinguishable from a dead one's.
+    """
+    removed = []
+    for path in sorted(Path(root).rglob("*.tmp")):
+        if path.is_file() and is_temp_name(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yields a temporary path beside ``path`` that replaces ``path`` on a clean exit.

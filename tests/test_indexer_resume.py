@@ -35,6 +35,7 @@ def reference(tmp_path_factory, digits_mlp_task):
 @pytest.mark.parametrize("fail_at", [2, 5, 9])
 def test_interrupted_build_resumes_to_the_same_run(tmp_path, monkeypatch, digits_mlp_task, reference, fail_at):
     from store import ChunkedArray
+    from store.atomic import _temp_path
 
     calls = {"n": 0}
     original = ChunkedArray.write_chunk
@@ -50,8 +51,11 @@ def test_interrupted_build_resumes_to_the_same_run(tmp_path, monkeypatch, digits
     with pytest.raises(KeyboardInterrupt):
         build_index(digits_mlp_task, path, config=SMALL_CHUNKS, progress=False)
     assert "complete" not in load_manifest(path).stages
+    # what a SIGKILL in the middle of an atomic write leaves behind (the real temp names of store.atomic)
+    planted = [_temp_path(path / "arrays" / "curvature_eigenvectors.npy"), _temp_path(path / "manifest.json")]
     monkeypatch.setattr(ChunkedArray, "write_chunk", original)
     build_index(digits_mlp_task, path, config=SMALL_CHUNKS, progress=False).close()
+    assert not any(p.exists() for p in planted) and list(path.rglob("*.tmp")) == []
     assert explanations(path) == explanations(reference)
     for name in ("train_features", "train_labels", "grad_vectors"):
         np.testing.assert_array_equal(

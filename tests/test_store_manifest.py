@@ -106,6 +106,18 @@ def test_atomic_writes_leave_no_temp_files(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "c.json").read_text()) == {"z": 0}
 
 
+def test_remove_stale_temps_removes_only_killed_writes(tmp_path: Path) -> None:
+    from store.atomic import _temp_path, remove_stale_temps
+
+    (tmp_path / "arrays").mkdir()
+    stale = [_temp_path(tmp_path / "arrays" / "x.npy"), _temp_path(tmp_path / "manifest.json")]
+    keep = [tmp_path / "arrays" / "x.npy", tmp_path / "notes.tmp", tmp_path / ".hidden", tmp_path / "a.b.c.tmp"]
+    for path in keep:
+        path.write_bytes(b"kept")
+    assert sorted(remove_stale_temps(tmp_path)) == sorted(stale)
+    assert not any(p.exists() for p in stale) and all(p.read_bytes() == b"kept" for p in keep)
+
+
 def test_exception_inside_atomic_path_leaves_target_untouched(tmp_path: Path) -> None:
     target = tmp_path / "data.bin"
     target.write_bytes(b"old")
