@@ -20,9 +20,11 @@ from store.errors import (
     StoreError,
     UnknownExampleError,
 )
+from store.layout import ARRAYS, CACHES, SPACES, Artifact, RunPaths
 from store.manifest import SCHEMA_VERSION, Manifest, load_manifest, save_manifest
 from store.metadata import ExampleRecord, MetadataStore
-from store.run import RunPaths, content_hash, fingerprint_arrays, verify_run
+from store.opened import OpenedRun, Split, head_tensors, params_from_tensors
+from store.run import content_hash, verify_run
 from store.vectors import (
     FaissVectorIndex,
     Hits,
@@ -34,7 +36,11 @@ from store.vectors import (
 )
 
 __all__ = [
+    "ARRAYS",
+    "CACHES",
     "SCHEMA_VERSION",
+    "SPACES",
+    "Artifact",
     "ChunkedArray",
     "ConfigMismatchError",
     "CorruptRunError",
@@ -44,9 +50,11 @@ __all__ = [
     "Manifest",
     "MetadataStore",
     "NumpyVectorIndex",
+    "OpenedRun",
     "RunNotFoundError",
     "RunPaths",
     "SchemaVersionError",
+    "Split",
     "StoreError",
     "UnknownExampleError",
     "VectorIndex",
@@ -57,10 +65,11 @@ __all__ = [
     "build_vector_index",
     "compute_recall",
     "content_hash",
-    "fingerprint_arrays",
+    "head_tensors",
     "load_array",
     "load_manifest",
     "load_tensors",
+    "params_from_tensors",
     "remove_stale_temps",
     "save_array",
     "save_manifest",

@@ -16,9 +16,9 @@ from typing import Any
 
 from store.atomic import atomic_write_json
 from store.errors import CorruptRunError, RunNotFoundError, SchemaVersionError
+from store.layout import MANIFEST_NAME
 
 SCHEMA_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 
 
 def _now() -> str:
@@ -100,10 +100,6 @@ class Manifest:
         if name in self.stages:
             return self
         return dataclasses.replace(self, stages=(*self.stages, name))
-
-    def has_stage(self, name: str) -> bool:
-        """Whether the build stage ``name`` has completed."""
-        return name in self.stages
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the manifest as plain JSON-compatible data."""

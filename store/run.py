@@ -1,91 +1,18 @@
-"""The run directory layout, content hashes and a consistency check.
-
-A run directory holds ``manifest.json``, ``metadata.sqlite``, ``vectors/<space>.faiss``,
-``arrays/<name>.npy`` and ``head.safetensors``. Only this package reads or writes them.
-"""
+"""Content hashes and the consistency check of a run directory (its layout: `store.layout`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
-import re
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from store.errors import RunNotFoundError, StoreError
-from store.manifest import MANIFEST_NAME, load_manifest
+from store.layout import RunPaths
+from store.manifest import load_manifest
 from store.metadata import MetadataStore
 from store.vectors import FaissVectorIndex
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def _check_name(value: str, name: str) -> str:
-    if not isinstance(value, str) or not _NAME.match(value) or ".." in value:
-        raise ValueError(f"{name}: must be a plain file name ([A-Za-z0-9_.-], no '/' or '..'), got {value!r}")
-    return value
-
-
-@dataclasses.dataclass(frozen=True)
-class RunPaths:
-    """Where each file of a run directory lives.
-
-    Attributes:
-        root: The run directory.
-    """
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.root, str | os.PathLike):
-            raise ValueError(f"root: must be a path, got {self.root!r}")
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def manifest(self) -> Path:
-        """``manifest.json``."""
-        return self.root / MANIFEST_NAME
-
-    @property
-    def metadata(self) -> Path:
-        """``metadata.sqlite``."""
-        return self.root / "metadata.sqlite"
-
-    @property
-    def vectors_dir(self) -> Path:
-        """``vectors/``."""
-        return self.root / "vectors"
-
-    def vector(self, space: str) -> Path:
-        """``vectors/<space>.faiss``."""
-        return self.vectors_dir / f"{_check_name(space, 'space')}.faiss"
-
-    @property
-    def arrays_dir(self) -> Path:
-        """``arrays/``."""
-        return self.root / "arrays"
-
-    def array(self, name: str) -> Path:
-        """``arrays/<name>.npy``."""
-        return self.arrays_dir / f"{_check_name(name, 'name')}.npy"
-
-    @property
-    def head(self) -> Path:
-        """``head.safetensors`` (the head parameters)."""
-        return self.root / "head.safetensors"
-
-    @property
-    def lock(self) -> Path:
-        """``.lock`` (held by a build in progress)."""
-        return self.root / ".lock"
-
-    def create_dirs(self) -> None:
-        """Creates the run directory and its ``vectors/`` and ``arrays/`` subdirectories."""
-        for d in (self.root, self.vectors_dir, self.arrays_dir):
-            d.mkdir(parents=True, exist_ok=True)
 
 
 def content_hash(data: bytes) -> str:
@@ -93,39 +20,6 @@ def content_hash(data: bytes) -> str:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ValueError(f"data: must be bytes, got {type(data).__name__}")
     return hashlib.sha256(data).hexdigest()[:16]
-
-
-def fingerprint_arrays(named: Iterable[tuple[str, np.ndarray]]) -> str:
-    """Returns a SHA-256 hex digest over names, shapes, dtypes and bytes of arrays, sorted by name.
-
-    Used as the model fingerprint (over ``state_dict`` items converted to numpy): the order the
-    arrays come in does not matter, any change of value, shape or dtype does.
-
-    Args:
-        named: ``(name, array)`` pairs with unique names.
-    """
-    items: dict[str, np.ndarray] = {}
-    for pair in named:
-        try:
-            name, arr = pair
-        except (TypeError, ValueError):
-            raise ValueError(f"named: items must be (name, array) pairs, got {pair!r}") from None
-        if not isinstance(name, str):
-            raise ValueError(f"named: names must be str, got {name!r}")
-        if name in items:
-            raise ValueError(f"named: duplicate name {name!r}")
-        a = np.asarray(arr)
-        if a.dtype.hasobject:
-            raise ValueError(f"named[{name!r}]: object arrays cannot be fingerprinted")
-        items[name] = a
-    h = hashlib.sha256()
-    for name in sorted(items):
-        a = np.ascontiguousarray(items[name])
-        header = f"{name}\0{a.shape}\0{a.dtype.str}\0".encode()
-        h.update(len(header).to_bytes(8, "little"))
-        h.update(header)
-        h.update(a.reshape(-1).view(np.uint8).data if a.size else b"")
-    return h.hexdigest()
 
 
 def verify_run(root: str | os.PathLike[str]) -> list[str]:

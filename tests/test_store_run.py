@@ -10,7 +10,7 @@ import pytest
 from store.errors import RunNotFoundError
 from store.manifest import Manifest, save_manifest
 from store.metadata import ExampleRecord, MetadataStore
-from store.run import RunPaths, content_hash, fingerprint_arrays, verify_run
+from store.run import RunPaths, content_hash, verify_run
 from store.vectors import FaissVectorIndex
 
 
@@ -20,23 +20,16 @@ def test_paths(tmp_path: Path) -> None:
     assert paths.vectors_dir.is_dir() and paths.arrays_dir.is_dir()
     assert paths.manifest.name == "manifest.json" and paths.metadata.name == "metadata.sqlite"
     assert paths.vector("grad") == tmp_path / "run" / "vectors" / "grad.faiss"
-    assert paths.array("features") == tmp_path / "run" / "arrays" / "features.npy"
+    assert paths.array("train_features") == tmp_path / "run" / "arrays" / "train_features.npy"
     assert paths.head.name == "head.safetensors" and paths.lock.parent == paths.root
     with pytest.raises(ValueError, match="space"):
         paths.vector("../escape")
+    with pytest.raises(ValueError, match="not in the run layout"):
+        paths.array("undeclared")  # every artifact is declared once, in store.layout
 
 
 def test_hashes() -> None:
     assert content_hash(b"abc") == "ba7816bf8f01cfea"
-    a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(3)
-    fp = fingerprint_arrays([("w", a), ("b", b)])
-    assert fp == fingerprint_arrays([("b", b), ("w", a)])  # order-free
-    assert fp != fingerprint_arrays([("w", a.reshape(3, 2)), ("b", b)])  # shape counts
-    assert fp != fingerprint_arrays([("w", a.astype(np.float64)), ("b", b)])  # dtype counts
-    assert fp != fingerprint_arrays([("w", a + 1), ("b", b)])  # values count
-    assert fp != fingerprint_arrays([("v", a), ("b", b)])  # names count
-    with pytest.raises(ValueError, match="duplicate"):
-        fingerprint_arrays([("w", a), ("w", a)])
 
 
 def _build_run(root: Path, n: int = 20, dim: int = 8) -> RunPaths:
