@@ -353,7 +353,7 @@ class Builder:
                     previews.extend(self.task.preview(v) for v in raw)
                     bar.update(len(y))
                 atomic_write_json(
-                    self.paths.array(f"{split}_strings_{chunk:05d}").with_suffix(".json"),
+                    self.paths.strings(split, chunk),
                     {"hash": hashes, "preview": previews},
                 )
                 labels.write_chunk(chunk, np.concatenate(ys))
@@ -395,9 +395,7 @@ class Builder:
                 previews: list[str] = []
                 n_chunks = math.ceil(len(ds) / self.config.chunk_rows)
                 for chunk in range(n_chunks):
-                    strings = json.loads(
-                        self.paths.array(f"{split}_strings_{chunk:05d}").with_suffix(".json").read_text()
-                    )
+                    strings = json.loads(self.paths.strings(split, chunk).read_text())
                     hashes.extend(strings["hash"])
                     previews.extend(strings["preview"])
                 save_array(self.paths.array(f"{split}_ids"), ids)

@@ -17,6 +17,9 @@ sequence classifier into
 
 Previews are the texts themselves. Anything else (another architecture, regression or multi-label problem types)
 is refused with an error naming what is unsupported.
+
+This module is a leaf of the package (torch, `indexer.errors`, `indexer.translate`): `indexer.torch_backend`
+builds the last-block scope on it, and `experiments/tweets_features.py` imports it alone.
 """
 
 from __future__ import annotations
@@ -188,7 +191,8 @@ def task_kwargs_from_hf(
     batch_size: int,
     max_length: int,
 ) -> dict[str, Any]:
-    """The Task fields for a Hugging Face classifier (see `Task.from_hf`)."""
+    """The Task fields for a Hugging Face classifier (see `Task.from_hf`), all but the last-block scope's
+    `block`, which `Task.from_hf` adds (`indexer.torch_backend` imports this module, not the reverse)."""
     if scope not in SCOPES:
         raise TaskError(f"scope must be one of {SCOPES}, got {scope!r}")
     if not isinstance(model, nn.Module):
@@ -201,14 +205,8 @@ def task_kwargs_from_hf(
     encoder, pooling, head = split_hf_model(model)
     model.eval()
     body = TextBody(encoder, tokenizer, pooling=pooling, batch_size=batch_size, max_length=max_length)
-    block = None
-    if scope == "last-block":
-        from .torch_backend import LastBlockScope
-
-        block = LastBlockScope(model, tokenizer, batch_size=batch_size, max_length=max_length)
     return {
         "scope": scope,
-        "block": block,
         "model": model,
         "train": check_pairs(train, "train"),
         "test": check_pairs(test, "test"),

@@ -186,6 +186,10 @@ class Task:
         fields = task_kwargs_from_hf(
             model, tokenizer, train=train, test=test, scope=scope, batch_size=batch_size, max_length=max_length
         )
+        if scope == "last-block":
+            from .torch_backend import LastBlockScope
+
+            fields["block"] = LastBlockScope(model, tokenizer, batch_size=batch_size, max_length=max_length)
         return cls(**fields, l2=l2, **kwargs)
 
     @property

@@ -16,7 +16,7 @@ Inside the scope the padding mask is a 4-D float additive mask (0 for tokens, dt
 from the 2-D mask: transformers 5 builds masks from a 2-D mask with data-dependent control flow that
 `torch.func.vmap` cannot trace, a 4-D float mask is used as is.
 
-Per-example gradients (`compute_per_example_grads`): g_i = d CE(f(theta, x_i), y_i) / d theta through
+Per-example gradients (`compute_torch_per_example_grads`): g_i = d CE(f(theta, x_i), y_i) / d theta through
 `vmap(grad(...))` over the examples of a micro-batch (padding tokens masked, so g_i does not depend on the
 batch it sits in). They are projected as they are computed, never stored at full size:
 
@@ -26,7 +26,7 @@ batch it sits in). They are projected as they are computed, never stored at full
   ||x||^2 ||y||^2 / q to the Gaussian's. It costs O(p + q d) per example instead of O(p d): the dense Gaussian
   of `influence.projection` at p ~ 1.8M (MiniLM's last block), d = 1024 is 7 GB and 3.6 GFLOP per example.
   For p <= q it *is* `influence.project` (no fold).
-- `GaussianProjection` (`kind="gaussian"`): exactly `influence.projection`'s P (same seed and row layout,
+- `TorchGaussianProjection` (`kind="gaussian"`): exactly `influence.projection`'s P (same seed and row layout,
   materialised once from JAX), so the torch side projects identically to the JAX side; for small p only.
 
 Curvature-vector products (`make_torch_matvec`): v -> (C + l2 I) v with C the GGN
@@ -53,13 +53,17 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .errors import TaskError, UnsupportedLayerError
-from .gradients import head_param_names
 from .hf import check_texts, pool_hidden, split_hf_model
 
 PROJECTIONS = ("sketch", "gaussian")
 
 
 # ------------------------------------------------------------------------------------------------ scopes
+def head_param_names(layers: list[nn.Module]) -> list[tuple[int, str]]:
+    """(layer index, parameter name) in the flat order of `influence.flatten_params`."""
+    return [(i, name) for i, layer in enumerate(layers) for name in sorted(dict(layer.named_parameters(recurse=False)))]
+
+
 class TorchScope:
     """Trained parameters (flat order fixed by `names`) and logits = f(params, *inputs) as a pure function."""
 
@@ -318,7 +322,7 @@ class SketchProjection:
 
 
 @dataclass(frozen=True, kw_only=True)
-class GaussianProjection:
+class TorchGaussianProjection:
     """`influence.projection`'s P [p, d] (same seed, same rows), materialised once: projects like the JAX side."""
 
     p: int
@@ -346,12 +350,14 @@ class GaussianProjection:
         return self._P.double().numpy()
 
 
-def make_torch_projection(p: int, d: int, *, seed: int, kind: str = "sketch") -> SketchProjection | GaussianProjection:
+def make_torch_projection(
+    p: int, d: int, *, seed: int, kind: str = "sketch"
+) -> SketchProjection | TorchGaussianProjection:
     """The projection of a torch-backend scope: "sketch" (count-sketch fold + `influence.project`'s Gaussian) or
     "gaussian" (`influence.project`'s dense P)."""
     if kind not in PROJECTIONS:
         raise ValueError(f"kind must be one of {PROJECTIONS}, got {kind!r}")
-    return SketchProjection(p=p, d=d, seed=seed) if kind == "sketch" else GaussianProjection(p=p, d=d, seed=seed)
+    return SketchProjection(p=p, d=d, seed=seed) if kind == "sketch" else TorchGaussianProjection(p=p, d=d, seed=seed)
 
 
 # ------------------------------------------------------------------------------------ per-example grads
@@ -370,7 +376,7 @@ def _check_targets(y: Any, n: int) -> torch.Tensor:
     return y
 
 
-def compute_per_example_grads(
+def compute_torch_per_example_grads(
     scope: TorchScope, inputs: Sequence[torch.Tensor], targets: Any, *, chunk: int = 32
 ) -> torch.Tensor:
     """Per-example gradients [n, p] of CE(f(theta, x_i), y_i) by `vmap(grad)` (chunks of `chunk` examples).
@@ -396,7 +402,7 @@ def compute_projected_grads(
     scope: LastBlockScope,
     batches: Sequence[BlockBatch],
     targets: Any,
-    projection: SketchProjection | GaussianProjection | None,
+    projection: SketchProjection | TorchGaussianProjection | None,
     *,
     chunk: int = 32,
 ) -> np.ndarray:

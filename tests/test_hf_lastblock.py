@@ -16,12 +16,12 @@ import influence as inf
 from indexer import Task, TaskError, UnsupportedLayerError
 from indexer.hf import HFEncoderClassifier
 from indexer.torch_backend import (
-    GaussianProjection,
     HeadScope,
     LastBlockScope,
     SketchProjection,
-    compute_per_example_grads,
+    TorchGaussianProjection,
     compute_projected_grads,
+    compute_torch_per_example_grads,
     embed_texts,
     make_torch_matvec,
     make_torch_projection,
@@ -137,7 +137,7 @@ def test_head_scope_per_example_grads_equal_the_jax_path(tokenizer):
     expected = np.asarray(inf.compute_per_example_grads(head.spec, unravel, np.asarray(theta, np.float64), h, y))
     scope = HeadScope(task.head_modules, dtype=torch.float64)
     scope.params = scope.unflatten(torch.from_numpy(np.asarray(theta, np.float64)))
-    got = compute_per_example_grads(scope, [torch.from_numpy(h)], y, chunk=7).numpy()
+    got = compute_torch_per_example_grads(scope, [torch.from_numpy(h)], y, chunk=7).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
 
 
@@ -205,7 +205,7 @@ def test_sketch_projection_is_its_matrix_and_preserves_inner_products():
 def test_gaussian_kind_projects_exactly_like_influence_project():
     G = np.random.default_rng(2).normal(size=(4, 500)).astype(np.float32)
     P = make_torch_projection(500, 32, seed=7, kind="gaussian")
-    assert isinstance(P, GaussianProjection)
+    assert isinstance(P, TorchGaussianProjection)
     got = P.project(torch.from_numpy(G)).numpy()
     np.testing.assert_allclose(got, np.asarray(inf.project(G, d=32, seed=7)), rtol=1e-5, atol=1e-5)
 

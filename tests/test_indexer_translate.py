@@ -4,12 +4,36 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call, grad, vmap
 
 import influence as inf
 from indexer import Task, UnsupportedLayerError, split_sequential, translate_head
 from indexer.errors import HeadMismatchError, TaskError
-from indexer.gradients import compute_torch_per_example_grads
+from indexer.torch_backend import head_param_names
 from indexer.translate import check_head_logits
+
+
+def torch_reference_grads(
+    layers: list[nn.Module], h: np.ndarray, y: np.ndarray, *, batch_size: int = 512
+) -> np.ndarray:
+    """Per-example gradients [n, p] of the cross-entropy of a torch head by `vmap(grad)`, flattened in the
+    order of `influence.flatten_params`: the torch reference the JAX gradients are checked against."""
+    head = nn.Sequential(*layers).eval()
+    names = [(f"{i}.{name}", i, name) for i, name in head_param_names(layers)]
+    params = {key: getattr(layers[i], name).detach() for key, i, name in names}
+
+    def loss(p: dict[str, torch.Tensor], hi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(head, p, (hi.unsqueeze(0),))
+        return nn.functional.cross_entropy(logits, yi.unsqueeze(0))
+
+    per_example = vmap(grad(loss), in_dims=(None, 0, 0))
+    out = []
+    for s in range(0, len(h), batch_size):
+        hb = torch.as_tensor(np.asarray(h[s : s + batch_size]))
+        yb = torch.as_tensor(np.asarray(y[s : s + batch_size]), dtype=torch.int64)
+        grads = per_example(params, hb, yb)
+        out.append(torch.cat([grads[key].reshape(len(hb), -1) for key, _, _ in names], dim=1).numpy())
+    return np.concatenate(out)
 
 
 def every_layer_head() -> nn.Sequential:
@@ -73,7 +97,7 @@ def test_torch_and_jax_per_example_gradients_agree():
     y = np.random.default_rng(1).integers(0, 4, size=33)
     theta, unravel = inf.flatten_params(translated.params)
     g_jax = np.asarray(inf.compute_per_example_grads(translated.spec, unravel, theta, h, y, batch_size=8))
-    g_torch = compute_torch_per_example_grads(head, h, y, batch_size=10)
+    g_torch = torch_reference_grads(head, h, y, batch_size=10)
     np.testing.assert_allclose(g_jax, g_torch, rtol=1e-10, atol=1e-12)
 
 
