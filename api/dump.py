@@ -1,7 +1,7 @@
 """Bulk influence dumps: scores of many queries against the whole training set, streamed to disk.
 
-For each block of queries the query-side vectors q_j are computed once (`Index.query_vectors`) and the scores
-`S = Q G^T` against the train-side vectors G are formed one train chunk at a time, so memory is bounded by
+For each block of queries the query-side vectors q_j are computed once (the method's scorer, `api.scorers`) and
+the scores `S = Q G^T` against its train-side vectors G are formed one train chunk at a time, so memory is bounded by
 `block_size x train_chunk` scores: a dense `n_test x n_train` matrix is never held. Per block the dump keeps
 
 - the top-k proponents (highest positive scores) and opponents (lowest negative scores) of each query, written
@@ -19,127 +19,42 @@ committed block and produces the same files. Finished outputs appear atomically:
 
 The scores are exact: non-projected gradient spaces use the stored per-example gradients, projected ones
 recompute each training gradient from the cached features, representer scores use alpha_ic phi_i . phi_q.
+This module is the orchestration and the math; every file of the dump is written by `store.dumps`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-import influence as inf
-from store import atomic_path, atomic_write_json, load_array
+from store import (
+    AGGREGATE_COLUMNS,
+    TOPK_COLUMNS,
+    DumpWork,
+    UnknownExampleError,
+    dump_paths,
+    new_accumulators,
+    read_aggregates,
+)
+
+from .engine import check_k
+from .scorers import check_method, scorer_for
 
 if TYPE_CHECKING:
-    from .index import Index
+    from .engine import Engine
+
+__all__ = ["AGGREGATE_COLUMNS", "TOPK_COLUMNS", "dump", "dump_paths", "read_aggregates"]
 
 DUMP_FORMAT = 1
 #: scores per (block x train chunk) tile; bounds the dump's working memory (~ 4 bytes each, a few copies)
 TILE_SCORES = 16_777_216
-TOPK_COLUMNS = ("test_id", "kind", "rank", "example_id", "score", "label", "method")
-AGGREGATE_COLUMNS = (
-    "example_id",
-    "label",
-    "sum_positive",
-    "sum_negative",
-    "n_top_proponent",
-    "n_top_opponent",
-    "sum_positive_misclassified",
-    "sum_negative_misclassified",
-    "n_top_opponent_misclassified",
-)
-_ACCUMULATORS = AGGREGATE_COLUMNS[2:]
 
 OnBlock = Callable[[int, int], None]
-
-
-def dump_paths(path: Path) -> dict[str, Path]:
-    """Where a dump to `path` writes: the top-k file, aggregates, dense memmap and ids, and the work dir."""
-    stem = path.with_suffix("")
-    return {
-        "topk": path,
-        "aggregates": Path(f"{stem}.aggregates.parquet"),
-        "dense": Path(f"{stem}.dense.npy"),
-        "dense_ids": Path(f"{stem}.dense-ids.npz"),
-        "work": Path(f"{path}.partial"),
-    }
-
-
-def _topk_schema():
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("test_id", pa.int64()),
-            ("kind", pa.string()),
-            ("rank", pa.int32()),
-            ("example_id", pa.int64()),
-            ("score", pa.float32()),
-            ("label", pa.int64()),
-            ("method", pa.string()),
-        ]
-    )
-
-
-def _aggregate_schema():
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("example_id", pa.int64()),
-            ("label", pa.int64()),
-            ("sum_positive", pa.float64()),
-            ("sum_negative", pa.float64()),
-            ("n_top_proponent", pa.int64()),
-            ("n_top_opponent", pa.int64()),
-            ("sum_positive_misclassified", pa.float64()),
-            ("sum_negative_misclassified", pa.float64()),
-            ("n_top_opponent_misclassified", pa.int64()),
-        ]
-    )
-
-
-class TrainSide:
-    """The train-side vectors G of one method, served in row chunks `[c, p]` (float32 where stored so)."""
-
-    def __init__(self, index: Index, method: str) -> None:
-        self.index = index
-        self.method = method
-        self.n = len(index.train_ids)
-        projected = index.rescored(method)
-        self.projected = projected
-        if index.space_of(method) in ("block", "block-unit"):  # scope="last-block": stored projected gradients
-            self.grads = index.block_train
-            self.dim = int(self.grads.shape[1])
-        elif method == "representer":
-            self.alpha = np.asarray(load_array(index.paths.array("representer_alpha")))
-            self.phi = load_array(index.paths.array("train_phi"))
-            self.dim = int(self.alpha.shape[1] * self.phi.shape[1])
-        elif projected:
-            self.dim = int(index.manifest.head["n_params"])
-        else:
-            self.grads = load_array(index.paths.array("grad_vectors"))
-            self.dim = int(self.grads.shape[1])
-
-    def chunk(self, sl: slice) -> np.ndarray:
-        """Train-side vectors of rows `sl`, `[c, p]`."""
-        if self.method == "representer":
-            emb = inf.compute_representer_embeddings(self.alpha[sl], np.asarray(self.phi[sl]))
-            return np.ascontiguousarray(emb, np.float32)
-        if self.projected:
-            idx = self.index
-            g = idx.query_gradients(np.asarray(idx.train_features[sl]), idx.train_labels[sl])
-        else:
-            g = np.asarray(self.grads[sl])
-        if self.method == "grad-cos":
-            g = np.asarray(inf.normalize_rows(g))
-        return np.ascontiguousarray(g, np.float32)
 
 
 def _select(scores: np.ndarray, rows: np.ndarray, k: int, *, largest: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -241,58 +156,50 @@ def _topk_columns(
     }
 
 
-def _fingerprint(index: Index, ids: np.ndarray, k: int, method: str, block_size: int, dense: bool) -> str:
+def _fingerprint(engine: Engine, ids: np.ndarray, k: int, method: str, block_size: int, dense: bool) -> str:
+    """What makes two dumps the same: the run (path, model, build time, training ids), the queries and options."""
     h = hashlib.sha256()
-    m = index.manifest
+    run = engine.run
+    m = run.manifest
     desc = {
         "format": DUMP_FORMAT,
-        "run": str(Path(index.paths.root).resolve()),
+        "run": str(Path(run.paths.root).resolve()),
         "model": m.model_fingerprint,
         "created_at": m.created_at,
-        "n_train": len(index.train_ids),
+        "n_train": len(run.train),
         "k": k,
         "method": method,
         "block_size": block_size,
         "dense": dense,
-        "lissa": repr(index.lissa_config),
+        "lissa": repr(engine.lissa_config),
     }
     h.update(json.dumps(desc, sort_keys=True).encode())
     h.update(np.ascontiguousarray(ids, np.int64).tobytes())
-    h.update(np.ascontiguousarray(index.train_ids, np.int64).tobytes())
+    h.update(np.ascontiguousarray(run.train.ids, np.int64).tobytes())
     return h.hexdigest()
 
 
-def _load_state(work: Path, fingerprint: str, n_train: int) -> tuple[int, dict[str, np.ndarray]] | None:
-    """The committed accumulators and number of finished blocks, or None to start over."""
-    try:
-        spec = json.loads((work / "dump.json").read_text())
-        if spec.get("fingerprint") != fingerprint:
-            return None
-        with np.load(work / "state.npz", allow_pickle=False) as z:
-            state = {name: np.array(z[name]) for name in z.files}
-    except (OSError, ValueError, KeyError):
-        return None
-    done = int(state.pop("done_blocks"))
-    if any(state.get(name, np.zeros(0)).shape != (n_train,) for name in _ACCUMULATORS):
-        return None
-    return done, state
-
-
-def _save_state(work: Path, done: int, acc: dict[str, np.ndarray]) -> None:
-    with atomic_path(work / "state.npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, done_blocks=np.int64(done), **acc)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _check_ids(engine: Engine, test_ids: Sequence[int] | None) -> np.ndarray:
+    """The stored test ids to dump [m] int64 (all when None), each one checked before anything is written."""
+    test = engine.run.test
+    if test_ids is None:
+        ids = np.zeros(0, np.int64) if test is None else np.asarray(test.ids, np.int64)
+    else:
+        if isinstance(test_ids, int | np.integer):
+            test_ids = [int(test_ids)]
+        ids = np.asarray([int(v) if not isinstance(v, bool) else v for v in test_ids], np.int64)
+    if len(ids) == 0:
+        raise ValueError("test_ids: nothing to dump (the run stores no test examples, or test_ids is empty)")
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("test_ids: must be unique")
+    if test is None:
+        raise UnknownExampleError(f"this run stores no test examples; unknown test ids {ids[:20].tolist()}")
+    test.rows(ids.tolist())
+    return ids
 
 
 def dump(
-    index: Index,
+    engine: Engine,
     path: str | Path,
     test_ids: Sequence[int] | None = None,
     *,
@@ -307,11 +214,11 @@ def dump(
     """Streams the scores of many queries against every training example to disk; see the module docstring.
 
     Args:
-        index: The open run.
+        engine: The open run's engine (`Index.engine`).
         path: The top-k Parquet file (must end in `.parquet`); companions are written beside it.
         test_ids: Stored test ids to dump; None = every stored test example.
         k: Proponents and opponents kept per query (rows with score <= 0 / >= 0 are dropped from each kind).
-        method: One of `api.index.METHODS`.
+        method: One of `api.METHODS`.
         block_size: Queries per block (memory and checkpoint granularity).
         progress: Show a progress bar.
         dense: Also write every score into `<stem>.dense.npy` `[n_queries, n_train]` (a memmap on disk).
@@ -321,15 +228,10 @@ def dump(
     Returns:
         `path`.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    from .index import METHODS, _check_k
-
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    k = _check_k(k)
+    method = check_method(method)
+    k = check_k(k)
     if isinstance(block_size, bool) or not isinstance(block_size, int | np.integer) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     block_size = int(block_size)
@@ -340,70 +242,52 @@ def dump(
         raise ValueError(f"path must end in .parquet, got {str(path)!r}")
     if not path.parent.is_dir():
         raise ValueError(f"path: parent directory of {str(path)!r} does not exist")
-    if test_ids is None:
-        ids = np.asarray(index.test_ids, np.int64)
-    else:
-        if isinstance(test_ids, int | np.integer):
-            test_ids = [int(test_ids)]
-        ids = np.asarray([int(v) if not isinstance(v, bool) else v for v in test_ids], np.int64)
-    if len(ids) == 0:
-        raise ValueError("test_ids: nothing to dump (the run stores no test examples, or test_ids is empty)")
-    if len(np.unique(ids)) != len(ids):
-        raise ValueError("test_ids: must be unique")
-    index._rows(list(ids), "test")  # validate every id before writing anything
+    ids = _check_ids(engine, test_ids)  # every id is valid before anything is written
+    scorer = scorer_for(engine, method)
 
-    out = dump_paths(path)
-    work = out["work"]
-    n_train = len(index.train_ids)
-    fingerprint = _fingerprint(index, ids, k, method, block_size, dense)
-    resumed = _load_state(work, fingerprint, n_train) if work.is_dir() else None
+    train = engine.run.train
+    n_train = len(train)
+    work = DumpWork(path)
+    fingerprint = _fingerprint(engine, ids, k, method, block_size, dense)
+    resumed = work.resume(fingerprint, n_train)
     if resumed is None:
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir()
-        atomic_write_json(
-            work / "dump.json",
-            {"fingerprint": fingerprint, "k": k, "method": method, "block_size": block_size, "n": len(ids)},
-        )
-        done = 0
-        acc = {name: np.zeros(n_train, np.int64 if name.startswith("n_") else np.float64) for name in _ACCUMULATORS}
+        spec = {"fingerprint": fingerprint, "k": k, "method": method, "block_size": block_size, "n": len(ids)}
+        work.start(spec)
+        done, acc = 0, new_accumulators(n_train)
     else:
         done, acc = resumed
 
     n_blocks = -(-len(ids) // block_size)
-    dense_tmp = work / "dense.npy"
     dense_mm = None
     if dense:
-        if done == 0 or not dense_tmp.is_file():
-            done = 0
-            acc = {name: np.zeros_like(v) for name, v in acc.items()}
-            dense_mm = np.lib.format.open_memmap(dense_tmp, mode="w+", dtype=np.float32, shape=(len(ids), n_train))
-        else:
-            dense_mm = np.load(dense_tmp, mmap_mode="r+")
+        fresh = done == 0 or not work.dense_path.is_file()
+        if fresh:  # no dense rows to resume from: every block again
+            done, acc = 0, new_accumulators(n_train)
+        dense_mm = work.open_dense((len(ids), n_train), fresh=fresh)
 
-    side = TrainSide(index, method)
-    chunk_rows = max(1, min(n_train, TILE_SCORES // block_size, (256 << 20) // (4 * max(side.dim, 1))))
+    # projected head gradients are recomputed at full size; other train sides are stored, so one row says
+    dim = engine.run.n_params if scorer.rescored else int(scorer.train_vectors(slice(0, 1)).shape[1])
+    chunk_rows = max(1, min(n_train, TILE_SCORES // block_size, (256 << 20) // (4 * max(dim, 1))))
     tile = np.empty(block_size * chunk_rows, np.float32)  # one reused score buffer: no page faults per tile
-    schema = _topk_schema()
-    train_labels = np.asarray(index.train_labels)
-    train_ids = np.asarray(index.train_ids, np.int64)
+    train_labels = np.asarray(train.labels)
+    train_ids = np.asarray(train.ids, np.int64)
     bar = tqdm(
         total=len(ids), initial=min(done * block_size, len(ids)), desc="dump", unit="query", disable=not progress
     )
     for b in range(done, n_blocks):
         block = ids[b * block_size : (b + 1) * block_size]
-        h, logits, tgt, qids, labels = index.prepare(list(block), None, None)
         # stored test rows: LiSSA reads the build's query cache, a last-block run its stored query gradients
-        q, _ = index.query_vectors(method, h, tgt, test_rows=index._rows(qids, "test"))
+        queries = engine.prepare(list(block), None, None)
+        q, _ = scorer.query_vectors(queries)
         q = np.ascontiguousarray(q, np.float32)
-        mis = logits.argmax(1) != np.asarray(labels)
+        mis = queries.predictions != np.asarray(queries.labels)
         # column sums over the block's queries and over its misclassified ones, as one [2, b] x [b, c] product
         weights = np.stack([np.ones(len(block)), mis]).astype(np.float32)
         pos = neg = None
         for start in range(0, n_train, chunk_rows):
             sl = slice(start, min(start + chunk_rows, n_train))
             s = tile[: len(block) * (sl.stop - start)].reshape(len(block), -1)
-            np.matmul(q, side.chunk(sl).T, out=s)  # [b, c]
+            np.matmul(q, np.ascontiguousarray(scorer.train_vectors(sl), np.float32).T, out=s)  # [b, c]
             pos = _update(pos, s, sl.start, k, largest=True)
             neg = _update(neg, s, sl.start, k, largest=False)
             if dense_mm is not None:
@@ -416,56 +300,19 @@ def dump(
                 acc["sum_positive_misclassified"][sl] += plus[1]
                 acc["sum_negative_misclassified"][sl] += total[1] - plus[1].astype(np.float64)
         assert pos is not None and neg is not None
-        cols = _topk_columns(block, pos, neg, train_ids, train_labels, method)
         if aggregates:
             pro_rows = pos[1][pos[0] > 0]
             opp_keep = neg[0] < 0
             acc["n_top_proponent"] += np.bincount(pro_rows, minlength=n_train)
             acc["n_top_opponent"] += np.bincount(neg[1][opp_keep], minlength=n_train)
             acc["n_top_opponent_misclassified"] += np.bincount(neg[1][opp_keep & mis[:, None]], minlength=n_train)
-        with atomic_path(work / f"part-{b:06d}.parquet") as tmp:
-            pq.write_table(pa.table(cols, schema=schema), tmp)
-        if dense_mm is not None:
-            dense_mm.flush()
-            _fsync(dense_tmp)
-        _save_state(work, b + 1, acc)  # the commit point of this block
+        work.write_block(b, _topk_columns(block, pos, neg, train_ids, train_labels, method), dense_mm)
+        work.save_state(b + 1, acc)  # the commit point of this block
         bar.update(len(block))
         if on_block is not None:
             on_block(min((b + 1) * block_size, len(ids)), len(ids))
     bar.close()
     del dense_mm
 
-    # assemble: companions first, the top-k file last (its appearance means the dump is complete)
-    if dense:
-        with atomic_path(out["dense_ids"]) as tmp, open(tmp, "wb") as f:
-            np.savez(f, test_ids=ids, train_ids=train_ids)
-        os.replace(dense_tmp, out["dense"])
-    if aggregates:
-        agg = {"example_id": train_ids, "label": train_labels.astype(np.int64), **acc}
-        with atomic_path(out["aggregates"]) as tmp:
-            pq.write_table(pa.table(agg, schema=_aggregate_schema()), tmp)
-    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        for b in range(n_blocks):
-            writer.write_table(pq.read_table(work / f"part-{b:06d}.parquet", schema=schema))
-    shutil.rmtree(work, ignore_errors=True)
-    return path
-
-
-def read_aggregates(path: str | Path, *, by: str = "n_top_opponent_misclassified", top: int | None = None):
-    """Reads `<stem>.aggregates.parquet` of a dump at `path` as a pyarrow Table sorted by `by`, descending.
-
-    Args:
-        path: The dump's top-k `.parquet` path (or the aggregates file itself).
-        by: An aggregate column; `sum_negative*` columns sort ascending (most harmful first).
-        top: Keep only this many rows.
-    """
-    import pyarrow.parquet as pq
-
-    p = Path(path)
-    agg = p if p.name.endswith(".aggregates.parquet") else dump_paths(p)["aggregates"]
-    if by not in AGGREGATE_COLUMNS:
-        raise ValueError(f"by must be one of {AGGREGATE_COLUMNS}, got {by!r}")
-    table = pq.read_table(agg)
-    order = "ascending" if by.startswith("sum_negative") else "descending"
-    table = table.sort_by([(by, order), ("example_id", "ascending")])
-    return table if top is None else table.slice(0, top)
+    agg = {"example_id": train_ids, "label": train_labels.astype(np.int64), **acc} if aggregates else None
+    return work.finish(n_blocks, dense_ids=(ids, train_ids) if dense else None, aggregates=agg)

@@ -3,12 +3,13 @@
 A job is named by its request: `job = sha256(canonical JSON of {test_ids, k, method})[:16]`, so the same
 request twice is the same job, and a job's files are `<run>/dumps/<job>.json` (its status, written atomically),
 `<run>/dumps/<job>.parquet` (top-k proponents and opponents per query) and `<job>.aggregates.parquet`
-(per-training-example sums and counts), both written by `Index.dump` (see `api.dump`). Job ids are checked against
+(per-training-example sums and counts), both written by `api.dump.dump`; the paths come from the run layout
+(`store.layout.RunPaths.dump_job`), the writes go through `store.dumps`. Job ids are checked against
 `^[0-9a-f]{16}$` before any path is built, so no request can name a file outside `<run>/dumps/`.
 
-One worker thread runs the queue with its own `Index` (its own SQLite connection). A server killed while a
-job runs leaves that job "running" on disk; the next server re-queues it, and `Index.dump` with the same
-arguments resumes (or restarts) the file.
+One worker thread runs the queue with its own opened run and `api.engine.Engine` (its own SQLite connection).
+A server killed while a job runs leaves that job "running" on disk; the next server re-queues it, and the dump
+with the same arguments resumes (or restarts) the file.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from store import atomic_write_json
+from store import OpenedRun, RunPaths, dump_paths, load_dump_jobs, save_dump_job
+
+from .dump import dump
+from .engine import Engine
 
 JobStatus = Literal["queued", "running", "done", "failed"]
 JOB_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -82,43 +86,36 @@ class DumpJobs:
 
     def __init__(self, run: str | Path, *, n_test: int) -> None:
         self.run = Path(run)
-        self.root = self.run / "dumps"
+        self.paths = RunPaths(self.run)
         self.n_test = n_test
         self._jobs: dict[str, DumpJob] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._index: Any = None
+        self._engine: Engine | None = None
         self._recover()
 
     # ------------------------------------------------------------------------------------------ records
     def record_path(self, job: str) -> Path:
-        return self.root / f"{check_job_id(job)}.json"
+        return self.paths.dump_job(check_job_id(job), ".json")
 
     def file_path(self, job: str, part: str = "topk") -> Path:
         """`part` is "topk" (the dump) or "aggregates" (per-training-example sums and counts)."""
-        from .dump import dump_paths
-
         if part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, got {part!r}")
-        return dump_paths(self.root / f"{check_job_id(job)}.parquet")[part]
+        return dump_paths(self.paths.dump_job(check_job_id(job), ".parquet"))[part]
 
     def _save(self, rec: DumpJob) -> None:
         with self._lock:
             self._jobs[rec.job] = rec
-        self.root.mkdir(exist_ok=True)
-        atomic_write_json(self.record_path(rec.job), rec.to_dict())
+        save_dump_job(self.paths, rec.job, rec.to_dict())
 
     def _recover(self) -> None:
         """Reads the job records of a previous server: finished ones are kept, unfinished ones re-queued."""
-        if not self.root.is_dir():
-            return
-        for path in sorted(self.root.glob("*.json")):
-            if not JOB_ID.match(path.stem):
-                continue
+        for record in load_dump_jobs(self.paths).values():
             try:
-                rec = DumpJob(**json.loads(path.read_text()))
+                rec = DumpJob(**record)
             except (ValueError, TypeError):
                 continue  # not one of ours; never served
             if rec.status == "done" and not all(self.file_path(rec.job, p).is_file() for p in PARTS):
@@ -182,9 +179,9 @@ class DumpJobs:
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
-        if self._index is not None:
-            self._index.close()
-            self._index = None
+        if self._engine is not None:
+            self._engine.run.close()
+            self._engine = None
 
     def wait(self, job: str, timeout: float = 60.0) -> DumpJob:
         """Blocks until the job is done or failed (for tests and scripts)."""
@@ -207,14 +204,13 @@ class DumpJobs:
             self._run(rec)
 
     def _run(self, rec: DumpJob) -> None:
-        from .index import open_index
-
         rec = dataclasses.replace(rec, status="running")
         self._save(rec)
         try:
-            if self._index is None:
-                self._index = open_index(self.run)
-            self._index.dump(
+            if self._engine is None:
+                self._engine = Engine(OpenedRun(self.run))
+            dump(
+                self._engine,
                 self.file_path(rec.job),
                 rec.test_ids,
                 k=rec.k,

@@ -12,6 +12,16 @@ from store.atomic import (
     atomic_write_text,
     remove_stale_temps,
 )
+from store.dumps import (
+    AGGREGATE_COLUMNS,
+    TOPK_COLUMNS,
+    DumpWork,
+    dump_paths,
+    load_dump_jobs,
+    new_accumulators,
+    read_aggregates,
+    save_dump_job,
+)
 from store.errors import (
     ConfigMismatchError,
     CorruptRunError,
@@ -36,14 +46,17 @@ from store.vectors import (
 )
 
 __all__ = [
+    "AGGREGATE_COLUMNS",
     "ARRAYS",
     "CACHES",
     "SCHEMA_VERSION",
     "SPACES",
+    "TOPK_COLUMNS",
     "Artifact",
     "ChunkedArray",
     "ConfigMismatchError",
     "CorruptRunError",
+    "DumpWork",
     "ExampleRecord",
     "FaissVectorIndex",
     "Hits",
@@ -65,13 +78,18 @@ __all__ = [
     "build_vector_index",
     "compute_recall",
     "content_hash",
+    "dump_paths",
     "head_tensors",
     "load_array",
+    "load_dump_jobs",
     "load_manifest",
     "load_tensors",
+    "new_accumulators",
     "params_from_tensors",
+    "read_aggregates",
     "remove_stale_temps",
     "save_array",
+    "save_dump_job",
     "save_manifest",
     "save_tensors",
     "search_both_signs",

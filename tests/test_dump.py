@@ -69,10 +69,10 @@ def test_dump_equals_pairwise_scores(digits_logreg_run, tmp_path, method):
     )
     assert calls == [(3, 10), (6, 10), (9, 10), (10, 10)]
     dense = index.pairwise_scores(test_ids, method=method)
-    rows = index._rows(test_ids, "test")
-    mis = index.logits(np.asarray(index.test_features[rows])).argmax(1) != index.test_labels[rows]
+    rows = index.run.test.rows(test_ids)
+    mis = index.engine.logits(np.asarray(index.run.test.features[rows])).argmax(1) != index.run.test.labels[rows]
     assert mis.any()
-    _check_against_dense(path, dense, test_ids, index.train_ids, index.train_labels, 7, mis)
+    _check_against_dense(path, dense, test_ids, index.train_ids, index.run.train.labels, 7, mis)
     out = dump_paths(path)
     np.testing.assert_allclose(np.load(out["dense"]), dense, rtol=1e-4, atol=1e-6 * np.abs(dense).max())
     with np.load(out["dense_ids"]) as z:
@@ -95,13 +95,13 @@ def projected_run(tmp_path_factory, digits_logreg_task):
 @pytest.mark.slow
 def test_projected_dump_reports_exact_scores(projected_run, tmp_path):
     index = open_index(projected_run)
-    assert index.projection is not None
+    assert index.run.projection is not None
     test_ids = list(range(6))
     path = index.dump(tmp_path / "p.parquet", test_ids=test_ids, k=5, method="grad-dot", progress=False)
     dense = index.pairwise_scores(test_ids, method="grad-dot")
-    rows = index._rows(test_ids, "test")
-    mis = index.logits(np.asarray(index.test_features[rows])).argmax(1) != index.test_labels[rows]
-    _check_against_dense(path, dense, test_ids, index.train_ids, index.train_labels, 5, mis)
+    rows = index.run.test.rows(test_ids)
+    mis = index.engine.logits(np.asarray(index.run.test.features[rows])).argmax(1) != index.run.test.labels[rows]
+    _check_against_dense(path, dense, test_ids, index.train_ids, index.run.train.labels, 5, mis)
     index.close()
 
 
