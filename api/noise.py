@@ -2,7 +2,8 @@
 
 Signals (higher = more suspicious), each selectable as `method`:
 
-- ``self-influence``: g_i^T (C + l2 I + d I)^-1 g_i at the example's own label (d = the index's damping).
+- ``self-influence``: g_i^T (C + l2 I + d I)^-1 g_i at the example's own label (d = the run's damping,
+  `Engine.damping`).
   Exact from the stored dense eigendecomposition when the head has it (heads up to ``exact_max_params``,
   e.g. the digits MLP); otherwise from the top-``rank`` eigenpairs of C + l2 I, with the remaining
   directions at curvature l2 + d (see ``influence.noise``): the build's eigenpairs (computed over all rows
@@ -50,12 +51,12 @@ from tqdm.auto import tqdm
 
 import influence as inf
 from influence import noise as nz
-from store import atomic_write_json, load_array, save_array
+from store import OpenedRun, atomic_write_json, load_array, save_array
 
 from .records import Suspect
 
 if TYPE_CHECKING:
-    from .index import Index
+    from .engine import Engine
 
 SIGNALS = (
     "self-influence",
@@ -75,7 +76,7 @@ DEFAULT_SIGNALS = ("loss", "margin", "representer", "confident-learning", "oos-l
 
 @dataclass(frozen=True, kw_only=True)
 class NoiseSignals:
-    """All label-noise signals of one run, aligned with `ids` (the index's training rows).
+    """All label-noise signals of one run, aligned with `ids` (the run's training rows).
 
     Attributes:
         ids: training example ids [n].
@@ -137,10 +138,10 @@ def _grad_chunk_rows(p: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ signals
-def _cached(index: Index, name: str, config: dict[str, Any]) -> np.ndarray | None:
-    """The cached array `arrays/<name>.npy` when it was computed with the same config, else None."""
-    meta = index.paths.arrays_dir / f"{name}.json"
-    path = index.paths.array(name)
+def _cached(run: OpenedRun, name: str, config: dict[str, Any]) -> np.ndarray | None:
+    """The job cache `arrays/<name>.npy` when its sidecar says it was computed with `config`, else None."""
+    meta = run.paths.cache_config(name)
+    path = run.paths.array(name)
     if path.exists() and meta.exists():
         try:
             if json.loads(meta.read_text()) == config:
@@ -150,64 +151,63 @@ def _cached(index: Index, name: str, config: dict[str, Any]) -> np.ndarray | Non
     return None
 
 
-def _save_cached(index: Index, name: str, config: dict[str, Any], arr: np.ndarray) -> None:
-    save_array(index.paths.array(name), arr)
-    atomic_write_json(index.paths.arrays_dir / f"{name}.json", config)
+def _save_cached(run: OpenedRun, name: str, config: dict[str, Any], arr: np.ndarray) -> None:
+    save_array(run.paths.array(name), arr)
+    atomic_write_json(run.paths.cache_config(name), config)
 
 
 def compute_self_influence(
-    index: Index, *, rank: int = 64, curvature_rows: int = 20_000, seed: int = 0, progress: bool = True
+    engine: Engine, *, rank: int = 64, curvature_rows: int = 20_000, seed: int = 0, progress: bool = True
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Self-influence g_i^T (C + l2 I + d I)^-1 g_i of every training row, [n], and how it was computed."""
-    p = int(index.theta.shape[0])
-    exact = index.paths.array("curvature_eigenvalues").exists()
-    stored = None if exact else index.deflation
-    n = len(index.train_ids)
-    config: dict[str, Any] = {"solver": "exact" if exact else "low-rank", "damping": index.damping}
+    run = engine.run
+    train = run.train
+    p = int(engine.theta.shape[0])
+    solver = engine.eigen_solver
+    exact = solver is not None
+    stored = None if exact else engine.deflation
+    n = len(train)
+    damping = engine.damping
+    config: dict[str, Any] = {"solver": "exact" if exact else "low-rank", "damping": damping}
     if stored is not None and len(stored[0]) >= min(rank, p - 1):
         # the build's top eigenpairs of the curvature over all rows (used to deflate LiSSA): no new eigensolve
         config.update(rank=min(rank, p - 1), eigenpairs="build")
     elif not exact:
         stored = None
         config.update(rank=min(rank, p - 1), curvature_rows=min(curvature_rows, n), seed=seed)
-    cached = _cached(index, "noise_self_influence", config)
+    cached = _cached(run, "noise_self_influence", config)
     if cached is not None:
         return cached, {**config, "cached": True}
-    if exact:
-        solver = index.eigen_solver
+    complement = None
+    if solver is not None:
         lam, Q = solver.eigenvalues, solver.eigenvectors
-        complement = None
-    elif stored is not None:
-        lam, Q = stored[0][: config["rank"]], stored[1][:, : config["rank"]]
-        complement = index.l2 + index.damping
-        if complement <= 0:
-            complement = float(lam[-1]) + index.damping
-        config["complement"] = complement
     else:
-        rows = np.sort(np.random.default_rng(seed).choice(n, size=config["curvature_rows"], replace=False))
-        h = np.asarray(index.train_features[rows])
-        matvec = inf.make_head_matvec(
-            index.spec,
-            index.unravel,
-            index.theta,
-            h,
-            index.train_labels[rows],
-            l2=index.l2,
-            curvature=index.manifest.methods["curvature"],
-            batch_size=None if len(rows) <= 8192 else 4096,
-        )
-        lam, Q = nz.compute_top_eigenpairs(matvec, p, k=config["rank"], seed=seed)
-        complement = index.l2 + index.damping
+        if stored is not None:
+            lam, Q = stored[0][: config["rank"]], stored[1][:, : config["rank"]]
+        else:
+            rows = np.sort(np.random.default_rng(seed).choice(n, size=config["curvature_rows"], replace=False))
+            matvec = inf.make_head_matvec(
+                run.spec,
+                engine.unravel,
+                engine.theta,
+                np.asarray(train.features[rows]),
+                train.labels[rows],
+                l2=run.l2,
+                curvature=run.config["curvature"],
+                batch_size=None if len(rows) <= 8192 else 4096,
+            )
+            lam, Q = nz.compute_top_eigenpairs(matvec, p, k=config["rank"], seed=seed)
+        complement = run.l2 + damping
         if complement <= 0:
-            complement = float(lam[-1]) + index.damping
+            complement = float(lam[-1]) + damping
         config["complement"] = complement
     out = np.empty(n, np.float64)
     step = _grad_chunk_rows(p)
     for start in tqdm(range(0, n, step), desc="self-influence", unit="chunk", disable=not progress):
         sl = slice(start, min(start + step, n))
-        g = index.query_gradients(np.asarray(index.train_features[sl]), index.train_labels[sl])
-        out[sl] = nz.compute_self_influence_eigen(g, lam, Q, damping=index.damping, complement=complement)
-    _save_cached(index, "noise_self_influence", config, out)
+        g = engine.train_gradients(sl)
+        out[sl] = nz.compute_self_influence_eigen(g, lam, Q, damping=damping, complement=complement)
+    _save_cached(run, "noise_self_influence", config, out)
     return out, config
 
 
@@ -232,7 +232,7 @@ def resolve_oos_refit(refit: Any, repeats: Any, spec: list[dict[str, Any]]) -> t
 
 
 def compute_oos_probs(
-    index: Index,
+    engine: Engine,
     *,
     folds: int = 5,
     seed: int = 0,
@@ -250,25 +250,26 @@ def compute_oos_probs(
     (`influence.noise.compute_out_of_sample_probs_head`; see experiments/noise_full_refit_probe.py).
     refit="auto" (default) picks by the head (`resolve_oos_refit`).
     """
-    refit, repeats = resolve_oos_refit(refit, repeats, index.spec)
+    run = engine.run
+    refit, repeats = resolve_oos_refit(refit, repeats, run.spec)
     if refit == "whole-head":
-        return _oos_probs_whole_head(index, folds=folds, seed=seed, repeats=repeats, progress=progress)
-    lam = float(index.manifest.extra.get("representer", {}).get("lambda") or (index.l2 / 2 if index.l2 else 1e-3))
+        return _oos_probs_whole_head(run, folds=folds, seed=seed, repeats=repeats, progress=progress)
+    lam = float(run.extra.get("representer", {}).get("lambda") or (run.l2 / 2 if run.l2 else 1e-3))
     config = {"folds": folds, "seed": seed, "lambda": lam, "max_iter": max_iter}
     if repeats > 1:
         config["repeats"] = repeats
-    cached = _cached(index, "noise_oos_probs", config)
+    cached = _cached(run, "noise_oos_probs", config)
     if cached is not None:
         return cached, {**config, "cached": True}
-    phi = np.asarray(load_array(index.paths.array("train_phi")))
-    last = index.params[inf.last_linear_index(index.spec)]
+    phi = np.asarray(run.array("train_phi"))
+    last = run.params[inf.last_linear_index(run.spec)]
     weight = np.asarray(last["weight"], np.float64)
     bias = np.asarray(last.get("bias", np.zeros(weight.shape[0])), np.float64)
     theta0 = np.concatenate([weight, bias[:, None]], axis=1)
     bar = tqdm(total=folds * repeats, desc="out-of-sample folds", unit="fold", disable=not progress)
     probs = nz.compute_out_of_sample_probs(
         phi,
-        index.train_labels,
+        run.train.labels,
         theta0,
         lam=lam,
         folds=folds,
@@ -278,38 +279,38 @@ def compute_oos_probs(
         on_fold=lambda _: bar.update(),
     )
     bar.close()
-    _save_cached(index, "noise_oos_probs", config, probs)
+    _save_cached(run, "noise_oos_probs", config, probs)
     return probs, config
 
 
 def _oos_probs_whole_head(
-    index: Index, *, folds: int, seed: int, repeats: int, progress: bool
+    run: OpenedRun, *, folds: int, seed: int, repeats: int, progress: bool
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    config = {"folds": folds, "seed": seed, "refit": "whole head", "l2": index.l2, "repeats": repeats}
-    cached = _cached(index, "noise_oos_probs", config)
+    config = {"folds": folds, "seed": seed, "refit": "whole head", "l2": run.l2, "repeats": repeats}
+    cached = _cached(run, "noise_oos_probs", config)
     if cached is not None:
         return cached, {**config, "cached": True}
-    logits = np.asarray(load_array(index.paths.array("train_logits")))
-    model_losses = np.asarray(inf.cross_entropy(logits, index.train_labels), np.float64)
+    logits = np.asarray(run.array("train_logits"))
+    model_losses = np.asarray(inf.cross_entropy(logits, run.train.labels), np.float64)
     bar = tqdm(total=folds * repeats, desc="out-of-sample folds (whole head)", unit="fold", disable=not progress)
     probs, epochs = nz.compute_out_of_sample_probs_head(
-        index.spec,
-        np.asarray(index.train_features),
-        index.train_labels,
+        run.spec,
+        np.asarray(run.train.features),
+        run.train.labels,
         model_losses,
-        l2=index.l2,
+        l2=run.l2,
         folds=folds,
         seed=seed,
         repeats=repeats,
         on_fold=lambda _: bar.update(),
     )
     bar.close()
-    _save_cached(index, "noise_oos_probs", config, probs)
+    _save_cached(run, "noise_oos_probs", config, probs)
     return probs, {**config, "epochs": epochs}
 
 
 def compute_noise_signals(
-    index: Index,
+    engine: Engine,
     *,
     signals: tuple[str, ...] | None = None,
     folds: int = 5,
@@ -322,7 +323,8 @@ def compute_noise_signals(
 ) -> NoiseSignals:
     """Computes the named signals (default: all of SIGNALS the run has) plus out-of-sample probabilities and
     suggestions. ``tracin`` exists only for runs built from a Task with checkpoints."""
-    has_tracin = index.paths.array("tracin_self_influence").exists()
+    run = engine.run
+    has_tracin = run.has("tracin_self_influence")
     names = tuple(s for s in SIGNALS if s != "tracin" or has_tracin) if signals is None else tuple(signals)
     for s in names:
         if s not in SIGNALS:
@@ -330,14 +332,14 @@ def compute_noise_signals(
     if "tracin" in names and not has_tracin:
         raise ValueError(
             "signal 'tracin' needs a run built from a Task with checkpoints=[(state_dict, learning_rate), ...]; "
-            f"run {index.paths.root} has none"
+            f"run {run.root} has none"
         )
-    n = len(index.train_ids)
+    n = len(run.train)
     folds = _check_int(folds, "folds", 2, n)
     rank = _check_int(rank, "rank", 1)
     curvature_rows = _check_int(curvature_rows, "curvature_rows", 1)
-    labels = np.asarray(index.train_labels, np.int64)
-    logits = np.asarray(load_array(index.paths.array("train_logits")), np.float64)
+    labels = np.asarray(run.train.labels, np.int64)
+    logits = np.asarray(run.array("train_logits"), np.float64)
     predictions = logits.argmax(1)
     out: dict[str, np.ndarray] = {}
     info: dict[str, Any] = {}
@@ -346,10 +348,10 @@ def compute_noise_signals(
     if "margin" in names:
         out["margin"] = -np.asarray(inf.compute_margins(logits, labels), np.float64)
     if "representer" in names:
-        alpha = np.asarray(load_array(index.paths.array("representer_alpha")), np.float64)
+        alpha = np.asarray(run.array("representer_alpha"), np.float64)
         out["representer"] = alpha[np.arange(n), labels]
     probs, info["confident-learning"] = compute_oos_probs(
-        index, folds=folds, seed=seed, refit=oos_refit, repeats=oos_repeats, progress=progress
+        engine, folds=folds, seed=seed, refit=oos_refit, repeats=oos_repeats, progress=progress
     )
     if "confident-learning" in names:
         out["confident-learning"] = nz.confident_learning_scores(probs, labels)
@@ -357,22 +359,22 @@ def compute_noise_signals(
         out["oos-loss"] = -np.log(np.clip(probs[np.arange(n), labels], 1e-300, None))
     if "self-influence" in names:
         out["self-influence"], info["self-influence"] = compute_self_influence(
-            index, rank=rank, curvature_rows=curvature_rows, seed=seed, progress=progress
+            engine, rank=rank, curvature_rows=curvature_rows, seed=seed, progress=progress
         )
     if "loo-loss" in names:
         if "self-influence" not in out:
             out["self-influence"], info["self-influence"] = compute_self_influence(
-                index, rank=rank, curvature_rows=curvature_rows, seed=seed, progress=progress
+                engine, rank=rank, curvature_rows=curvature_rows, seed=seed, progress=progress
             )
         out["loo-loss"] = np.asarray(inf.cross_entropy(logits, labels), np.float64) + out["self-influence"] / n
     if "tracin" in names:
-        out["tracin"] = np.asarray(load_array(index.paths.array("tracin_self_influence")), np.float64)
-        info["tracin"] = index.manifest.extra.get("tracin", {})
+        out["tracin"] = np.asarray(run.array("tracin_self_influence"), np.float64)
+        info["tracin"] = run.extra.get("tracin", {})
     if "grad-cos" in names:
         # cos(g_i, g_i) = 1 whenever g_i != 0: by construction it carries no information (negative control)
         out["grad-cos"] = np.ones(n)
     return NoiseSignals(
-        ids=np.asarray(index.train_ids, np.int64),
+        ids=np.asarray(run.train.ids, np.int64),
         labels=labels,
         predictions=predictions,
         signals=out,
@@ -383,7 +385,7 @@ def compute_noise_signals(
 
 
 def find_label_noise(
-    index: Index,
+    engine: Engine,
     *,
     method: str = "fused",
     top: int | None = None,
@@ -398,10 +400,10 @@ def find_label_noise(
     """Every training example ranked by how likely its label is wrong, most suspicious first.
 
     Also writes every example's score and suggested label to the run's SQLite (``suspect_score``,
-    ``suggested_label``; read back with ``index.metadata.top_suspects``), in the same order.
+    ``suggested_label``; read back with ``index.metadata.top_suspects``), in the same order (through `store`).
 
     Args:
-        index: an opened, complete Index.
+        engine: the opened run's engine (`Index.engine`).
         method: one of "fused" (default), "self-influence", "loss", "margin", "representer",
             "confident-learning", "oos-loss", "tracin" (runs with checkpoints), "grad-cos".
         top: return only the first `top` suspects (all are still scored and stored); None = all.
@@ -416,13 +418,14 @@ def find_label_noise(
         progress: show progress bars.
     """
     method = _check_method(method)
-    resolve_oos_refit(oos_refit, oos_repeats, index.spec)  # refuse bad values before any work
-    n = len(index.train_ids)
+    run = engine.run
+    resolve_oos_refit(oos_refit, oos_repeats, run.spec)  # refuse bad values before any work
+    n = len(run.train)
     top = _check_top(top, n)
     needed = (*DEFAULT_SIGNALS, *({"fused": FUSED_SIGNALS}.get(method, (method,))))
     names = tuple(s for s in SIGNALS if s in needed)
     result = compute_noise_signals(
-        index,
+        engine,
         signals=names,
         folds=folds,
         seed=seed,
@@ -433,9 +436,9 @@ def find_label_noise(
         progress=progress,
     )
     score = np.asarray(result.score(method), np.float64)
-    index.metadata.set_suspects(result.ids, score, result.suggested)
+    run.metadata.set_suspects(result.ids, score, result.suggested)
     order = nz.rank_order(score, result.ids)[:top]
-    records = index.metadata.get("train", [int(v) for v in result.ids[order]])
+    records = run.metadata.get("train", [int(v) for v in result.ids[order]])
     return [
         Suspect(
             example_id=int(result.ids[i]),

@@ -31,7 +31,7 @@ def signals(noisy_digits):
     from api.noise import compute_noise_signals
 
     index, _, _ = noisy_digits
-    return compute_noise_signals(index, progress=False)
+    return compute_noise_signals(index.engine, progress=False)
 
 
 def test_planted_flips_are_found(noisy_digits, signals):
@@ -65,9 +65,12 @@ def test_results_written_to_sqlite_in_order(noisy_digits):
 def test_self_influence_is_the_pairwise_diagonal(noisy_digits, signals):
     index, _, _ = noisy_digits
     rows = np.array([0, 5, 17, 300, 1000])
-    g = index.query_gradients(np.asarray(index.train_features[rows]), index.train_labels[rows])
-    s, _ = index.solve(g, "exact")
-    pairwise = index.train_scores("exact", s, rows)  # [m, m]: query = training example i at its own label
+    from api.scorers import scorer_for
+
+    g = index.engine.train_gradients(rows)
+    s, _ = index.engine.solve(g, "exact")
+    # [m, m]: query = training example i at its own label
+    pairwise = s @ scorer_for(index.engine, "exact").train_vectors(rows).T
     np.testing.assert_allclose(np.diag(pairwise), signals.signals["self-influence"][rows], rtol=1e-4)
 
 
@@ -108,7 +111,7 @@ def test_whole_head_refits_find_the_planted_flips(noisy_digits):
     from api.noise import compute_noise_signals
 
     index, _, is_flip = noisy_digits
-    whole = compute_noise_signals(index, signals=("loss", "oos-loss"), oos_refit="whole-head", progress=False)
+    whole = compute_noise_signals(index.engine, signals=("loss", "oos-loss"), oos_refit="whole-head", progress=False)
     assert whole.info["confident-learning"]["refit"] == "whole head"
     assert whole.info["confident-learning"]["repeats"] == 2  # the default for non-convex refits
     assert nz.detection_auc(whole.score("oos-loss"), is_flip) >= 0.97
@@ -205,15 +208,15 @@ def test_low_rank_self_influence_uses_the_build_eigenpairs(tmp_path, digits_logr
         digits_logreg_task, tmp_path / "lowrank", config=IndexConfig(exact_max_params=0), progress=False
     )
     assert not index.paths.array("curvature_eigenvalues").exists()
-    got, info = compute_self_influence(index, rank=32, progress=False)
+    got, info = compute_self_influence(index.engine, rank=32, progress=False)
     assert info["eigenpairs"] == "build" and info["rank"] == 32
     with open_index(digits_logreg_run) as dense:
         lam = np.asarray(load_array(dense.paths.array("curvature_eigenvalues")))
         Q = np.asarray(load_array(dense.paths.array("curvature_eigenvectors")))
         top = np.argsort(-lam)[:32]
-        g = dense.query_gradients(np.asarray(dense.train_features), dense.train_labels).astype(np.float64)
+        g = dense.engine.train_gradients(slice(None)).astype(np.float64)
         want = nz.compute_self_influence_eigen(
-            g, lam[top], Q[:, top], damping=index.damping, complement=index.l2 + index.damping
+            g, lam[top], Q[:, top], damping=index.engine.damping, complement=index.run.l2 + index.engine.damping
         )
     np.testing.assert_allclose(got, want, rtol=2e-3)
     index.close()
