@@ -24,13 +24,20 @@ from influence.head import (  # noqa: E402
     validate_head_params,
     validate_head_spec,
 )
-from influence.hvp import MatVec, compute_dense_curvature, make_head_matvec, make_hvp  # noqa: E402
+from influence.hvp import (  # noqa: E402
+    MatVec,
+    compute_dense_curvature,
+    make_head_matvec,
+    make_hvp,
+    resolve_batch_size,
+)
 from influence.objective import (  # noqa: E402
     compute_margins,
     compute_objective,
     compute_per_example_grads,
     cross_entropy,
     make_loss_fn,
+    softmax,
 )
 from influence.projection import GaussianProjection, make_projection, project  # noqa: E402
 from influence.representer import (  # noqa: E402
@@ -41,13 +48,9 @@ from influence.representer import (  # noqa: E402
     compute_representer_logits,
     compute_representer_queries,
     fit_representer,
+    resolve_representer_lambda,
 )
-from influence.similarity import (  # noqa: E402
-    accumulate_tracin_self_influence,
-    compute_scores,
-    compute_self_influence,
-    normalize_rows,
-)
+from influence.similarity import accumulate_tracin_self_influence, normalize_rows  # noqa: E402
 from influence.solvers import (  # noqa: E402
     EigenSolver,
     LissaConfig,
@@ -80,8 +83,6 @@ __all__ = [
     "compute_representer_embeddings",
     "compute_representer_logits",
     "compute_representer_queries",
-    "compute_scores",
-    "compute_self_influence",
     "compute_top_eigenpairs",
     "cross_entropy",
     "eigenpair_residuals",
@@ -98,7 +99,10 @@ __all__ = [
     "normalize_rows",
     "penultimate_features",
     "project",
+    "resolve_batch_size",
     "resolve_damping",
+    "resolve_representer_lambda",
+    "softmax",
     "solve_exact",
     "solve_lissa",
     "validate_head_params",

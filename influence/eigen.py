@@ -44,8 +44,13 @@ def compute_top_eigenpairs(
     seed: int = 0,
     dtype: DTypeLike = jnp.float64,
     subspace_matvec: MatVec | None = None,
+    tol: float | None = None,
+    max_iters: int = 1000,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Returns the top ``rank`` eigenpairs of a symmetric PSD matvec by block subspace iteration.
+
+    The package's one top-eigenpair solver: the build's deflation pairs (fixed ``iters``) and the label-noise
+    job's low-rank self-influence (``tol``) both call it.
 
     With ``subspace_matvec`` (e.g. the curvature over a seeded subsample of the training rows, an unbiased
     estimate of A), the power iterations use it and only the final Rayleigh-Ritz step uses ``matvec``: the
@@ -61,6 +66,11 @@ def compute_top_eigenpairs(
         seed: seed of the Gaussian start block.
         dtype: dtype of the basis, the orthogonalisation and the results (matvec outputs are cast to it).
         subspace_matvec: a cheaper approximation of the matvec for the power iterations; None = matvec.
+        tol: None = exactly ``iters`` iterations. Else, after them, the block keeps iterating (``iters`` more
+            at a time, from the Ritz vectors) until every returned pair has ||A u_j - lambda_j u_j||
+            <= tol lambda_1 (so each eigenvalue is within tol lambda_1 of one of A's, Weyl), or until
+            ``max_iters`` iterations in all. Needs subspace_matvec=None (its pairs are not A's).
+        max_iters: cap on the iterations when tol is given.
 
     Returns:
         (eigenvalues [rank] descending, eigenvectors [p, rank] with orthonormal columns), numpy arrays in dtype.
@@ -75,6 +85,13 @@ def compute_top_eigenpairs(
         raise ValueError(f"oversample must be an int >= 0 or None, got {oversample!r}")
     if not _is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    if tol is not None:
+        if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < 1:
+            raise ValueError(f"tol must be a float in (0, 1) or None, got {tol!r}")
+        if subspace_matvec is not None:
+            raise ValueError("tol needs subspace_matvec=None: residuals are measured on matvec")
+        if not _is_int(max_iters) or max_iters < 1:
+            raise ValueError(f"max_iters must be an int >= 1, got {max_iters!r}")
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
@@ -116,10 +133,23 @@ def compute_top_eigenpairs(
     mv = as_matvec_pytree(matvec)
     sub = mv if subspace_matvec is None else as_matvec_pytree(subspace_matvec)
     theta, vectors = run(mv, sub, omega, jnp.asarray(iters))
-    theta, vectors = np.asarray(theta), np.asarray(vectors)
-    if not (np.all(np.isfinite(theta)) and np.all(np.isfinite(vectors))):
+    done, step = iters, max(iters, 1)
+    while tol is not None and _finite(theta, vectors) and done < max_iters:
+        top = np.asarray(theta)[:rank]
+        residual = eigenpair_residuals(mv, top, np.asarray(vectors)[:, :rank])
+        if float(np.max(residual)) <= tol * abs(float(top[0])):
+            break
+        # restart from the Ritz vectors (an orthonormal basis of the current subspace, best pairs first)
+        theta, vectors = run(mv, sub, vectors, jnp.asarray(min(step, max_iters - done)))
+        done += step
+    if not _finite(theta, vectors):
         raise ValueError("subspace iteration produced NaN or inf: the matvec is not finite")
+    theta, vectors = np.asarray(theta), np.asarray(vectors)
     return theta[:rank].copy(), np.ascontiguousarray(vectors[:, :rank])
+
+
+def _finite(theta: jax.Array, vectors: jax.Array) -> bool:
+    return bool(jnp.all(jnp.isfinite(theta))) and bool(jnp.all(jnp.isfinite(vectors)))
 
 
 def eigenpair_residuals(matvec: MatVec, eigenvalues: np.ndarray, eigenvectors: np.ndarray) -> np.ndarray:

@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from jax.typing import ArrayLike
 
 HeadSpec = Sequence[Mapping[str, Any]]
-HeadParams = Sequence[Mapping[str, jax.Array]]
+HeadParams = Sequence[Mapping[str, ArrayLike]]
 
 HEAD_LAYER_KINDS: frozenset[str] = frozenset(
     {"linear", "relu", "gelu", "tanh", "sigmoid", "layernorm", "identity", "flatten"}
@@ -156,7 +157,7 @@ def validate_head_params(spec: HeadSpec, params: HeadParams) -> None:
                 raise _layer_error(index, layer["kind"], f"params[{name!r}] has shape {got_shape}, expected {shape}")
 
 
-def _layernorm(layer: Mapping[str, Any], layer_params: Mapping[str, jax.Array], h: jax.Array) -> jax.Array:
+def _layernorm(layer: Mapping[str, Any], layer_params: Mapping[str, ArrayLike], h: jax.Array) -> jax.Array:
     axes = tuple(range(h.ndim - len(layer["normalized_shape"]), h.ndim))
     mean = jnp.mean(h, axis=axes, keepdims=True)
     var = jnp.mean(jnp.square(h - mean), axis=axes, keepdims=True)  # biased, as torch
@@ -166,7 +167,7 @@ def _layernorm(layer: Mapping[str, Any], layer_params: Mapping[str, jax.Array], 
     return out
 
 
-def _apply_layer(layer: Mapping[str, Any], layer_params: Mapping[str, jax.Array], h: jax.Array) -> jax.Array:
+def _apply_layer(layer: Mapping[str, Any], layer_params: Mapping[str, ArrayLike], h: jax.Array) -> jax.Array:
     kind = layer["kind"]
     if kind == "linear":
         out = h @ jnp.swapaxes(layer_params["weight"], -1, -2)
@@ -188,14 +189,14 @@ def _apply_layer(layer: Mapping[str, Any], layer_params: Mapping[str, jax.Array]
     raise ValueError(f"unsupported head layer kind {kind!r}; supported kinds are {sorted(HEAD_LAYER_KINDS)}")
 
 
-def _apply_layers(spec: HeadSpec, params: HeadParams, h: jax.Array, stop: int) -> jax.Array:
+def _apply_layers(spec: HeadSpec, params: HeadParams, h: ArrayLike, stop: int) -> jax.Array:
     out = jnp.asarray(h)
     for layer, layer_params in zip(spec[:stop], params[:stop], strict=True):
         out = _apply_layer(layer, layer_params, out)
     return out
 
 
-def apply_head(spec: HeadSpec, params: HeadParams, h: jax.Array) -> jax.Array:
+def apply_head(spec: HeadSpec, params: HeadParams, h: ArrayLike) -> jax.Array:
     """Applies the head to a batch of cut features: logits = L_k(... L_1(h)).
 
     Pure and jit-able with the spec closed over (static):

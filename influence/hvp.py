@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,23 @@ def as_matvec_pytree(matvec: MatVec) -> Partial:
 
 
 CURVATURES = frozenset({"ggn", "hessian"})
+
+AUTO_SINGLE_PASS_ROWS = 16_384
+"""``batch_size="auto"``: up to this many training rows the product is one pass over all of them."""
+AUTO_BATCH_SIZE = 4096
+"""``batch_size="auto"``: rows per chunk above AUTO_SINGLE_PASS_ROWS (bounds the activations held at once)."""
+
+
+def resolve_batch_size(batch_size: int | Literal["auto"] | None, n: int) -> int | None:
+    """Returns the chunk size of a head matvec over n rows: None (one pass) or a positive int.
+
+    "auto" is None when n <= AUTO_SINGLE_PASS_ROWS, else AUTO_BATCH_SIZE; None and ints are returned unchanged.
+    """
+    if batch_size == "auto":
+        return None if n <= AUTO_SINGLE_PASS_ROWS else AUTO_BATCH_SIZE
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0):
+        raise ValueError(f"batch_size must be a positive int, None or 'auto', got {batch_size!r}")
+    return batch_size
 
 
 def make_hvp(fn: Callable[[jax.Array], jax.Array], theta: jax.Array) -> MatVec:
@@ -137,7 +155,7 @@ def make_head_matvec(
     *,
     l2: float,
     curvature: str = "ggn",
-    batch_size: int | None = None,
+    batch_size: int | Literal["auto"] | None = "auto",
 ) -> MatVec:
     """Returns v -> (C + l2 I) v, C the curvature of the mean CE loss over all rows of (h, y).
 
@@ -145,7 +163,8 @@ def make_head_matvec(
     C = (1/n) sum_i J_i^T (diag(p_i) - p_i p_i^T) J_i
     (curvature="ggn", the generalised Gauss-Newton matrix: PSD, equal to H for a single linear layer).
     When batch_size is None or >= n the product is one jitted pass over all rows; otherwise a jitted
-    ``lax.scan`` over fixed-size chunks (the padded rows masked out), summed and divided by n. The compiled
+    ``lax.scan`` over fixed-size chunks (the padded rows masked out), summed and divided by n; "auto" (default)
+    is one pass up to AUTO_SINGLE_PASS_ROWS rows and chunks of AUTO_BATCH_SIZE above. The compiled
     function is cached per (spec, unravel, curvature), so building a matvec is cheap. Damping is not included.
 
     Reference: Schraudolph 2002 (GGN products); Koh & Liang 2017 (arXiv:1703.04730).
@@ -158,7 +177,7 @@ def make_head_matvec(
         y: training labels [n].
         l2: L2 coefficient lambda of the objective (added as l2 * v).
         curvature: "ggn" or "hessian".
-        batch_size: rows per chunk, or None for a single pass.
+        batch_size: rows per chunk, None for a single pass, or "auto" (see ``resolve_batch_size``).
 
     Returns:
         a jitted, vmap-able matvec on vectors [p], as a ``jax.tree_util.Partial`` whose leaves are the training
@@ -168,29 +187,28 @@ def make_head_matvec(
     """
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {sorted(CURVATURES)}, got {curvature!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     if isinstance(l2, bool) or not isinstance(l2, int | float) or not np.isfinite(l2) or l2 < 0:
         raise ValueError(f"l2 must be a finite float >= 0, got {l2!r}")
     h_np, y_np = _check_rows(h, y)
     n = h_np.shape[0]
     if n == 0:
         raise ValueError("h must have at least one row, got shape (0, ...)")
+    chunk = resolve_batch_size(batch_size, n)
     theta = jnp.asarray(theta)
     l2_arr = jnp.asarray(l2, dtype=theta.dtype)
     key = spec_key(spec)
-    if batch_size is None or batch_size >= n:
+    if chunk is None or chunk >= n:
         fn = _full_matvec_fn(key, unravel, curvature)
         h_dev, y_dev = jnp.asarray(h_np), jnp.asarray(y_np)
         return Partial(fn, theta, h_dev, y_dev, l2_arr)
-    n_chunks = -(-n // batch_size)
-    pad = n_chunks * batch_size - n
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
     h_pad = np.concatenate([h_np, np.zeros((pad, *h_np.shape[1:]), dtype=h_np.dtype)])
     y_pad = np.concatenate([y_np, np.zeros((pad,), dtype=y_np.dtype)])
     mask = np.concatenate([np.ones(n), np.zeros(pad)]).astype(theta.dtype)
-    h_dev = jnp.asarray(h_pad.reshape(n_chunks, batch_size, *h_np.shape[1:]))
-    y_dev = jnp.asarray(y_pad.reshape(n_chunks, batch_size))
-    m_dev = jnp.asarray(mask.reshape(n_chunks, batch_size))
+    h_dev = jnp.asarray(h_pad.reshape(n_chunks, chunk, *h_np.shape[1:]))
+    y_dev = jnp.asarray(y_pad.reshape(n_chunks, chunk))
+    m_dev = jnp.asarray(mask.reshape(n_chunks, chunk))
     n_dev = jnp.asarray(n, dtype=theta.dtype)
     fn_chunked = _chunked_matvec_fn(key, unravel, curvature)
     return Partial(fn_chunked, theta, h_dev, y_dev, m_dev, n_dev, l2_arr)

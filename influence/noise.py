@@ -1,15 +1,18 @@
 """Label-noise signals: self-influence from eigenpairs, out-of-sample probabilities, confident learning, fusion.
 
     self_influence_i   = g_i^T (C + l2 I + d I)^-1 g_i
-                       = sum_j (q_j . g_i)^2 / (lam_j + d)                       (all p eigenpairs: exact)
-                       ~ sum_{j<=k} (q_j . g_i)^2 / (lam_j + d) + ||(I - Q_k Q_k^T) g_i||^2 / (l2 + d)
+                       = sum_j (q_j . g_i)^2 / (lambda_j + d)                    (all p eigenpairs: exact)
+                       ~ sum_{j<=k} (q_j . g_i)^2 / (lambda_j + d) + ||(I - Q_k Q_k^T) g_i||^2 / (l2 + d)
                                                                                  (top-k eigenpairs, low rank)
+    loo_loss_i         = loss_i + self_influence_i / n       (removing i raises its own loss by ~ this much)
     p_oos              = softmax(Theta_(-f) phi_i) with Theta_(-f) refit on the other folds (K-fold)
+    oos_loss_i         = -log p_oos[i, y_i]
     confident learning = max_{c != y_i} p_oos[i, c] - p_oos[i, y_i]  (normalised margin, negated)
     fused              = mean over signals of rank_percentile(signal)
 
 The low-rank form treats the directions outside the top-k eigenspace as having curvature l2 (their smallest
-possible value), so it equals the exact value when k = p and never under-weights a direction.
+possible value), so it equals the exact value when k = p and never under-weights a direction
+(``self_influence_complement``: l2 + d, or lambda_k + d when l2 + d = 0).
 
 Reference: Koh & Liang 2017 (arXiv:1703.04730) self-influence for mislabel detection; Schioppa et al. 2022
 (arXiv:2112.03052) Arnoldi / low-rank influence; Northcutt, Jiang & Chuang 2021 (arXiv:1911.00068) confident
@@ -27,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
-import scipy.sparse.linalg
 import scipy.stats
 
-from influence.objective import cross_entropy
+from influence.eigen import compute_top_eigenpairs as _top_eigenpairs
+from influence.objective import cross_entropy, softmax
 
 
 # ------------------------------------------------------------------------------------------------ ranks
@@ -85,8 +88,8 @@ def compute_self_influence_eigen(
 ) -> np.ndarray:
     """Returns g_i^T (C + d I)^-1 g_i from eigenpairs of C (which already includes l2), [n].
 
-    With all p eigenpairs this is exact: ||diag(lam + d)^-1/2 Q^T g_i||^2. With k < p (top-k), the part of
-    g_i outside span(Q) is divided by ``complement`` (the curvature assumed there, e.g. l2 + d).
+    With all p eigenpairs this is exact: ||diag(lambda + d)^-1/2 Q^T g_i||^2. With k < p (top-k), the part of
+    g_i outside span(Q) is divided by ``complement`` (the curvature assumed there: ``self_influence_complement``).
 
     Args:
         grads: per-example gradients [n, p].
@@ -96,13 +99,14 @@ def compute_self_influence_eigen(
         complement: curvature + damping assumed outside span(Q) (required when k < p).
     """
     g = np.asarray(grads, np.float64)
-    lam = np.asarray(eigenvalues, np.float64)
+    eigenvalues = np.asarray(eigenvalues, np.float64)
     Q = np.asarray(eigenvectors, np.float64)
-    if g.ndim != 2 or Q.ndim != 2 or Q.shape[0] != g.shape[1] or lam.shape != (Q.shape[1],):
+    if g.ndim != 2 or Q.ndim != 2 or Q.shape[0] != g.shape[1] or eigenvalues.shape != (Q.shape[1],):
         raise ValueError(
-            f"grads [n, p], eigenvalues [k], eigenvectors [p, k] must agree, got {g.shape}, {lam.shape}, {Q.shape}"
+            f"grads [n, p], eigenvalues [k], eigenvectors [p, k] must agree, got {g.shape}, {eigenvalues.shape}, "
+            f"{Q.shape}"
         )
-    shifted = lam + float(damping)
+    shifted = eigenvalues + float(damping)
     if np.any(shifted <= 0):
         raise ValueError(f"eigenvalues + damping must be > 0, got min {float(shifted.min())!r}")
     coeffs = g @ Q
@@ -115,29 +119,79 @@ def compute_self_influence_eigen(
     return out
 
 
+def self_influence_complement(l2: float, damping: float, eigenvalues: np.ndarray) -> float:
+    """Returns the curvature + damping assumed outside the top-k eigenspace in the low-rank self-influence.
+
+    l2 + d: the smallest curvature C + l2 I can have there (C PSD), so no direction is under-weighted. When that
+    is 0 (no l2 and no damping) it would divide by zero; then lambda_k + d, lambda_k the smallest of the k
+    computed eigenvalues (the largest curvature the complement can have): finite, and still exact for k = p.
+
+    Args:
+        l2: the L2 coefficient inside C + l2 I.
+        damping: d.
+        eigenvalues: the k computed top eigenvalues of C + l2 I.
+    """
+    complement = l2 + damping
+    if complement <= 0:
+        complement = float(np.min(eigenvalues)) + damping
+    return complement
+
+
+def loo_loss(loss: np.ndarray, self_influence: np.ndarray, n_train: int) -> np.ndarray:
+    """Returns the influence estimate of the leave-one-out loss, loss_i + self_influence_i / n, [n].
+
+    Removing example i from the mean-loss objective moves the optimum by ~ H^-1 g_i / n, which raises i's own
+    loss by ~ g_i^T H^-1 g_i / n (Koh & Liang 2017, arXiv:1703.04730, sec. 2).
+
+    Args:
+        loss: the model's training cross-entropy per example [n].
+        self_influence: g_i^T (C + l2 I + d I)^-1 g_i [n].
+        n_train: n, the number of training examples in the objective.
+    """
+    return np.asarray(loss, np.float64) + np.asarray(self_influence, np.float64) / n_train
+
+
+def oos_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Returns the out-of-sample cross-entropy -log p_oos[i, y_i], [n] (probabilities clipped at 1e-300).
+
+    Args:
+        probs: out-of-sample class probabilities [n, C] (K-fold refits).
+        labels: given labels [n].
+    """
+    probs = np.asarray(probs)
+    labels = np.asarray(labels)
+    return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-300, None))
+
+
+def fused_loss_score(losses: Mapping[str, np.ndarray], labels: np.ndarray) -> np.ndarray:
+    """Returns mean_s rank_percentile(loss_s + log t_y) over the named losses (``class_normalized_loss``), [n].
+
+    Each loss (e.g. the training and the out-of-sample cross-entropy) is class-normalised so that a hard class
+    does not crowd the top, then ranked; the ranks are averaged (``fuse_ranks``).
+
+    Args:
+        losses: name -> per-example loss [n].
+        labels: given labels [n].
+    """
+    return fuse_ranks({name: class_normalized_loss(loss, labels) for name, loss in losses.items()})
+
+
 def compute_top_eigenpairs(
     matvec: Callable[[jax.Array], jax.Array], p: int, *, k: int, seed: int = 0, tol: float = 1e-4
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k eigenpairs of a symmetric PSD matvec by Lanczos (scipy ``eigsh``), (eigenvalues [k], Q [p, k]).
+    """Deprecated: ``influence.compute_top_eigenpairs(matvec, p, rank=k, seed=seed, tol=tol)``, (eigenvalues [k]
+    descending, Q [p, k]) in float64; kept until api/noise.py calls the one solver directly.
 
     Args:
         matvec: v -> C v on vectors [p].
         p: dimension.
         k: number of eigenpairs (1 <= k < p).
-        seed: seed of the Lanczos start vector.
-        tol: relative accuracy of the eigenvalues.
+        seed: seed of the start block.
+        tol: eigenpair residuals at most tol lambda_1.
     """
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < p:
         raise ValueError(f"k must be an int in [1, {p}), got {k!r}")
-
-    def mv(v: np.ndarray) -> np.ndarray:
-        return np.asarray(matvec(jnp.asarray(np.asarray(v, np.float32).ravel())), np.float64)
-
-    op = scipy.sparse.linalg.LinearOperator((p, p), matvec=mv, dtype=np.float64)
-    v0 = np.random.default_rng(seed).standard_normal(p)
-    lam, Q = scipy.sparse.linalg.eigsh(op, k=k, which="LA", v0=v0, tol=tol, ncv=min(p, max(2 * k + 1, 20)))
-    order = np.argsort(lam)[::-1]
-    return lam[order], Q[:, order]
+    return _top_eigenpairs(matvec, p, rank=k, seed=seed, tol=tol)
 
 
 # ---------------------------------------------------------------------------- out-of-sample probabilities
@@ -179,13 +233,6 @@ def fit_softmax_regression(
         fun, theta0.ravel(), jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": tol}
     )
     return np.asarray(res.x, np.float64).reshape(shape)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def fold_assignments(n: int, folds: int, seed: int) -> np.ndarray:
@@ -264,8 +311,10 @@ def kfold_probs(
             probs[held] = p
             if on_fold is not None:
                 on_fold(f)
+        if probs is None:
+            raise ValueError(f"folds must be >= 1, got {folds!r}")
         total = probs if total is None else total + probs
-    return total / repeats
+    return np.asarray(total) / repeats
 
 
 def count_linear_layers(spec: Sequence[Mapping[str, Any]]) -> int:

@@ -1,6 +1,7 @@
 """Cross-entropy head objective with the head parameters as one flat vector theta.
 
     L(theta) = (1/n) sum_i CE(f(h_i; theta), y_i) + (l2/2) ||theta||^2,   CE(z, y) = logsumexp(z) - z_y
+    softmax(z)_c = exp(z_c) / sum_c' exp(z_c')
 
 The l2 term covers weights and biases. Per-example gradients g_i = grad_theta CE(f(h_i; theta), y_i) leave the
 l2 term out: removing example i from the training set removes only its own loss term.
@@ -44,6 +45,24 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     labels = jnp.asarray(labels).astype(jnp.int32)
     return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+
+
+def softmax(logits: ArrayLike, *, axis: int = -1) -> np.ndarray:
+    """Returns the class probabilities p_c = exp(z_c - max z) / sum_c' exp(z_c' - max z) along axis, float64.
+
+    The numpy softmax of the package (probabilities of cached logits, out-of-sample refits, curvature
+    weights); shifting by the row maximum keeps exp from overflowing and does not change the result.
+
+    Args:
+        logits: [n, n_classes] (any shape; normalised along axis).
+        axis: the class axis.
+
+    Returns:
+        probabilities in float64, the shape of logits.
+    """
+    z = np.asarray(logits, np.float64)
+    z = np.exp(z - z.max(axis=axis, keepdims=True))
+    return z / z.sum(axis=axis, keepdims=True)
 
 
 def make_loss_fn(spec: HeadSpec, unravel: Unravel) -> LossFn:

@@ -2,7 +2,7 @@
 
 With phi_i the (bias-augmented) input of the last linear layer and Theta [C, d+1] its weights, fit
 
-    Theta* = argmin (1/n) sum_i CE(Theta phi_i, y_i) + lam ||Theta||^2.
+    Theta* = argmin (1/n) sum_i CE(Theta phi_i, y_i) + lam ||Theta||^2,   lam = l2 / 2 by default
 
 At a stationary point Theta* = sum_i alpha_i phi_i^T with
 
@@ -32,6 +32,34 @@ from influence.objective import cross_entropy
 
 _NEWTON_STEPS = 8
 _NEWTON_TARGET = 1e-3  # Newton polish aims below tol: one quadratic step past tol costs little
+
+
+DEFAULT_LAMBDA_WITHOUT_L2 = 1e-3
+"""The representer lambda of a model trained without L2 (the fit needs lambda > 0)."""
+
+
+def resolve_representer_lambda(l2: float, override: float | None = None) -> float:
+    """Returns the lambda of the representer fit: override when given, else l2 / 2, else 1e-3 when l2 = 0.
+
+    The model's objective is (1/n) sum CE + (l2/2) ||theta||^2 and the representer fit's is
+    (1/n) sum CE + lambda ||Theta||^2, so lambda = l2 / 2 refits the last layer with the model's own
+    regularisation; a model trained without L2 gets the small lambda 1e-3 (the fit needs lambda > 0).
+
+    Args:
+        l2: the model's L2 coefficient (>= 0).
+        override: an explicit lambda (> 0), or None.
+    """
+    if override is not None:
+        if not _is_real(override) or not math.isfinite(override) or override <= 0:
+            raise ValueError(f"override must be a finite float > 0 or None, got {override!r}")
+        return float(override)
+    if not _is_real(l2) or not math.isfinite(l2) or l2 < 0:
+        raise ValueError(f"l2 must be a finite float >= 0, got {l2!r}")
+    return float(l2) / 2 if l2 > 0 else DEFAULT_LAMBDA_WITHOUT_L2
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
 def augment_features(phi: np.ndarray) -> np.ndarray:

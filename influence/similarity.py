@@ -2,7 +2,7 @@
 
     score(q, i)        = <u_q, w_i>                      (grad-dot: u = g_q; influence: u = H^-1 g_q)
     cosine(q, i)       = <g_q / ||g_q||, g_i / ||g_i||>  (grad-cos)
-    self_influence(i)  = <g_i, H^-1 g_i>
+    tracin_self(i)     = sum_c eta_c ||g_i(theta_c)||^2
 
 Reference: Koh & Liang 2017 (arXiv:1703.04730); Pruthi et al. 2020, "Estimating Training Data Influence by
 Tracing Gradient Descent" (arXiv:2002.08484); Charpiat et al. 2019, "Input Similarity from the Neural Network
@@ -26,39 +26,6 @@ def normalize_rows(G: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(G, axis=1, keepdims=True)
     safe = np.where(norms > 0, norms, 1)
     return (G / safe).astype(G.dtype if np.issubdtype(G.dtype, np.floating) else np.float64)
-
-
-def compute_scores(query_vectors: np.ndarray, train_vectors: np.ndarray) -> np.ndarray:
-    """Returns the dense scores S_qi = <query_q, train_i>, shape [m, n] (the reference for every scorer).
-
-    Args:
-        query_vectors: [m, d].
-        train_vectors: [n, d].
-    """
-    query_vectors = np.asarray(query_vectors)
-    train_vectors = np.asarray(train_vectors)
-    if query_vectors.ndim != 2 or train_vectors.ndim != 2 or query_vectors.shape[1] != train_vectors.shape[1]:
-        raise ValueError(
-            f"query_vectors [m, d] and train_vectors [n, d] must agree on d, got {query_vectors.shape} "
-            f"and {train_vectors.shape}"
-        )
-    return query_vectors @ train_vectors.T
-
-
-def compute_self_influence(train_grads: np.ndarray, solved: np.ndarray) -> np.ndarray:
-    """Returns self_influence_i = <g_i, s_i> with s_i = H^-1 g_i, shape [n] (row-wise dot).
-
-    Args:
-        train_grads: g [n, p].
-        solved: s [n, p].
-    """
-    train_grads = np.asarray(train_grads)
-    solved = np.asarray(solved)
-    if train_grads.ndim != 2 or train_grads.shape != solved.shape:
-        raise ValueError(
-            f"train_grads and solved must both have shape [n, p], got {train_grads.shape} and {solved.shape}"
-        )
-    return np.einsum("ij,ij->i", train_grads, solved)
 
 
 def accumulate_tracin_self_influence(total: np.ndarray, grads: np.ndarray, learning_rate: float) -> np.ndarray:

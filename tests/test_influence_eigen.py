@@ -135,3 +135,19 @@ def test_validation(decaying, kwargs, name) -> None:
 def test_non_finite_matvec_is_rejected() -> None:
     with pytest.raises(ValueError, match="NaN or inf"):
         compute_top_eigenpairs(lambda v: v * jnp.nan, 5, rank=2, iters=2)
+
+
+def test_tol_iterates_until_the_residuals_are_small(decaying) -> None:
+    a, matvec = decaying
+    w = np.linalg.eigvalsh(a)[::-1][:5]
+    rough, _ = compute_top_eigenpairs(matvec, P, rank=5, iters=2)
+    assert np.max(eigenpair_residuals(matvec, *compute_top_eigenpairs(matvec, P, rank=5, iters=2))) > 1e-9 * w[0]
+    lam, U = compute_top_eigenpairs(matvec, P, rank=5, iters=2, tol=1e-9)
+    assert np.all(eigenpair_residuals(matvec, lam, U) <= 1e-9 * lam[0])
+    np.testing.assert_allclose(lam, w, rtol=1e-8)
+    capped, _ = compute_top_eigenpairs(matvec, P, rank=5, iters=2, tol=1e-9, max_iters=2)
+    np.testing.assert_array_equal(capped, rough)  # the cap counts the first iterations too
+    with pytest.raises(ValueError, match="tol"):
+        compute_top_eigenpairs(matvec, P, rank=5, tol=0.0)
+    with pytest.raises(ValueError, match="tol needs subspace_matvec=None"):
+        compute_top_eigenpairs(matvec, P, rank=5, tol=1e-6, subspace_matvec=matvec)

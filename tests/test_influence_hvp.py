@@ -11,6 +11,7 @@ from influence import (
     flatten_params,
     make_head_matvec,
     make_hvp,
+    resolve_batch_size,
 )
 
 MLP = [
@@ -124,3 +125,16 @@ def test_head_matvec_rejects_bad_options(logreg) -> None:
         make_head_matvec(LOGREG, unravel, theta, h, y, l2=L2, batch_size=0)
     with pytest.raises(ValueError, match="l2"):
         make_head_matvec(LOGREG, unravel, theta, h, y, l2=-1.0)
+
+
+def test_auto_batch_size_is_one_pass_up_to_16k_rows(mlp) -> None:
+    assert resolve_batch_size("auto", 16_384) is None and resolve_batch_size("auto", 16_385) == 4096
+    assert resolve_batch_size(None, 10**6) is None and resolve_batch_size(7, 3) == 7
+    for bad in (0, -1, True, "all", 2.0):
+        with pytest.raises(ValueError, match="batch_size"):
+            resolve_batch_size(bad, 10)
+    theta, unravel, h, y, _ = mlp
+    v = jnp.asarray(np.random.default_rng(0).normal(size=theta.shape[0]))
+    default = make_head_matvec(MLP, unravel, theta, h, y, l2=L2)
+    single = make_head_matvec(MLP, unravel, theta, h, y, l2=L2, batch_size=None)
+    np.testing.assert_array_equal(default(v), single(v))  # the default is today's rule for small n

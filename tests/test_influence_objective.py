@@ -12,6 +12,7 @@ from influence import (
     cross_entropy,
     flatten_params,
     make_loss_fn,
+    softmax,
 )
 
 SPEC = [
@@ -81,3 +82,16 @@ def test_per_example_grads_reject_bad_input(problem) -> None:
 def test_margins() -> None:
     logits = np.array([[1.0, 3.0, 2.0], [5.0, 1.0, 4.5]])
     np.testing.assert_allclose(compute_margins(logits, np.array([1, 2])), [1.0, -0.5])
+
+
+def test_softmax_is_stable_and_matches_jax() -> None:
+    z = np.random.default_rng(0).normal(size=(5, 4)) * 3
+    p = softmax(z)
+    assert p.dtype == np.float64
+    np.testing.assert_allclose(p, np.asarray(jax.nn.softmax(jnp.asarray(z), axis=-1)), rtol=1e-14)
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-15)
+    np.testing.assert_allclose(softmax(z + 1e4), p, rtol=1e-9)  # shifted by the row max: no overflow
+    np.testing.assert_allclose(softmax(z.T, axis=0), p.T, rtol=1e-15)
+    from influence import noise
+
+    assert noise.softmax is softmax  # the one softmax

@@ -9,8 +9,8 @@ from influence import (
     compute_representer_embeddings,
     compute_representer_logits,
     compute_representer_queries,
-    compute_scores,
     fit_representer,
+    resolve_representer_lambda,
 )
 
 LAM = 1e-2
@@ -63,10 +63,10 @@ def test_embeddings_and_queries_give_representer_scores(fitted) -> None:
     assert embeddings.shape == (80, N_CLASSES * 6) and queries.shape == (7, N_CLASSES * 6)
     np.testing.assert_allclose(embeddings[3, 6:12], alpha[3, 1] * phi_aug[3])
     expected = alpha[:, classes].T * (phi_q @ phi_aug.T)
-    np.testing.assert_allclose(compute_scores(queries, embeddings), expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose((queries @ embeddings.T), expected, rtol=1e-12, atol=1e-15)
     # Summing the scores over the training set gives the query's logit for that class.
     logits = compute_representer_logits(alpha, phi_aug, phi_q)
-    np.testing.assert_allclose(compute_scores(queries, embeddings).sum(1), logits[np.arange(7), classes], rtol=1e-10)
+    np.testing.assert_allclose((queries @ embeddings.T).sum(1), logits[np.arange(7), classes], rtol=1e-10)
 
 
 def test_fit_rejects_bad_input(fitted) -> None:
@@ -77,3 +77,12 @@ def test_fit_rejects_bad_input(fitted) -> None:
         fit_representer(phi_aug, y, theta[:, :-1], lam=LAM)
     with pytest.raises(ValueError, match="y must lie"):
         fit_representer(phi_aug, y + 3, theta, lam=LAM)
+
+
+def test_representer_lambda_rule() -> None:
+    assert resolve_representer_lambda(0.02, None) == 0.01  # the model's own (l2/2) ||theta||^2
+    assert resolve_representer_lambda(0.0, None) == 1e-3  # no L2: a small lambda, the fit needs one
+    assert resolve_representer_lambda(0.02, 0.5) == 0.5  # an explicit lambda wins
+    for l2, override in ((0.02, 0.0), (0.02, -1.0), (-1.0, None), (float("nan"), None), (0.02, True)):
+        with pytest.raises(ValueError, match=r"override|l2"):
+            resolve_representer_lambda(l2, override)
