@@ -13,6 +13,10 @@ from typing import Annotated, Any
 
 import typer
 
+from api.scorers import methods_help
+
+METHODS_HELP = methods_help()
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-data influence service.")
 
 
@@ -106,7 +110,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="run directory to build")] = Path("runs/demo"),
     k: Annotated[int, typer.Option(help="proponents/opponents shown")] = 5,
     n: Annotated[int, typer.Option(help="misclassified test digits explained")] = 3,
-    method: Annotated[str, typer.Option(help="lissa|exact|representer|grad-dot|grad-cos")] = "lissa",
+    method: Annotated[str, typer.Option(help=METHODS_HELP)] = "lissa",
 ) -> None:
     """Digits MLP with flipped labels: index it and explain misclassified test digits."""
     from api import build_index
@@ -128,8 +132,9 @@ def demo(
         f"run directory: {out}  (train acc {info['train_accuracy']:.3f}, test acc {info['test_accuracy']:.3f}, "
         f"representer fidelity {info['representer']['fidelity']:.4f})"
     )
-    preds = index.logits(index.test_features[:]).argmax(1)
-    wrong = [int(i) for i in index.test_ids[preds != index.test_labels]][:n]
+    test = index.run.test
+    preds = index.engine.logits(test.features[:]).argmax(1)
+    wrong = [int(i) for i in test.ids[preds != test.labels]][:n]
     exps = index.explain(test_ids=wrong, k=k, method=method)
     for exp in exps:
         typer.echo("")
@@ -143,7 +148,7 @@ def demo(
     if shown:
         typer.echo(
             "\namong these, examples "
-            + ", ".join(f"#{i} (labelled {index.train_labels[i]}, really {clean[i]})" for i in shown)
+            + ", ".join(f"#{i} (labelled {index.run.train.labels[i]}, really {clean[i]})" for i in shown)
             + " are among the 30 labels the demo flipped"
         )
     suspects = index.find_label_noise(progress=False)
@@ -225,7 +230,7 @@ def explain(
     run: Annotated[Path, typer.Argument(help="run directory")],
     test_id: Annotated[list[int], typer.Option("--test-id", help="stored test example id (repeatable)")],
     k: Annotated[int, typer.Option(help="number of proponents and of opponents")] = 10,
-    method: Annotated[str, typer.Option(help="lissa|exact|representer|grad-dot|grad-cos")] = "lissa",
+    method: Annotated[str, typer.Option(help=METHODS_HELP)] = "lissa",
     label: Annotated[int | None, typer.Option(help="explain this class instead of the prediction")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
@@ -324,7 +329,7 @@ def dump(
     run: Annotated[Path, typer.Argument(help="run directory")],
     out: Annotated[Path, typer.Option("--out", help="Parquet file to write")],
     k: Annotated[int, typer.Option(help="proponents and opponents kept per query")] = 100,
-    method: Annotated[str, typer.Option(help="lissa|exact|representer|grad-dot|grad-cos")] = "lissa",
+    method: Annotated[str, typer.Option(help=METHODS_HELP)] = "lissa",
     dense: Annotated[bool, typer.Option(help="also write every score to <stem>.dense.npy")] = False,
     aggregates: Annotated[
         bool, typer.Option(help="also write per-training-example sums and counts to <stem>.aggregates.parquet")

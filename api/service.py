@@ -40,10 +40,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from store import ConfigMismatchError, CorruptRunError, StoreError, UnknownExampleError
 
-from .index import METHODS, Index, open_index
+from .index import Index, open_index
 from .jobs import JOB_ID, DumpJobs, JobNotDoneError, UnknownJobError
+from .scorers import METHODS
 
-MethodName = Literal["lissa", "exact", "representer", "grad-dot", "grad-cos"]  # == index.METHODS (tested)
+MethodName = Literal[METHODS]  # type: ignore[valid-type]  # the scorer registry's methods
 
 INT64 = {"ge": -(2**63), "le": 2**63 - 1}
 ExampleId = Annotated[int, Field(strict=True, **INT64)]
@@ -473,7 +474,7 @@ def create_app(
             n_test=len(ids["test"]),
             n_classes=index.n_classes,
             methods=list(METHODS),
-            accepts_inputs=index.task is not None,
+            accepts_inputs=index.engine.task is not None,
             key_required=key is not None,
             limits=LimitsOut(
                 max_k=MAX_K, max_batch=MAX_BATCH, max_dump_queries=MAX_DUMP_QUERIES, max_body_bytes=max_body_bytes
@@ -550,7 +551,7 @@ def create_app(
     )
     def start_dump(body: DumpRequest) -> JSONResponse:
         if body.test_ids is not None:
-            index._rows(body.test_ids, "test")  # unknown ids -> 404 now, not a failed job later
+            index.engine.test_rows(body.test_ids)  # unknown ids -> 404 now, not a failed job later
         rec, created = jobs.submit(body.test_ids, body.k, body.method)
         return JSONResponse(
             status_code=202 if created else 200,

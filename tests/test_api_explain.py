@@ -36,15 +36,16 @@ def test_topk_equals_argsort_of_dense_scores(digits_mlp_run, method):
         bottom = np.argsort(row, kind="stable")[:8]
         bottom = bottom[row[bottom] < 0]
         assert [p.example_id for p in exp.opponents] == bottom.tolist()
-        assert all(p.label == index.train_labels[p.example_id] for p in exp.proponents + exp.opponents)
+        assert all(p.label == index.run.train.labels[p.example_id] for p in exp.proponents + exp.opponents)
     index.close()
 
 
 def test_lissa_matches_exact_on_the_mlp_head(digits_mlp_run):
     index = open_index(digits_mlp_run)
-    g = index.query_gradients(np.asarray(index.test_features[:5]), np.asarray(index.test_labels[:5]))
-    x_lissa, diag = index.solve(g, "lissa")
-    x_exact, _ = index.solve(g, "exact")
+    test = index.run.test
+    g = index.engine.gradients(np.asarray(test.features[:5]), np.asarray(test.labels[:5]))
+    x_lissa, diag = index.engine.solve(g, "lissa")
+    x_exact, _ = index.engine.solve(g, "exact")
     rel = np.linalg.norm(x_lissa - x_exact, axis=1) / np.linalg.norm(x_exact, axis=1)
     assert rel.max() <= 1e-2, (rel, diag)
     assert diag["residual_max"] <= 1e-2

@@ -18,6 +18,8 @@ from torch.utils.data import TensorDataset
 import indexer.queries as queries
 import influence as inf
 from api import build_index, open_index
+from api.engine import Engine, Queries
+from api.scorers import scorer_for
 from indexer import IndexConfig, Task
 from indexer.update import add_examples, delete_examples
 from store import ConfigMismatchError
@@ -38,37 +40,43 @@ def cached_runs(tmp_path_factory, digits_logreg_task):
 
 
 def stored_query(index, ids):
-    h, _, tgt, qids, _ = index.prepare(ids, None, None)
-    return h, tgt, index._rows(qids, "test")
+    queries = index.engine.prepare(ids, None, None)
+    return queries.h, queries.targets, queries.test_rows
+
+
+def lissa_vectors(index, h, targets, test_rows=None):
+    """The lissa scorer's query vectors; with `test_rows` the queries are the stored test examples at those rows."""
+    queries = Queries(h, index.engine.logits(h), targets, [None] * len(h), [None] * len(h), test_rows)
+    return scorer_for(index.engine, "lissa").query_vectors(queries)
 
 
 @pytest.mark.parametrize("operator", ["dense", "data"])
 def test_cached_vectors_equal_uncached_lissa_and_the_dense_solve(cached_runs, operator):
     index = open_index(cached_runs / operator)
     assert index.manifest.extra["query_cache"]["operator"] == operator
-    assert index.query_cache is not None
+    assert index.engine.query_cache is not None
     h, tgt, rows = stored_query(index, TEST_IDS)
-    cached, diag = index.query_vectors("lissa", h, tgt, test_rows=rows)
+    cached, diag = lissa_vectors(index, h, tgt, test_rows=rows)
     assert diag["cached"] == 1.0
-    uncached, diag_solved = index.query_vectors("lissa", h, tgt)
+    uncached, diag_solved = lissa_vectors(index, h, tgt)
     assert "cached" not in diag_solved
     # same recursion, same depth / scale / damping: equal up to float32 rounding of two operators
     rel = np.linalg.norm(cached - uncached, axis=1) / np.linalg.norm(uncached, axis=1)
     assert rel.max() <= 1e-4, rel.max()
     # and the LiSSA answer to its tolerance, against the float64 dense solve
-    g = index.query_gradients(h, tgt).astype(np.float64)
+    g = index.engine.gradients(h, tgt).astype(np.float64)
     reference = open_index(cached_runs / "dense")
-    exact = reference.eigen_solver.solve(g, damping=reference.damping)
-    assert reference.damping == index.damping
+    exact = reference.engine.eigen_solver.solve(g, damping=reference.engine.damping)
+    assert reference.engine.damping == index.engine.damping
     rel_exact = np.linalg.norm(cached - exact, axis=1) / np.linalg.norm(exact, axis=1)
-    assert rel_exact.max() <= index.lissa_config.tol, rel_exact.max()
+    assert rel_exact.max() <= index.engine.lissa_config.tol, rel_exact.max()
     reference.close()
     index.close()
 
 
 def test_explain_reads_the_cache_and_gives_the_uncached_answer(cached_runs):
     with open_index(cached_runs / "dense") as cached, open_index(cached_runs / "dense") as uncached:
-        uncached.use_query_cache = False  # the same run, solving at query time
+        uncached.engine.use_query_cache = False  # the same run, solving at query time
         fast = cached.explain(test_ids=TEST_IDS, k=10, method="lissa")
         slow = uncached.explain(test_ids=TEST_IDS, k=10, method="lissa")
         dense = uncached.pairwise_scores(TEST_IDS, method="exact")
@@ -88,15 +96,13 @@ def test_explain_reads_the_cache_and_gives_the_uncached_answer(cached_runs):
 def test_a_lissa_dump_reads_the_cache(cached_runs, tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
-    from api.index import Index
-
     with open_index(cached_runs / "dense") as index:
         expected = index.explain(test_ids=TEST_IDS[:6], k=3, method="lissa")
 
         def no_solve(*args, **kwargs):
             raise AssertionError("the dump solved LiSSA although every query is in the cache")
 
-        monkeypatch.setattr(Index, "solve", no_solve)
+        monkeypatch.setattr(Engine, "solve", no_solve)
         out = index.dump(tmp_path / "d.parquet", TEST_IDS[:6], k=3, method="lissa", progress=False)
     rows = pq.read_table(out).to_pylist()
     for exp in expected:
@@ -109,9 +115,9 @@ def test_other_targets_and_raw_inputs_are_solved(cached_runs, digits_logreg_task
         h, tgt, rows = stored_query(index, TEST_IDS[:4])
         other = (tgt + 1) % index.n_classes
         mixed = np.where(np.arange(4) % 2 == 0, tgt, other)
-        q, diag = index.query_vectors("lissa", h, mixed, test_rows=rows)
+        q, diag = lissa_vectors(index, h, mixed, test_rows=rows)
         assert diag["cached"] == 0.5 and "depth" in diag
-        solved, _ = index.query_vectors("lissa", h, mixed)
+        solved, _ = lissa_vectors(index, h, mixed)
         rel = np.linalg.norm(q - solved, axis=1) / np.linalg.norm(solved, axis=1)
         assert rel.max() <= 1e-4
         x = digits_logreg_task.test[TEST_IDS[0]][0][None]
@@ -121,26 +127,27 @@ def test_other_targets_and_raw_inputs_are_solved(cached_runs, digits_logreg_task
 
 def test_other_lissa_options_or_a_changed_run_fall_back(cached_runs):
     with open_index(cached_runs / "dense", lissa=inf.LissaConfig(tol=1e-3)) as index:
-        assert index.query_cache is None
+        assert index.engine.query_cache is None
         [exp] = index.explain(test_ids=[0], k=3, method="lissa")
         assert "cached" not in exp.diagnostics
     with open_index(cached_runs / "dense") as index:
         record = index.manifest.extra["query_cache"]
+        engine = index.engine
 
         def key(labels):
             return queries.query_cache_key(
                 index.train_ids,
                 labels,
-                len(index.train_features),
-                index.top_eigenvalue,
-                index.deflation[0],
-                l2=index.l2,
-                damping=index.damping,
-                lissa=dataclasses.replace(index.lissa_config, damping=index.damping),
+                len(index.run.train.features),
+                engine.top_eigenvalue,
+                engine.deflation[0],
+                l2=index.run.l2,
+                damping=engine.damping,
+                lissa=dataclasses.replace(engine.lissa_config, damping=engine.damping),
             )
 
-        assert record["key"] == key(index.train_labels)
-        labels = index.train_labels.copy()
+        assert record["key"] == key(index.run.train.labels)
+        labels = index.run.train.labels.copy()
         labels[0] = (labels[0] + 1) % index.n_classes
         changed = key(labels)
         assert changed != record["key"]
@@ -193,7 +200,7 @@ def test_an_incremental_update_invalidates_the_cache(digits_logreg_task, tmp_pat
     task = Task(model=base.model, train=TensorDataset(x[:n0], y[:n0]), test=base.test, l2=base.l2)
     build(task, tmp_path / "run")
     with open_index(tmp_path / "run") as index:
-        assert index.query_cache is not None
+        assert index.engine.query_cache is not None
         [before] = index.explain(test_ids=[3], k=3)
         assert before.diagnostics["cached"] == 1.0
     # the fast path keeps the stored curvature: only the training set (and so the LiSSA operator) changes
@@ -201,9 +208,9 @@ def test_an_incremental_update_invalidates_the_cache(digits_logreg_task, tmp_pat
         task, tmp_path / "run", TensorDataset(x[n0:], y[n0:]), refresh_curvature=False, refresh_representer=False
     )
     with open_index(tmp_path / "run") as index:
-        assert index.query_cache is None
+        assert index.engine.query_cache is None
         [after] = index.explain(test_ids=[3], k=3)
         assert "cached" not in after.diagnostics
     delete_examples(tmp_path / "run", [0, 1], refresh_curvature=False)
     with open_index(tmp_path / "run") as index:
-        assert index.query_cache is None
+        assert index.engine.query_cache is None

@@ -91,7 +91,7 @@ def test_why_this_prediction_page(page, base_url, digits_mlp_run, tmp_path):
     picks = page.query_selector_all("#picker .card")
     assert len(picks) == 40 and all(c.query_selector("canvas") for c in picks)
     with open_index(digits_mlp_run) as index:
-        wrong = [int(i) for i in np.flatnonzero(index.metadata.column("test", "prediction") != index.test_labels)]
+        wrong = [int(i) for i in np.flatnonzero(index.metadata.column("test", "prediction") != index.run.test.labels)]
         target = next(i for i in wrong if i < 40)  # a misclassified digit on the first page
         [exp] = index.explain(test_ids=[target], k=8, method="lissa")
         [query] = index.metadata.get("test", [target])

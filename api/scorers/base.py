@@ -1,0 +1,104 @@
+"""The scorer interface, the registry, and the top-k search every scorer shares."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+import influence as inf
+from store import search_both_signs
+
+if TYPE_CHECKING:
+    from api.engine import Engine, Queries
+
+TopK = tuple[np.ndarray, np.ndarray]
+"""(ids, scores) of one query's top-k, best first."""
+
+
+class Scorer(Protocol):
+    """How one method scores queries against the training set in one scope."""
+
+    method: str
+    #: the FAISS space holding the train-side vectors
+    space: str
+    #: True when that space is projected: FAISS proposes candidates, `train_vectors` re-scores them exactly
+    rescored: bool
+
+    def query_vectors(self, queries: Queries) -> tuple[np.ndarray, dict[str, float]]:
+        """Query-side vectors ``[m, d]`` (full space, unprojected) and solver diagnostics."""
+        ...
+
+    def train_vectors(self, rows: slice | np.ndarray) -> np.ndarray:
+        """Train-side vectors of training rows ``[c, d]``: score = query_vector . train_vector."""
+        ...
+
+
+#: scope -> method -> scorer class (constructed as `cls(engine)`)
+METHODS_BY_SCOPE: dict[str, dict[str, Callable[[Engine], Scorer]]] = {}
+#: method -> one line of help, in registration order
+METHOD_HELP: dict[str, str] = {}
+
+
+def register(method: str, *, scope: str | tuple[str, ...], help: str) -> Callable[[type], type]:
+    """Class decorator: registers a scorer class (constructed as `cls(engine)`) for `method` in `scope`(s)."""
+
+    def wrap(cls: type) -> type:
+        for s in (scope,) if isinstance(scope, str) else scope:
+            METHODS_BY_SCOPE.setdefault(s, {})[method] = cls
+        METHOD_HELP.setdefault(method, help)
+        return cls
+
+    return wrap
+
+
+def methods_help() -> str:
+    """One line for CLI help: the methods, `|`-separated."""
+    return "|".join(METHOD_HELP)
+
+
+def check_method(method: object) -> str:
+    """The method name, or a ValueError naming it and the choices."""
+    if not isinstance(method, str) or method not in METHOD_HELP:
+        raise ValueError(f"method must be one of {tuple(METHOD_HELP)}, got {method!r}")
+    return method
+
+
+def scorer_for(engine: Engine, method: object) -> Scorer:
+    """The scorer of `method` for the engine's run scope (cached on the engine)."""
+    method = check_method(method)
+    scope = engine.run.scope
+    cls = METHODS_BY_SCOPE.get(scope, {}).get(method)
+    if cls is None:
+        raise ValueError(f"method {method!r} is not defined on scope={scope!r} runs")
+    cache = engine.__dict__.setdefault("_scorers", {})
+    if method not in cache:
+        cache[method] = cls(engine)
+    return cache[method]
+
+
+def search(engine: Engine, scorer: Scorer, q: np.ndarray, k: int) -> tuple[list[TopK], list[TopK]]:
+    """Top-k highest and lowest (ids, scores) per query vector row, exact scores.
+
+    An exact space answers from FAISS directly; a projected one proposes max(20 k, `engine.min_candidates`)
+    candidates per sign, which are re-scored exactly and ranked with `influence.topk_both_signs` (ties: smaller
+    id first).
+    """
+    index = engine.run.space(scorer.space)
+    if not scorer.rescored:
+        pos, neg = search_both_signs(index, np.ascontiguousarray(q, np.float32), k)
+        return [(h.ids, h.scores) for h in pos], [(h.ids, h.scores) for h in neg]
+    proj = engine.run.projection
+    assert proj is not None  # rescored implies a projected run
+    qp = np.asarray(inf.project(q.astype(np.float32), seed=proj["seed"], d=proj["dim"]), np.float32)
+    n_cand = min(index.ntotal, max(20 * k, engine.min_candidates))
+    pos_hits, neg_hits = search_both_signs(index, np.ascontiguousarray(qp), n_cand)
+    out_pos, out_neg = [], []
+    for j in range(len(q)):
+        cand = np.union1d(pos_hits[j].ids, neg_hits[j].ids)
+        s = q[j : j + 1] @ scorer.train_vectors(engine.run.train.rows(cand)).T
+        (ps, pid), (ns, nid) = inf.topk_both_signs(s, cand, k)
+        out_pos.append((pid[0], ps[0]))
+        out_neg.append((nid[0], ns[0]))
+    return out_pos, out_neg
