@@ -13,6 +13,13 @@ import jax
 # float64 must be available for the exact reference checks; float32 inputs stay float32.
 jax.config.update("jax_enable_x64", True)
 
+from influence.curvature import (  # noqa: E402
+    HeadCurvature,
+    ProjectedCurvature,
+    pencil_eigenvalues,
+    pencil_eigh,
+    reference_eigenvalue,
+)
 from influence.eigen import compute_top_eigenpairs, eigenpair_residuals  # noqa: E402
 from influence.head import (  # noqa: E402
     HEAD_LAYER_KINDS,
@@ -56,6 +63,7 @@ from influence.solvers import (  # noqa: E402
     LissaConfig,
     LissaDivergenceError,
     SolveResult,
+    compute_damping,
     estimate_top_eigenvalue,
     lissa,
     resolve_damping,
@@ -67,13 +75,16 @@ __all__ = [
     "HEAD_LAYER_KINDS",
     "EigenSolver",
     "GaussianProjection",
+    "HeadCurvature",
     "LissaConfig",
     "LissaDivergenceError",
     "MatVec",
+    "ProjectedCurvature",
     "SolveResult",
     "accumulate_tracin_self_influence",
     "apply_head",
     "augment_features",
+    "compute_damping",
     "compute_dense_curvature",
     "compute_fidelity",
     "compute_margins",
@@ -97,8 +108,11 @@ __all__ = [
     "make_projection",
     "n_params",
     "normalize_rows",
+    "pencil_eigenvalues",
+    "pencil_eigh",
     "penultimate_features",
     "project",
+    "reference_eigenvalue",
     "resolve_batch_size",
     "resolve_damping",
     "resolve_representer_lambda",

@@ -8,15 +8,16 @@ which converges to A^-1 v when 0 < eig(A) < 2 scale; the error after depth steps
 (1 - lambda_min / scale)^depth ||A^-1 v||. The automatic depth is therefore ~ scale / lambda_min ln(1 / tol),
 i.e. proportional to the condition number lambda_max / lambda_min.
 
-Deflated LiSSA (``solve_lissa(..., deflation=(lam, U))``): with the top-r eigenpairs A u_j = lam_j u_j of
-A = C + l2 I (``influence.eigen.compute_top_eigenpairs``), P = I - U U^T and D = diag(lam + damping),
+Deflated LiSSA (``solve_lissa(..., deflation=(eigenvalues, U))``): with the top-r eigenpairs
+A u_j = lambda_j u_j of A = C + l2 I (``influence.eigen.compute_top_eigenpairs``), P = I - U U^T and
+D = diag(lambda + damping),
 
     x = U D^-1 U^T v  +  LiSSA of P (A + damping I) P  on  P v
 
 The first term solves the top subspace exactly; the LiSSA part only sees the spectrum left in range(P), whose
-top is lam_{r+1} + damping, so its scale, and with it the automatic depth, drop by ~ lam_1 / lam_{r+1}. This
-is exact in exact arithmetic because U spans an invariant subspace: A U = U diag(lam) implies A P = P A, so
-A^-1 = U diag(1/lam) U^T + (P A P)^-1 on range(P) and the two parts never mix. It runs as the preconditioned
+top is lambda_{r+1} + damping, so its scale, and with it the automatic depth, drop by ~ lambda_1 / lambda_{r+1}.
+This is exact in exact arithmetic because U spans an invariant subspace: A U = U diag(lambda) implies A P = P A,
+so A^-1 = U diag(1/lambda) U^T + (P A P)^-1 on range(P) and the two parts never mix. It runs as the preconditioned
 Richardson iteration (the LiSSA recursion with the scalar 1 / scale replaced by M^-1)
 
     M^-1 = U D^-1 U^T + P / scale,   x_0 = M^-1 v,   x_{j+1} = x_j + M^-1 (v - (A + damping I) x_j)
@@ -46,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
-from jax.typing import DTypeLike
+from jax.typing import ArrayLike, DTypeLike
 
 from influence.hvp import MatVec, as_matvec_pytree
 
@@ -76,7 +77,7 @@ class LissaConfig:
         depth: recursion steps; None = min(max_depth, ceil(scale / lambda_floor * ln(1 / tol))).
         scale: must exceed lambda_max(C + l2 I + damping I) / 2; None = scale_factor x (lambda_max + damping),
             lambda_max a power-iteration estimate (with deflation: of the non-deflated remainder).
-        damping: added to the diagonal; None = ``resolve_damping`` (max(0, 1e-3 lambda_max - l2)).
+        damping: added to the diagonal; None = ``compute_damping`` (max(0, 1e-3 lambda_max - l2)).
         repeats: independent runs averaged (only useful for stochastic matvecs).
         max_depth: cap on the automatic depth.
         power_iters: power-iteration steps for the top eigenvalue.
@@ -214,27 +215,34 @@ def lissa(
     return jax.lax.fori_loop(0, depth, body, v) / scale
 
 
-def resolve_damping(top_eigenvalue: float, l2: float, damping: float | None) -> float:
-    """Returns the damping to add: explicit damping unchanged, else max(0, 1e-3 top_eigenvalue - l2).
+def compute_damping(reference_eigenvalue: float, l2: float, override: float | None = None) -> float:
+    """Returns the damping d of (C + l2 I + d I): override unchanged, else max(0, 1e-3 reference - l2).
 
-    The automatic choice lifts the smallest eigenvalue of C + l2 I + damping I (C PSD) to at least
-    1e-3 lambda_max, so the condition number is <= ~1000 and LiSSA converges within its automatic depth
+    The package's one damping rule. reference is the top eigenvalue of the operator the solver iterates on
+    (``influence.curvature.reference_eigenvalue``: lambda_max of C + l2 I, or with deflation the largest
+    non-deflated one). The automatic choice lifts the smallest eigenvalue of C + l2 I + d I (C PSD) to at least
+    1e-3 reference, so the condition number LiSSA sees is <= ~1000 and it converges within its automatic depth
     (~1500 ln(1/tol) steps); when l2 alone already does that, no damping is added. Damping biases the solution
-    towards g / damping in flat directions, the usual regularisation of influence functions (Koh & Liang 2017,
+    towards g / d in flat directions, the usual regularisation of influence functions (Koh & Liang 2017,
     arXiv:1703.04730).
 
     Args:
-        top_eigenvalue: lambda_max of C + l2 I.
-        l2: the L2 coefficient already in the matvec.
-        damping: an explicit damping, or None for automatic.
+        reference_eigenvalue: the top eigenvalue of the operator, l2 included.
+        l2: the L2 coefficient already in the operator.
+        override: an explicit damping (>= 0), or None for automatic.
     """
-    if damping is not None:
-        if not _is_real(damping) or not math.isfinite(damping) or damping < 0:
-            raise ValueError(f"damping must be a finite float >= 0 or None, got {damping!r}")
-        return float(damping)
-    if not _is_real(top_eigenvalue) or not math.isfinite(top_eigenvalue):
-        raise ValueError(f"top_eigenvalue must be finite, got {top_eigenvalue!r}")
-    return max(0.0, AUTO_DAMPING_RATIO * float(top_eigenvalue) - float(l2))
+    if override is not None:
+        if not _is_real(override) or not math.isfinite(override) or override < 0:
+            raise ValueError(f"damping must be a finite float >= 0 or None, got {override!r}")
+        return float(override)
+    if not _is_real(reference_eigenvalue) or not math.isfinite(reference_eigenvalue):
+        raise ValueError(f"top_eigenvalue must be finite, got {reference_eigenvalue!r}")
+    return max(0.0, AUTO_DAMPING_RATIO * float(reference_eigenvalue) - float(l2))
+
+
+def resolve_damping(top_eigenvalue: float, l2: float, damping: float | None) -> float:
+    """Deprecated name of ``compute_damping(top_eigenvalue, l2, damping)`` (kept until its callers switch)."""
+    return compute_damping(top_eigenvalue, l2, damping)
 
 
 def _auto_depth(config: LissaConfig, scale: float, floor: float) -> int:
@@ -306,30 +314,30 @@ def _check_deflation(deflation: Any, p: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(
             f"deflation must be a tuple (eigenvalues [r], eigenvectors [p, r]) or None, got {type(deflation).__name__}"
         )
-    lam = np.asarray(deflation[0])
+    eigenvalues = np.asarray(deflation[0])
     U = np.asarray(deflation[1])
-    if lam.ndim != 1 or U.ndim != 2 or U.shape != (p, lam.shape[0]):
+    if eigenvalues.ndim != 1 or U.ndim != 2 or U.shape != (p, eigenvalues.shape[0]):
         raise ValueError(
-            f"deflation must hold eigenvalues [r] and eigenvectors [{p}, r], got shapes {lam.shape} and {U.shape}"
+            f"deflation must hold eigenvalues [r] and eigenvectors [{p}, r], got shapes {eigenvalues.shape} and {U.shape}"
         )
-    if not (np.issubdtype(lam.dtype, np.floating) and np.issubdtype(U.dtype, np.floating)):
-        raise ValueError(f"deflation arrays must be floating, got dtypes {lam.dtype} and {U.dtype}")
-    if not (np.all(np.isfinite(lam)) and np.all(np.isfinite(U))):
+    if not (np.issubdtype(eigenvalues.dtype, np.floating) and np.issubdtype(U.dtype, np.floating)):
+        raise ValueError(f"deflation arrays must be floating, got dtypes {eigenvalues.dtype} and {U.dtype}")
+    if not (np.all(np.isfinite(eigenvalues)) and np.all(np.isfinite(U))):
         raise ValueError("deflation eigenvalues and eigenvectors must be finite, got NaN or inf entries")
-    if lam.shape[0] > 0:
+    if eigenvalues.shape[0] > 0:
         # Gram check through XLA: numpy's BLAS is far slower here on a busy CPU and this runs per query.
         U_dev = jnp.asarray(U, dtype=jnp.float64)
-        gram_err = float(jnp.max(jnp.abs(U_dev.T @ U_dev - jnp.eye(lam.shape[0], dtype=jnp.float64))))
+        gram_err = float(jnp.max(jnp.abs(U_dev.T @ U_dev - jnp.eye(eigenvalues.shape[0], dtype=jnp.float64))))
         if gram_err > 1e-3:
             raise ValueError(
                 f"deflation eigenvectors must be orthonormal columns, got max |U^T U - I| = {gram_err:.3g}"
             )
-    return lam.astype(np.float64), U
+    return eigenvalues.astype(np.float64), U
 
 
 def solve_lissa(
     matvec: MatVec,
-    V: jax.Array,
+    V: ArrayLike,
     *,
     config: LissaConfig,
     l2: float = 0.0,
@@ -341,11 +349,11 @@ def solve_lissa(
     """Solves (A + damping I) x = v for every row of V by (deflated) LiSSA, A = C + l2 I the matrix of matvec.
 
     lambda_max(A) is estimated once by power iteration (or taken from ``top_eigenvalue``, or from the largest
-    deflated eigenvalue); damping is ``resolve_damping(lambda_max, l2, config.damping)``. Without deflation,
-    scale = config.scale_factor (lambda_max + damping) unless given. With ``deflation=(lam [r], U [p, r])``, the
+    deflated eigenvalue); damping is ``compute_damping(lambda_max, l2, config.damping)``. Without deflation,
+    scale = config.scale_factor (lambda_max + damping) unless given. With ``deflation=(eigenvalues [r], U [p, r])``, the
     top-r eigenpairs of A, the U-part is solved exactly and LiSSA runs on the remainder P (A + damping I) P,
     P = I - U U^T (see the module docstring), with scale = config.scale_factor (lam_rest + damping), lam_rest =
-    ``deflated_top_eigenvalue`` or by default min(lam) = lam_r, an upper bound on lam_{r+1} (the largest
+    ``deflated_top_eigenvalue`` or by default min(eigenvalues) = lambda_r, an upper bound on lambda_{r+1} (the largest
     non-deflated eigenvalue) when the pairs are the top r. The automatic depth is
     min(max_depth, ceil(scale / floor * ln(1 / tol))) with floor = min_eigenvalue_floor (default l2 + damping,
     a lower bound on the spectrum for PSD C), or max_depth when floor is 0; deflation leaves the floor alone,
@@ -386,24 +394,27 @@ def solve_lissa(
         raise ValueError(f"deflated_top_eigenvalue must be a finite float or None, got {deflated_top_eigenvalue!r}")
     V = _check_rhs(V)
     p = V.shape[1]
-    lam, U = (None, None) if deflation is None else _check_deflation(deflation, p)
-    rank = 0 if lam is None else int(lam.shape[0])
+    if deflation is None:
+        eigenvalues, U = np.zeros(0, np.float64), np.zeros((p, 0), np.float64)
+    else:
+        eigenvalues, U = _check_deflation(deflation, p)
+    rank = int(eigenvalues.shape[0])
     needs_top = config.scale is None or config.damping is None
     if top_eigenvalue is None and needs_top:
         if rank > 0:
-            top_eigenvalue = float(np.max(lam))
+            top_eigenvalue = float(np.max(eigenvalues))
         else:
             top_eigenvalue = estimate_top_eigenvalue(matvec, p, iters=config.power_iters, seed=config.seed)
     top = float("nan") if top_eigenvalue is None else float(top_eigenvalue)
-    damping = resolve_damping(top, l2, config.damping)
+    damping = compute_damping(top, l2, config.damping)
     rest = float("nan")
     if rank > 0:
-        if float(np.min(lam)) + damping <= 0:
+        if float(np.min(eigenvalues)) + damping <= 0:
             raise ValueError(
-                f"deflation eigenvalues + damping must be > 0, got min eigenvalue {float(np.min(lam))!r} "
+                f"deflation eigenvalues + damping must be > 0, got min eigenvalue {float(np.min(eigenvalues))!r} "
                 f"with damping={damping!r}"
             )
-        rest = float(deflated_top_eigenvalue) if deflated_top_eigenvalue is not None else float(np.min(lam))
+        rest = float(deflated_top_eigenvalue) if deflated_top_eigenvalue is not None else float(np.min(eigenvalues))
         scale_top = rest
     else:
         scale_top = top
@@ -420,7 +431,7 @@ def solve_lissa(
     damping_arr = jnp.asarray(damping, dtype=V.dtype)
     if rank > 0:
         U_arr = jnp.asarray(U, dtype=V.dtype)
-        inv_top = jnp.asarray(1.0 / (lam + damping), dtype=V.dtype)
+        inv_top = jnp.asarray(1.0 / (eigenvalues + damping), dtype=V.dtype)
     for attempt in range(MAX_SCALE_DOUBLINGS + 1):
         depth = _auto_depth(config, scale, floor)
         x = jnp.zeros_like(V)
@@ -455,9 +466,9 @@ def solve_lissa(
 
 
 class EigenSolver:
-    """Exact inverse via one eigendecomposition C = Q diag(lam) Q^T (float64), reusable for any damping.
+    """Exact inverse via one eigendecomposition C = Q diag(lambda) Q^T (float64), reusable for any damping.
 
-    solve(v) = Q diag(1 / (lam + damping)) Q^T v.
+    solve(v) = Q diag(1 / (lambda + damping)) Q^T v.
     """
 
     def __init__(self, eigenvalues: np.ndarray, eigenvectors: np.ndarray) -> None:
@@ -508,7 +519,7 @@ class EigenSolver:
         """Returns (C + damping I)^-1 v for each row v of V [m, p] (or a single v [p]), in V's float dtype.
 
         Raises:
-            ValueError: if some lam + damping <= 0 (up to rounding): the system is singular or indefinite.
+            ValueError: if some lambda + damping <= 0 (up to rounding): the system is singular or indefinite.
         """
         if not _is_real(damping) or not math.isfinite(damping):
             raise ValueError(f"damping must be a finite float, got {damping!r}")
