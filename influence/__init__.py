@@ -70,6 +70,7 @@ from influence.solvers import (  # noqa: E402
     solve_exact,
     solve_lissa,
 )
+from influence.topk import StreamingTopK, merge_topk, select_topk, topk_both_signs  # noqa: E402
 
 __all__ = [
     "HEAD_LAYER_KINDS",
@@ -81,6 +82,7 @@ __all__ = [
     "MatVec",
     "ProjectedCurvature",
     "SolveResult",
+    "StreamingTopK",
     "accumulate_tracin_self_influence",
     "apply_head",
     "augment_features",
@@ -106,6 +108,7 @@ __all__ = [
     "make_hvp",
     "make_loss_fn",
     "make_projection",
+    "merge_topk",
     "n_params",
     "normalize_rows",
     "pencil_eigenvalues",
@@ -116,9 +119,11 @@ __all__ = [
     "resolve_batch_size",
     "resolve_damping",
     "resolve_representer_lambda",
+    "select_topk",
     "softmax",
     "solve_exact",
     "solve_lissa",
+    "topk_both_signs",
     "validate_head_params",
     "validate_head_spec",
 ]
