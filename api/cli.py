@@ -122,10 +122,10 @@ def demo(
         from store import load_manifest
 
         if load_manifest(out).model_fingerprint != task.fingerprint():
-            import shutil
+            from store import remove_run
 
             typer.echo(f"{out} holds a demo run of another model: rebuilding it")
-            shutil.rmtree(out)
+            remove_run(out)
     index = build_index(task, out)
     info = index.info()["extra"]
     typer.echo(

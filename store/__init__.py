@@ -34,7 +34,7 @@ from store.layout import ARRAYS, CACHES, SPACES, Artifact, RunPaths
 from store.manifest import SCHEMA_VERSION, Manifest, load_manifest, save_manifest
 from store.metadata import ExampleRecord, MetadataStore
 from store.opened import OpenedRun, Split, head_tensors, params_from_tensors
-from store.run import content_hash, verify_run
+from store.run import content_hash, remove_run, verify_run
 from store.vectors import (
     FaissVectorIndex,
     Hits,
@@ -87,6 +87,7 @@ __all__ = [
     "new_accumulators",
     "params_from_tensors",
     "read_aggregates",
+    "remove_run",
     "remove_stale_temps",
     "save_array",
     "save_dump_job",

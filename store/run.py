@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,18 @@ def content_hash(data: bytes) -> str:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ValueError(f"data: must be bytes, got {type(data).__name__}")
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def remove_run(root: str | os.PathLike[str]) -> None:
+    """Deletes a run directory (one holding a manifest); anything else is refused.
+
+    Raises:
+        RunNotFoundError: ``root`` holds no ``manifest.json``.
+    """
+    paths = RunPaths(Path(root))
+    if not paths.manifest.is_file():
+        raise RunNotFoundError(f"root: {str(paths.root)!r} is not a run directory (no manifest.json); not removed")
+    shutil.rmtree(paths.root)
 
 
 def verify_run(root: str | os.PathLike[str]) -> list[str]:

@@ -78,6 +78,7 @@ class Exact(HeadGradient):
     method = "exact"
 
     def query_vectors(self, queries: Queries) -> tuple[np.ndarray, dict[str, float]]:
+        self.engine.require_exact()
         return self.engine.solve(self.gradients(queries), "exact")
 
 
