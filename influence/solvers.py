@@ -318,7 +318,8 @@ def _check_deflation(deflation: Any, p: int) -> tuple[np.ndarray, np.ndarray]:
     U = np.asarray(deflation[1])
     if eigenvalues.ndim != 1 or U.ndim != 2 or U.shape != (p, eigenvalues.shape[0]):
         raise ValueError(
-            f"deflation must hold eigenvalues [r] and eigenvectors [{p}, r], got shapes {eigenvalues.shape} and {U.shape}"
+            f"deflation must hold eigenvalues [r] and eigenvectors [{p}, r], got shapes {eigenvalues.shape} "
+            f"and {U.shape}"
         )
     if not (np.issubdtype(eigenvalues.dtype, np.floating) and np.issubdtype(U.dtype, np.floating)):
         raise ValueError(f"deflation arrays must be floating, got dtypes {eigenvalues.dtype} and {U.dtype}")
@@ -352,12 +353,12 @@ def solve_lissa(
     deflated eigenvalue); damping is ``compute_damping(lambda_max, l2, config.damping)``. Without deflation,
     scale = config.scale_factor (lambda_max + damping) unless given. With ``deflation=(eigenvalues [r], U [p, r])``, the
     top-r eigenpairs of A, the U-part is solved exactly and LiSSA runs on the remainder P (A + damping I) P,
-    P = I - U U^T (see the module docstring), with scale = config.scale_factor (lam_rest + damping), lam_rest =
+    P = I - U U^T (see the module docstring), with scale = config.scale_factor (lambda_rest + damping), lambda_rest =
     ``deflated_top_eigenvalue`` or by default min(eigenvalues) = lambda_r, an upper bound on lambda_{r+1} (the largest
     non-deflated eigenvalue) when the pairs are the top r. The automatic depth is
     min(max_depth, ceil(scale / floor * ln(1 / tol))) with floor = min_eigenvalue_floor (default l2 + damping,
     a lower bound on the spectrum for PSD C), or max_depth when floor is 0; deflation leaves the floor alone,
-    so it shortens the depth by ~ lambda_max / lam_rest. ``deflation=None`` or r = 0 is plain LiSSA.
+    so it shortens the depth by ~ lambda_max / lambda_rest. ``deflation=None`` or r = 0 is plain LiSSA.
     All m right-hand sides run at once (one jitted ``lax.fori_loop`` around the vmapped matvec). Divergence
     guard: while any result is non-finite or has residual > 1 (worse than x = 0), the scale is doubled and the
     solve rerun, at most MAX_SCALE_DOUBLINGS times; after that ``LissaDivergenceError`` is raised (C is then
