@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import faiss
 import numpy as np
 
+from influence.topk import topk_both_signs
 from store.atomic import atomic_path
 from store.errors import CorruptRunError, RunNotFoundError
 
@@ -470,22 +471,16 @@ def _both_signs_one_pass(flat: np.ndarray, ids: np.ndarray, q: np.ndarray, k: in
     """Both signs of an exact search from one read of the stored vectors: ``S = X q^T`` then top/bottom-k.
 
     A search is bound by reading the vectors from memory, and ``search(q)`` plus ``search(-q)`` would read
-    them twice; the highest and the lowest inner products come from the same scores. Ties go to the smaller id.
+    them twice; the highest and the lowest inner products come from the same scores. Ties go to the smaller id (`influence.topk`, the one top-k kernel).
     """
     if k == 0:
         empty = [Hits(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(q.shape[0])]
         return empty, list(empty)
-    scores = flat @ q.T  # [n, m], one pass over the stored vectors (BLAS)
-    top, bottom = [], []
-    for j in range(q.shape[0]):
-        col = scores[:, j]
-        for sign, out in ((1.0, top), (-1.0, bottom)):
-            key = -sign * col
-            part = np.argpartition(key, k - 1)[:k] if k < len(col) else np.arange(len(col))
-            order = np.lexsort((ids[part], key[part]))
-            rows = part[order]
-            out.append(Hits(ids[rows], col[rows]))
-    return top, bottom
+    scores = q @ flat.T  # [m, n], one pass over the stored vectors (BLAS)
+    (top_s, top_i), (bot_s, bot_i) = topk_both_signs(scores, ids, k)
+    return [Hits(i, s) for i, s in zip(top_i, top_s, strict=True)], [
+        Hits(i, s) for i, s in zip(bot_i, bot_s, strict=True)
+    ]
 
 
 def _first_line(e: BaseException) -> str:

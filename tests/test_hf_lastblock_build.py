@@ -96,9 +96,10 @@ def test_the_run_records_the_scope_and_stores_projected_block_gradients(block_ru
     assert record["dim"] == DIM and record["curvature_rows"] == len(task.train) and record["curvature"] == "ggn"
     assert {"block", "block-unit", "grad", "representer"} <= set(manifest.spaces)
     with open_index(path) as index:
-        stored = np.asarray(index.block_train, np.float64)
-        A, B, mu, V = index.block_curvature
-        damping = index.block_damping
+        stored = np.asarray(index.run.array("block_train_vectors"), np.float64)
+        curvature = index.engine.block_curvature
+        A, B, (mu, V) = curvature.A, curvature.B, curvature.pencil
+        damping = curvature.damping
     scale = np.abs(reference["phi_train"]).max()
     np.testing.assert_allclose(stored, reference["phi_train"], atol=2e-5 * scale, rtol=0)
     # A = S^T C S + l2 S^T S (C the GGN through the torch curvature product), B = S^T S
