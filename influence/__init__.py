@@ -1,4 +1,5 @@
-"""Influence math in pure JAX: heads, objective, curvature products, solvers, representers, projections.
+"""Influence math in pure JAX/numpy: heads, objective, curvature products and operators, solvers, representers,
+projections, the top-k kernel, label-noise formulas (``influence.noise``). Imports nothing else of this project.
 
 Influence of training example i on query q (sign flipped so that helpful is positive):
 
