@@ -44,18 +44,19 @@ bench: $(STAMP)
 
 # Fidelity against retraining (issue 4): cached ground truth lives in experiments/cache/ (with it: loo ~4 min,
 # lds ~4 min here). Without it: loo ~20 min, lds ~20 min of retrains plus the Fashion-MNIST MLP scores, hours on
-# 2 CPU cores (make them on a GPU: fidelity_lds.py --export-scores-input IN; fidelity_mlp_scores.py IN OUT).
+# 2 CPU cores (make them on a GPU: python -m experiments.fidelity_lds --export-scores-input IN, then
+# python -m experiments.fidelity_mlp_scores IN OUT there). Experiments run as modules from the repository root.
 loo: $(STAMP)
-	$(BIN)/python experiments/fidelity_loo.py
+	$(BIN)/python -m experiments.fidelity_loo
 
 lds: $(STAMP)
-	$(BIN)/python experiments/fidelity_lds.py
+	$(BIN)/python -m experiments.fidelity_lds
 
 lissa: $(STAMP)
-	$(BIN)/python experiments/lissa_convergence.py
+	$(BIN)/python -m experiments.lissa_convergence
 
 hvp: $(STAMP)
-	$(BIN)/python experiments/hvp_speed.py
+	$(BIN)/python -m experiments.hvp_speed
 
 fidelity: loo lds lissa hvp
 

@@ -4,28 +4,24 @@
 - dense scores of a method for given query targets (the true label by default, Koh & Liang's test loss);
 - a float64 numpy model of a Linear/ReLU head (objective, gradient, per-example losses) and warm-started
   L-BFGS retraining on a weighted subset of the training set: the ground truth the scores are checked against.
+
+fidelity_loo, fidelity_lds and lissa_convergence pin numpy's BLAS to one thread before numpy loads (tiny matmuls
+on a shared 2-core machine: one BLAS thread is ~30x faster than two oversubscribed ones; retraining is not
+bit-reproducible across thread counts); hvp_speed, a speed run, gives every framework all cores.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Tiny matmuls on a shared 2-core machine: one BLAS thread is ~30x faster than two oversubscribed ones.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-
 import numpy as np
 import scipy.optimize
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / "experiments" / "cache"
-RESULTS = ROOT / "experiments" / "results"
+from experiments.common import CACHE, RESULTS, load_fashion_mnist, matmul_gflop_s
+
 METHODS = ("exact", "lissa", "representer", "grad-dot")
 
 
@@ -83,8 +79,6 @@ def fmnist_arrays(n_train: int, pool: int = 1, seed: int = 0):
     regression head (10 * 196 + 10 = 1,970 parameters) under the dense-eigendecomposition limit of method
     "exact" (4,096) and its retraining cheap enough for ~1,000 leave-one-out refits on 2 cores.
     """
-    from datasets import load_fashion_mnist
-
     xtr, ytr, xte, yte = load_fashion_mnist(n_train, seed=seed)
     keep = np.sort(np.random.default_rng(seed + 7).choice(len(xte), size=FMNIST_TEST, replace=False))
     xte, yte = xte[keep], yte[keep]
@@ -129,13 +123,10 @@ def fmnist_index(l2: float, *, n_train: int, pool: int = 2, seed: int = 0):
     return _open_or_build(CACHE / "runs" / name, make_task, IndexConfig())
 
 
-def task_from_index(index):
-    """A Task whose model is the index's head (body = identity) on the index's cached features."""
+def torch_head(index):
+    """The index's Linear/ReLU head as a torch nn.Sequential (float32 parameters)."""
     import torch
     from torch import nn
-    from torch.utils.data import TensorDataset
-
-    from indexer import Task
 
     layers: list[nn.Module] = []
     for layer, p in zip(index.spec, index.params, strict=True):
@@ -148,13 +139,22 @@ def task_from_index(index):
         elif layer["kind"] == "relu":
             layers.append(nn.ReLU())
         else:
-            raise ValueError(f"task_from_index supports linear/relu heads, got {layer['kind']!r}")
+            raise ValueError(f"torch_head supports linear/relu heads, got {layer['kind']!r}")
+    return nn.Sequential(*layers)
+
+
+def task_from_index(index):
+    """A Task whose model is the index's head (body = identity) on the index's cached features."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from indexer import Task
 
     def ds(split):
         x = torch.from_numpy(np.array(getattr(index, f"{split}_features"), np.float32))
         return TensorDataset(x, torch.from_numpy(np.asarray(getattr(index, f"{split}_labels"), np.int64)))
 
-    return Task(model=nn.Sequential(*layers).eval(), train=ds("train"), test=ds("test"), l2=index.l2, name="from-index")
+    return Task(model=torch_head(index).eval(), train=ds("train"), test=ds("test"), l2=index.l2, name="from-index")
 
 
 # ------------------------------------------------------------------------------------------------- scores
@@ -222,6 +222,24 @@ def check_against_pairwise(index, test_rows: np.ndarray, methods=METHODS) -> dic
         b = index.pairwise_scores([int(index.test_ids[r]) for r in test_rows], method=m)
         out[m] = float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
     return out
+
+
+# --------------------------------------------------------------------------- linear datamodeling score
+def half_masks(n_subsets: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """[n_subsets, n] bool: each row a random half (n // 2) of the training set, drawn in turn from `rng`."""
+    masks = np.zeros((n_subsets, n), bool)
+    for k in range(n_subsets):
+        masks[k, rng.choice(n, size=n // 2, replace=False)] = True
+    return masks
+
+
+def lds_per_point(scores: np.ndarray, masks: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """LDS (Park et al. 2023) per query [m]: Spearman over the subsets k between the summed scores
+    sum_{i in S_k} score(q, i) (scores [m, n], masks [K, n]) and the retrained outcome truth [m, K]."""
+    from scipy import stats
+
+    pred = scores @ masks.T.astype(np.float64)  # [m, K]
+    return np.array([stats.spearmanr(pred[j], truth[j])[0] for j in range(len(pred))])
 
 
 # ---------------------------------------------------------------------------------- float64 numpy head
@@ -412,10 +430,4 @@ def machine_gflops(n: int = 1024, repeats: int = 5) -> float:
     """numpy float64 matmul GFLOP/s on this machine (best of `repeats`): the compute ceiling of the run."""
     a = np.random.default_rng(0).standard_normal((n, n))
     b = np.random.default_rng(1).standard_normal((n, n))
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+    return matmul_gflop_s(a, b, repeats=repeats, reduce=min)

@@ -1,6 +1,6 @@
 """Linear datamodeling score (Park et al. 2023, TRAK): digits L2 logistic regression, Fashion-MNIST MLP.
 
-Usage: .venv/bin/python experiments/fidelity_lds.py [--subsets 100] [--test-points 50]
+Usage: .venv/bin/python -m experiments.fidelity_lds [--subsets 100] [--test-points 50]   (from the repository root)
 
 100 random subsets S_k of half the training set; the model is retrained on each, in float64, warm-started from
 the full model, on (1/|S|) sum_{i in S} CE_i + (l2/2) ||W, b||^2 with L-BFGS to |grad|_inf < 1e-8 (cached in
@@ -10,30 +10,33 @@ margin), the ground truth is the retrained correct-class margin z_y - max_{c != 
 over the 100 subsets; reported: mean (and spread) over test points, per method.
 
 Fashion-MNIST MLP (784-128-10, the whole MLP as the head, 101,770 parameters): 5,000 training images (seeded
-subsample), minibatch Adam (label_noise.train_minibatch: lr 1e-3, batches of 256, 15 epochs, l2 = 1e-3, one
+subsample), minibatch Adam (experiments.common.train_minibatch: lr 1e-3, batches of 256, 15 epochs, l2 = 1e-3, one
 TracIn checkpoint per epoch). Each of the 100 half subsets is retrained from scratch with the same
 initialisation and procedure (torch, one thread; ~10 s each here, cached in experiments/cache/), and the
 correct-class margins of 50 random test points (of 1,000 stored) are the ground truth. Methods: LiSSA on the
 GGN with 64 deflated eigenpairs at the automatic damping and at damping 1e-2 / 1e-1, the same LiSSA scores
 through the index's 1,024-dim Gaussian projection, grad-dot, TracIn (15 checkpoints, and the last alone),
-representer (Yeh et al., last layer). The scores come from experiments/fidelity_mlp_scores.py (pure JAX; see
+representer (Yeh et al., last layer). The scores come from experiments.fidelity_mlp_scores (pure JAX; see
 there); the in-process CPU fallback takes hours on the shared 2-core machine, so they were computed on a GPU
-(`--export-scores-input`, then fidelity_mlp_scores.py there) and cached like the retrains.
+(`--export-scores-input`, then `python -m experiments.fidelity_mlp_scores` there) and cached like the retrains.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# One BLAS thread, set before numpy loads: see experiments.fidelity_common.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-import fidelity_common as fc
-import numpy as np
-from scipy import stats
+import numpy as np  # noqa: E402
+
+from experiments import common  # noqa: E402
+from experiments import fidelity_common as fc  # noqa: E402
 
 
 def retrain_subsets(label, head, X, y, base, masks, gtol=1e-8):
@@ -59,10 +62,7 @@ def lds(label, index, n_subsets, n_test, seed=0):
     head, X, y = fc.numpy_head(index)
     n = len(y)
     base, _gn, _ = head.fit(head.theta0, X, y, np.ones(n), float(n), gtol=1e-10)
-    rng = np.random.default_rng(seed)
-    masks = np.zeros((n_subsets, n), bool)
-    for k in range(n_subsets):
-        masks[k, rng.choice(n, size=n // 2, replace=False)] = True
+    masks = fc.half_masks(n_subsets, n, np.random.default_rng(seed))
     t = time.perf_counter()
     thetas, gnorms = retrain_subsets(label, head, X, y, base, masks)
     retrain_s = time.perf_counter() - t
@@ -81,8 +81,7 @@ def lds(label, index, n_subsets, n_test, seed=0):
     }
     for m in fc.METHODS:
         S, diag = fc.method_scores(index, rows, yq, m)
-        pred = S @ masks.T.astype(np.float64)  # [m, K]
-        rho = np.array([stats.spearmanr(pred[j], margins[j])[0] for j in range(len(rows))])
+        rho = fc.lds_per_point(S, masks, margins)
         out["methods"][m] = {
             "lds_mean": float(np.nanmean(rho)),
             "lds_std": float(np.nanstd(rho)),
@@ -102,13 +101,10 @@ MLP_DAMPINGS = (0.0, 1e-2, 1e-1)  # absolute damping added to C + l2 I (the inde
 
 def retrain_mlp_subsets(xtr, ytr, xq, yq, masks, cfg):
     """Correct-class margins [K, m] of the MLP retrained from scratch (same init and procedure as the indexed
-    model: label_noise.train_minibatch, Adam lr 1e-3, batches of 256, cfg epochs) on each subset (cached)."""
+    model: experiments.common.train_minibatch, Adam lr 1e-3, batches of 256, cfg epochs) on each subset (cached)."""
     import torch
-    from label_noise import train_minibatch
-    from torch import nn
 
-    tag = "_".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in cfg.items())
-    path = fc.CACHE / f"lds_fmnist_mlp_{tag}.npz"
+    path = fc.CACHE / f"lds_fmnist_mlp_{cfg_tag(cfg)}.npz"
     cache = fc.load_cache(path)
     done = 0
     margins = np.zeros((len(masks), len(yq)))
@@ -119,10 +115,9 @@ def retrain_mlp_subsets(xtr, ytr, xq, yq, masks, cfg):
     t0 = time.perf_counter()
     x, y, xt = torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xq)
     for k in range(done, len(masks)):
-        torch.manual_seed(cfg["seed"])
-        model = nn.Sequential(nn.Linear(xtr.shape[1], cfg["hidden"]), nn.ReLU(), nn.Linear(cfg["hidden"], 10))
+        model = common.make_fmnist_mlp(cfg["hidden"], cfg["seed"], n_in=xtr.shape[1])
         sel = torch.from_numpy(np.flatnonzero(masks[k]))
-        train_minibatch(model, x[sel], y[sel], l2=cfg["l2"], epochs=cfg["epochs"], seed=cfg["seed"])
+        common.train_minibatch(model, x[sel], y[sel], l2=cfg["l2"], epochs=cfg["epochs"], seed=cfg["seed"])
         with torch.no_grad():
             z = model(xt).double().numpy()
         zy = z[np.arange(len(yq)), yq]
@@ -142,32 +137,51 @@ MLP_SPEC = [
 ]
 
 
+def cfg_tag(cfg: dict) -> str:
+    """The MLP configuration as a file-name tag (cache keys)."""
+    return "_".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in cfg.items())
+
+
+def load_mlp(run) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """(head.safetensors' tensors, the head parameters in MLP_SPEC's layout) of an `mlp_model` directory."""
+    from safetensors.numpy import load_file
+
+    head = load_file(str(Path(run) / "head.safetensors"))
+    params = [
+        {"weight": head["0.weight"], "bias": head["0.bias"]},
+        {},
+        {"weight": head["2.weight"], "bias": head["2.bias"]},
+    ]
+    return head, params
+
+
+def penultimate(params: list[dict], x: np.ndarray) -> np.ndarray:
+    """[x's penultimate MLP features, 1] in float64: the representer's phi."""
+    import influence as inf
+
+    return inf.augment_features(np.asarray(inf.penultimate_features(MLP_SPEC, params, x), np.float64))
+
+
 def mlp_model(cfg, xtr, ytr, xte, yte) -> Path:
     """The indexed model of the LDS, cached in experiments/cache/fmnist_mlp_<cfg>/: head.safetensors (trained
-    by label_noise.train_minibatch, one checkpoint per epoch), its 15 epoch checkpoints (TracIn), and Yeh et
+    by experiments.common.train_minibatch, one checkpoint per epoch), its 15 epoch checkpoints (TracIn), and Yeh et
     al.'s representer fit of its last layer (influence.fit_representer, lambda = l2/2 as the index builder).
     No Index is built: the curvature stage (top-64 eigenpairs of a 101,770-parameter GGN) takes hours on the
     shared 2-core machine; fidelity_mlp_scores.py recomputes it where the scores are computed."""
     import torch
-    from label_noise import train_minibatch
-    from safetensors.numpy import load_file
     from safetensors.torch import save_file
-    from torch import nn
 
     import influence as inf
 
-    run = fc.CACHE / (
-        "fmnist_mlp_" + "_".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in cfg.items())
-    )
+    run = fc.CACHE / f"fmnist_mlp_{cfg_tag(cfg)}"
     if (run / "meta.json").exists():
         return run
     run.mkdir(parents=True, exist_ok=True)
     if not (run / "head.safetensors").exists():
         torch.set_num_threads(1)
-        torch.manual_seed(cfg["seed"])
-        model = nn.Sequential(nn.Linear(784, cfg["hidden"]), nn.ReLU(), nn.Linear(cfg["hidden"], 10))
+        model = common.make_fmnist_mlp(cfg["hidden"], cfg["seed"])
         ckpts: list = []
-        train_minibatch(
+        common.train_minibatch(
             model,
             torch.from_numpy(xtr),
             torch.from_numpy(ytr),
@@ -178,18 +192,13 @@ def mlp_model(cfg, xtr, ytr, xte, yte) -> Path:
         )
         torch.save(ckpts, run / "checkpoints.pt")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "head.safetensors"))
-    head = load_file(str(run / "head.safetensors"))
-    params = [
-        {"weight": head["0.weight"], "bias": head["0.bias"]},
-        {},
-        {"weight": head["2.weight"], "bias": head["2.bias"]},
-    ]
+    head, params = load_mlp(run)
     lam = cfg["l2"] / 2
-    phi = inf.augment_features(np.asarray(inf.penultimate_features(MLP_SPEC, params, xtr), np.float64))
+    phi = penultimate(params, xtr)
     theta0 = np.concatenate([head["2.weight"], head["2.bias"][:, None]], axis=1).astype(np.float64)
     _, alpha, grad_norm = inf.fit_representer(phi, ytr, theta0, lam=lam)
     np.save(run / "representer_alpha.npy", np.asarray(alpha, np.float64))
-    phi_t = inf.augment_features(np.asarray(inf.penultimate_features(MLP_SPEC, params, xte), np.float64))
+    phi_t = penultimate(params, xte)
     rep = np.asarray(inf.compute_representer_logits(np.asarray(alpha), phi, phi_t))
     logits = np.asarray(inf.apply_head(MLP_SPEC, params, xte), np.float64)
     meta = {
@@ -205,18 +214,10 @@ def mlp_model(cfg, xtr, ytr, xte, yte) -> Path:
 
 def representer_sweep(run, xtr, ytr, xte, lams=(5e-5, 5e-4, 5e-3, 2e-2, 5e-2)) -> list[dict]:
     """Representer fidelity of the MLP against Yeh et al.'s lambda, and how far the refit last layer moved."""
-    from safetensors.numpy import load_file
-
     import influence as inf
 
-    head = load_file(str(Path(run) / "head.safetensors"))
-    params = [
-        {"weight": head["0.weight"], "bias": head["0.bias"]},
-        {},
-        {"weight": head["2.weight"], "bias": head["2.bias"]},
-    ]
-    phi = inf.augment_features(np.asarray(inf.penultimate_features(MLP_SPEC, params, xtr), np.float64))
-    phi_t = inf.augment_features(np.asarray(inf.penultimate_features(MLP_SPEC, params, xte), np.float64))
+    head, params = load_mlp(run)
+    phi, phi_t = penultimate(params, xtr), penultimate(params, xte)
     logits = np.asarray(inf.apply_head(MLP_SPEC, params, xte), np.float64)
     theta0 = np.concatenate([head["2.weight"], head["2.bias"][:, None]], axis=1).astype(np.float64)
     out = []
@@ -237,20 +238,12 @@ def representer_sweep(run, xtr, ytr, xte, lams=(5e-5, 5e-4, 5e-3, 2e-2, 5e-2)) -
 
 def representer_scores(run, xq, yq) -> np.ndarray:
     """Yeh et al. representer scores [m, n] at the true labels, from the run's stored alpha and phi."""
-    from safetensors.numpy import load_file
-
     import influence as inf
 
-    head = load_file(str(Path(run) / "head.safetensors"))
-    params = [
-        {"weight": head["0.weight"], "bias": head["0.bias"]},
-        {},
-        {"weight": head["2.weight"], "bias": head["2.bias"]},
-    ]
+    _, params = load_mlp(run)
     alpha = np.load(Path(run) / "representer_alpha.npy")
     h = np.asarray(fc.fmnist_arrays(MLP["n_train"], 1, MLP["seed"])[0])
-    phi = inf.augment_features(np.asarray(inf.penultimate_features(MLP_SPEC, params, h), np.float64))
-    phi_q = inf.augment_features(np.asarray(inf.penultimate_features(MLP_SPEC, params, xq), np.float64))
+    phi, phi_q = penultimate(params, h), penultimate(params, xq)
     q = np.asarray(inf.compute_representer_queries(phi_q, yq, 10))
     return q @ np.asarray(inf.compute_representer_embeddings(alpha, phi)).T
 
@@ -259,9 +252,8 @@ def mlp_scores_input(run_dir, xtr, ytr, xq, yq, cfg) -> dict[str, np.ndarray]:
     """The arrays fidelity_mlp_scores.compute_scores needs: the MLP's parameters (head.safetensors of
     mlp_model's directory), training pixels/labels, the query points and the epoch checkpoints."""
     import torch
-    from safetensors.numpy import load_file
 
-    head = load_file(str(Path(run_dir) / "head.safetensors"))
+    head, _ = load_mlp(run_dir)
     spec = MLP_SPEC
     ck = torch.load(Path(run_dir) / "checkpoints.pt", weights_only=True)
     stack = {k: np.stack([c[0][src].numpy() for c in ck]) for k, src in CK_KEYS.items()}
@@ -292,17 +284,16 @@ def lds_fmnist_mlp(
     print(f"== {label} {cfg}", flush=True)
     xtr, ytr, xte, yte = fc.fmnist_arrays(cfg["n_train"], 1, cfg["seed"])
     n = len(ytr)
-    rng = np.random.default_rng(seed)
-    masks = np.zeros((n_subsets, n), bool)
-    for k in range(n_subsets):
-        masks[k, rng.choice(n, size=n // 2, replace=False)] = True
+    masks = fc.half_masks(n_subsets, n, np.random.default_rng(seed))
     rows = np.sort(np.random.default_rng(seed + 1).choice(len(yte), size=n_test, replace=False))
     yq = yte[rows]
     score_path = fc.CACHE / f"lds_fmnist_mlp_scores_m{n_test}_s{seed}.npz"
     if export:  # needs only the trained model and its checkpoints
         run = mlp_model(cfg, xtr, ytr, xte, yte)
         np.savez(export, **mlp_scores_input(run, xtr, ytr, xte[rows], yq, cfg))
-        print(f"wrote {export}: run experiments/fidelity_mlp_scores.py on it and save the output as {score_path}")
+        print(
+            f"wrote {export}: run `python -m experiments.fidelity_mlp_scores {export} OUT` and save OUT as {score_path}"
+        )
         raise SystemExit(0)
     margins_all, retrain_s = retrain_mlp_subsets(xtr, ytr, xte, yte, masks, cfg)
     if retrain_only:
@@ -327,7 +318,7 @@ def lds_fmnist_mlp(
         "methods": {},
     }
     if not score_path.exists():  # in process (slow on CPU); or: --export-scores-input, run on a GPU, copy back
-        from fidelity_mlp_scores import compute_scores
+        from experiments.fidelity_mlp_scores import compute_scores
 
         inp = mlp_scores_input(run, xtr, ytr, xte[rows], yq, cfg)
         sc, dg = compute_scores(inp, dampings)
@@ -345,8 +336,7 @@ def lds_fmnist_mlp(
         np.mean([fc.pearson(scores["lissa_proj1024"][j], lis[j]) for j in range(len(rows))])
     )
     for name, S in scores.items():
-        pred = S @ masks.T.astype(np.float64)
-        rho = np.array([stats.spearmanr(pred[j], margins[j])[0] for j in range(len(rows))])
+        rho = fc.lds_per_point(S, masks, margins)
         out["methods"][name] = {
             "lds_mean": float(np.nanmean(rho)),
             "lds_std": float(np.nanstd(rho)),

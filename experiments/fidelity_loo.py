@@ -1,6 +1,6 @@
 """Leave-one-out agreement (Koh & Liang 2017, Fig. 2) on digits and Fashion-MNIST: score / n vs retraining.
 
-Usage: .venv/bin/python experiments/fidelity_loo.py [--quick]
+Usage: .venv/bin/python -m experiments.fidelity_loo [--quick]   (from the repository root; `make loo`)
 
 Logistic regression (convex, l2 = 1e-2 and 1e-3): the full model is first refit in float64 (L-BFGS to
 |grad|_inf < 1e-10), then for each removed training example i the model is retrained warm-started on
@@ -31,15 +31,17 @@ Retrained parameters are cached in experiments/cache/loo_*.npz; re-runs only sco
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# One BLAS thread, set before numpy loads: see experiments.fidelity_common.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-import fidelity_common as fc
-import numpy as np
-from scipy import stats
+import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from experiments import fidelity_common as fc  # noqa: E402
 
 FMNIST_TRAIN = 5000
 FMNIST_L2 = 1e-3

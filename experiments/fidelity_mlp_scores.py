@@ -1,6 +1,6 @@
-"""Dense scores of the Fashion-MNIST MLP for the LDS (experiments/fidelity_lds.py), from arrays alone.
+"""Dense scores of the Fashion-MNIST MLP for the LDS (experiments.fidelity_lds), from arrays alone.
 
-Usage: python experiments/fidelity_mlp_scores.py IN.npz OUT.npz
+Usage: python -m experiments.fidelity_mlp_scores IN.npz OUT.npz   (from the repository root)
 
 The whole MLP (784-128-10, 101,770 parameters) is the head, so LiSSA on its GGN over 5,000 training examples
 costs ~200 GFLOP per step for 50 queries: hours on the shared 2-core machine, seconds on a GPU. This module
@@ -137,5 +137,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     main()

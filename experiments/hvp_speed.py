@@ -1,6 +1,6 @@
 """Speed of the HVP: the library's JAX LiSSA against the same LiSSA with torch double backprop, side by side.
 
-Usage: .venv/bin/python experiments/hvp_speed.py [--depth 1000] [--repeats 3]
+Usage: .venv/bin/python -m experiments.hvp_speed [--depth 1000] [--repeats 3]   (from the repository root; `make hvp`)
 
 Same head (the digits MLP 64-32-10, whole MLP as the head), the same cached training features (all n rows,
 full batch), the same float32 parameters, the same recursion x_{j+1} = v + x_j - ((H + l2 I) x_j + d x_j) / scale
@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 CORES = os.cpu_count() or 1
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = str(CORES)  # speed run: every framework gets all cores
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+    os.environ[_var] = str(CORES)  # speed run, set before numpy loads: every framework gets all cores
 
-import fidelity_common as fc  # noqa: E402
 import numpy as np  # noqa: E402
+
+from experiments import fidelity_common as fc  # noqa: E402
+from experiments.common import matmul_gflop_s  # noqa: E402
 
 
 def median_time(fn, repeats):
@@ -42,25 +41,6 @@ def median_time(fn, repeats):
         out = fn()
         ts.append(time.perf_counter() - t)
     return float(np.median(ts)), ts, out
-
-
-def torch_model(index):
-    import torch
-    from torch import nn
-
-    layers = []
-    for layer, p in zip(index.spec, index.params, strict=True):
-        if layer["kind"] == "linear":
-            lin = nn.Linear(layer["in_features"], layer["out_features"])
-            with torch.no_grad():
-                lin.weight.copy_(torch.from_numpy(np.asarray(p["weight"])))
-                lin.bias.copy_(torch.from_numpy(np.asarray(p["bias"])))
-            layers.append(lin)
-        elif layer["kind"] == "relu":
-            layers.append(nn.ReLU())
-        else:
-            raise ValueError(layer["kind"])
-    return nn.Sequential(*layers)
 
 
 def torch_lissa_double_backprop(model, X, y, v, *, l2, depth, scale, damping):
@@ -175,13 +155,7 @@ def main() -> None:
     with threadpool_limits(CORES):
         gf64 = fc.machine_gflops(1024)
         a = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
-        a @ a
-        ts = []
-        for _ in range(5):
-            t = time.perf_counter()
-            a @ a
-            ts.append(time.perf_counter() - t)
-        gf32 = 2 * 1024**3 / min(ts) / 1e9
+        gf32 = matmul_gflop_s(a, a, repeats=5, reduce=min)
     print(f"numpy matmul: {gf64:.1f} GFLOP/s float64, {gf32:.1f} GFLOP/s float32 ({CORES} cores)")
 
     # ---- JAX, Hessian (influence.lissa with Index.matvec)
@@ -191,19 +165,24 @@ def main() -> None:
     t_jax_h, ts_jax_h, x_jax_h = median_time(lambda: np.asarray(run_h(v_j).block_until_ready()), args.repeats)
 
     # ---- torch, Hessian by double backprop
-    model = torch_model(index)
+    model = fc.torch_head(index)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     with torch.no_grad():
         assert np.allclose(model(Xt[:5]).numpy(), index.logits(X[:5]), atol=1e-4)
     v_t = to_torch_blocks(index, g[0])
     assert np.allclose(from_torch_blocks(index, v_t), g[0])
-    t_torch_h, ts_torch_h, x_torch_h = median_time(
-        lambda: from_torch_blocks(
-            index, torch_lissa_double_backprop(model, Xt, yt, v_t, l2=l2, depth=depth, scale=scale, damping=damping)
-        ),
-        args.repeats,
-    )
-    agree_h = float(np.linalg.norm(x_torch_h - x_jax_h) / np.linalg.norm(x_jax_h))
+
+    def time_torch(lissa_fn, d: int):
+        """Median time of a torch LiSSA (same recursion, scale, damping) at depth d, its runs and its solution
+        in the library's flat order."""
+        run = lambda: lissa_fn(model, Xt, yt, v_t, l2=l2, depth=d, scale=scale, damping=damping)  # noqa: E731
+        return median_time(lambda: from_torch_blocks(index, run()), args.repeats)
+
+    def rel_diff(a, b) -> float:
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    t_torch_h, ts_torch_h, x_torch_h = time_torch(torch_lissa_double_backprop, depth)
+    agree_h = rel_diff(x_torch_h, x_jax_h)
     print(
         f"Hessian: torch double backprop {t_torch_h:.3f}s, JAX {t_jax_h:.3f}s per query: {t_torch_h / t_jax_h:.1f}x; rel diff {agree_h:.2e}"
     )
@@ -218,13 +197,8 @@ def main() -> None:
     mv_g = ggn_index.matvec
     run_g = jax.jit(lambda v: inf.lissa(mv_g, v, depth=gd, scale=scale, damping=damping))
     t_jax_g_core, _, x_jax_g_core = median_time(lambda: np.asarray(run_g(v_j).block_until_ready()), args.repeats)
-    t_torch_g, ts_torch_g, x_torch_g = median_time(
-        lambda: from_torch_blocks(
-            index, torch_lissa_ggn(model, Xt, yt, v_t, l2=l2, depth=gd, scale=scale, damping=damping)
-        ),
-        args.repeats,
-    )
-    agree_g = float(np.linalg.norm(x_torch_g - x_jax_g) / np.linalg.norm(x_jax_g))
+    t_torch_g, ts_torch_g, x_torch_g = time_torch(torch_lissa_ggn, gd)
+    agree_g = rel_diff(x_torch_g, x_jax_g)
     print(
         f"GGN (depth {gd}): torch.func jvp/vjp {t_torch_g:.3f}s, JAX Index.solve {t_jax_g:.3f}s (bare lissa {t_jax_g_core:.3f}s) "
         f"per query: {t_torch_g / t_jax_g:.1f}x; rel diff {agree_g:.2e}"
@@ -257,8 +231,8 @@ def main() -> None:
             "jax_bare_lissa_s_per_query": t_jax_g_core,
             "ratio_torch_over_jax_index_solve": t_torch_g / t_jax_g,
             "rel_diff_solutions": agree_g,
-            "rel_diff_bare_vs_index_solve": float(np.linalg.norm(x_jax_g_core - x_jax_g) / np.linalg.norm(x_jax_g)),
-            "rel_error_vs_exact_at_this_depth": float(np.linalg.norm(x_jax_g - exact_g) / np.linalg.norm(exact_g)),
+            "rel_diff_bare_vs_index_solve": rel_diff(x_jax_g_core, x_jax_g),
+            "rel_error_vs_exact_at_this_depth": rel_diff(x_jax_g, exact_g),
             "solve_diagnostics": {k: float(v) for k, v in diag.items()},
         },
         "flops": {

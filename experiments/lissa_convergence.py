@@ -1,6 +1,6 @@
 """LiSSA convergence: relative error against the exact solve versus depth, per damping, digits and FMNIST heads.
 
-Usage: .venv/bin/python experiments/lissa_convergence.py [--quick]
+Usage: .venv/bin/python -m experiments.lissa_convergence [--quick]   (from the repository root; `make lissa`)
 
 Heads: digits logistic regression (l2 = 1e-2 and 1e-3), the digits MLP 64-32-10 (l2 = 1e-3, GGN curvature) and
 Fashion-MNIST logistic regression (5,000 train, 2x2-pooled pixels, l2 = 1e-3; the leave-one-out head).
@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# One BLAS thread, set before numpy loads: see experiments.fidelity_common.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-import fidelity_common as fc
-import numpy as np
+import numpy as np  # noqa: E402
+
+from experiments import fidelity_common as fc  # noqa: E402
 
 DEPTHS = (100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 DAMPINGS = ("auto", 1e-4, 1e-3, 1e-2)

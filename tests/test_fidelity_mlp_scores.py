@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the experiments package
 
-from fidelity_mlp_scores import compute_scores
+from experiments.fidelity_mlp_scores import compute_scores
 
 
 def _mlp_params(rng, d, h, k):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the experiments package
 
-import fidelity_common as fc
+from experiments import fidelity_common as fc
 
 
 @pytest.fixture
