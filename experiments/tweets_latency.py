@@ -8,7 +8,8 @@ recursion once for all 2,000 stored test tweets (`indexer.queries`) and `explain
 vector. Measured: first call (JIT, cache load) and the median of `--queries` warm calls on distinct stored test
 tweets, k = 10, for each path; the agreement of the cached answers with the un-cached LiSSA answers (same
 queries: top-10 ids and scores, query vectors) and with the dense float64 solve (all stored test tweets).
-Results -> experiments/results/tweets_latency.json + .png (run after tweets_minilm.py: `make tweets`).
+Results -> experiments/results/tweets_latency.json + .png (`python -m experiments.tweets_latency` from the repository
+root, after experiments.tweets_minilm: `make tweets`).
 """
 
 from __future__ import annotations
@@ -16,31 +17,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
-from tweets_features import load_tweets, model_dir
-from tweets_minilm import CACHE, L2, ROOT, CachedTextBody, fresh, train_head
 
 import influence as inf
 from api import build_index
-from indexer import IndexConfig, Task
-from indexer.hf import HFEncoderClassifier
-from indexer.queries import lissa_operator
-
-
-def timed_explain(index, ids: list[int], method: str) -> tuple[list[float], list]:
-    times, exps = [], []
-    for tid in ids:
-        t0 = time.perf_counter()
-        [exp] = index.explain(test_ids=[tid], k=10, method=method)
-        times.append(time.perf_counter() - t0)
-        exps.append(exp)
-    return times, exps
+from experiments import common
+from indexer import IndexConfig
+from indexer.queries import lissa_operator  # TODO(engine): the training-set curvature operator of a run, public
 
 
 def relative_errors(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -61,6 +49,8 @@ def agreement(cached: list, solved: list) -> dict:
 def data_operator_block(index, solutions: np.ndarray, targets: np.ndarray, m: int) -> dict:
     """The cache stage's cost for a head without a stored eigendecomposition: one block of m stored test rows
     solved together with the training-set product (operator "data"), against the dense-operator cache."""
+    # TODO(engine): needs the run's training-set LiSSA operator and its solve settings (damping, deflation, top
+    # eigenvalue, LissaConfig) from a public engine API instead of indexer.queries and the facade's `_train_h`.
     _, matvec = lissa_operator(
         index.paths,
         index.spec,
@@ -103,25 +93,22 @@ def main() -> None:
     ap.add_argument(
         "--data-block", type=int, default=64, help="stored test rows solved with the training-set operator (0: skip)"
     )
-    ap.add_argument("--out", default=str(ROOT / "experiments/results/tweets_latency.json"))
+    ap.add_argument("--out", default=str(common.RESULTS / "tweets_latency.json"))
     args = ap.parse_args()
-    from transformers import AutoModel, AutoTokenizer
 
-    texts, labels, _ = load_tweets()
-    feats = np.load(CACHE / "features.npy")
-    perm = np.random.default_rng(0).permutation(len(texts))  # the split of tweets_minilm.py
-    test_rows, train_rows = np.sort(perm[: args.n_test]), np.sort(perm[args.n_test :])
-    train = [(texts[i], int(labels[i])) for i in train_rows]
-    test = [(texts[i], int(labels[i])) for i in test_rows]
-    head = train_head(feats[train_rows], labels[train_rows], L2)
-    model = HFEncoderClassifier(AutoModel.from_pretrained(model_dir()), head, pooling="mean").eval()
-    task = Task.from_hf(model, AutoTokenizer.from_pretrained(model_dir()), train=train, test=test, l2=L2)
-    task = dataclasses.replace(task, body=CachedTextBody(texts, feats), head=task.head)
+    texts, labels, _ = common.load_tweets()
+    feats = common.tweet_features()
+    train_rows, _, train, test = common.split_tweets(
+        texts, labels, args.n_test
+    )  # the split of experiments.tweets_minilm
+    head = common.train_head(feats[train_rows], labels[train_rows], common.TWEETS_L2)
+    encoder, tokenizer = common.load_minilm()
+    task = common.minilm_task(encoder, tokenizer, head, train, test, body=common.CachedTextBody(texts, feats))
     first, ids = 0, list(range(1, args.queries + 1))
     out: dict = {
         "n_train": len(train),
         "n_test": len(test),
-        "l2": L2,
+        "l2": common.TWEETS_L2,
         "queries": args.queries,
         "k": 10,
         "machine": f"{os.cpu_count()} CPU cores (shared)",
@@ -129,7 +116,9 @@ def main() -> None:
     }
     config = IndexConfig(cache_queries=True)
     t0 = time.perf_counter()
-    index = build_index(task, fresh(CACHE / "runs" / "tweets-latency-cached"), config=config, progress=False)
+    index = build_index(
+        task, common.fresh(common.TWEETS_CACHE / "runs" / "tweets-latency-cached"), config=config, progress=False
+    )
     out["build_seconds"] = time.perf_counter() - t0
     out["deflation_rank"] = config.deflation_rank
     out["query_cache"] = index.manifest.extra["query_cache"]
@@ -143,10 +132,7 @@ def main() -> None:
         ("exact", "exact", True),
     ):
         index.use_query_cache = use_cache
-        t0 = time.perf_counter()
-        index.explain(test_ids=[first], k=10, method=method)
-        first_s = time.perf_counter() - t0
-        times, exps = timed_explain(index, ids, method)
+        first_s, _, times, exps = common.explain_latencies(index, [first, *ids], method)
         diag = exps[0].diagnostics or {}
         paths[name] = {
             "first_call_s": first_s,
@@ -164,6 +150,9 @@ def main() -> None:
     out["cached_vs_exact_answers"] = agreement(answers["lissa_cached"], answers["exact"])
 
     # query vectors: cached against solved (the timed queries) and against the dense float64 solve (all tests)
+    # TODO(engine): needs, from a public engine API, the LiSSA query vectors of stored test examples with and
+    # without the query cache (today the facade's `prepare`, `_rows` and `query_vectors`), the stored query cache
+    # (solutions, targets, residuals) and the dense eigendecomposition solve at the run's damping.
     index.use_query_cache = True
     h, _, tgt, qids, _ = index.prepare(ids, None, None)
     rows = index._rows(qids, "test")
@@ -186,9 +175,7 @@ def main() -> None:
         out["data_operator_block"] = data_operator_block(index, solutions, targets, args.data_block)
         print(out["data_operator_block"])
     index.close()
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    plot(out, Path(args.out).with_suffix(".png"))
-    print(f"wrote {args.out}")
+    common.save_results(out, Path(args.out), plot)
 
 
 def plot(out: dict, path: Path) -> None:

