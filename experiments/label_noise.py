@@ -7,8 +7,10 @@ with every signal of `api.noise` plus the baselines in the same run (random, tra
 checking 5/10/20/30% of the data, and the test accuracy after retraining with the checked 10% fixed. The
 fused job (given a built index) is timed and its peak memory measured (VmHWM reset before the job).
 
-    .venv/bin/python experiments/label_noise.py                         # digits MLP, 5 seeds, both noises
-    .venv/bin/python experiments/label_noise.py --datasets fmnist-logreg fmnist-mlp --fmnist-train 20000
+    .venv/bin/python -m experiments.label_noise                         # digits MLP, 5 seeds, both noises
+    .venv/bin/python -m experiments.label_noise --datasets fmnist-logreg fmnist-mlp --fmnist-train 20000
+
+(from the repository root; `make bench-noise`, `make bench-noise-fmnist`, `make bench-noise-60k`).
 
 cleanlab is never a project dependency: put it on PYTHONPATH (e.g. `pip install --no-deps --target
 /tmp/cleanlab_target cleanlab pandas termcolor python-dateutil pytz tzdata`) or pass --cleanlab-path; without
@@ -19,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,141 +30,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import TensorDataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import contextlib
 
 from api import build_index
 from api.noise import compute_noise_signals, find_label_noise
+from experiments import common
 from indexer import Task
-from indexer.demo import load_digits_split, make_mlp, train_classifier
 from influence import noise as nz
 
-CHECKED = (0.05, 0.10, 0.20, 0.30)
 FIX_FRACTION = 0.10
-DIGITS_CONFUSABLE = {0: 6, 6: 0, 1: 7, 7: 1, 3: 8, 8: 3, 4: 9, 9: 4, 5: 3, 2: 7}
 RETRAIN_METHODS = ("none", "random", "loss", "cleanlab", "self-influence", "confident-learning", "fused", "oracle")
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
-# ------------------------------------------------------------------------------------------ data + model
-def flip(
-    y: np.ndarray, kind: str, n_classes: int, seed: int, confusable: dict[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(1000 + seed)
-    n_flips = round(0.10 * len(y))
-    idx = np.sort(rng.choice(len(y), size=n_flips, replace=False))
-    noisy = y.copy()
-    if kind == "uniform":
-        noisy[idx] = (y[idx] + rng.integers(1, n_classes, size=n_flips)) % n_classes
-    else:
-        noisy[idx] = np.array([confusable[int(c)] for c in y[idx]])
-    return noisy, idx
-
-
-def train_minibatch(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    l2: float,
-    epochs: int,
-    seed: int,
-    checkpoints: list[tuple[dict[str, torch.Tensor], float]] | None = None,
-) -> nn.Module:
-    """Adam on minibatches of 256 (mean CE + (l2/2)||theta||^2), for the larger Fashion-MNIST MLP.
-
-    With `checkpoints` a list, a (state_dict, lr) snapshot is appended after every epoch (TracIn)."""
-    torch.manual_seed(seed)
-    params = list(model.parameters())
-    opt = torch.optim.Adam(params, lr=1e-3)
-    n = len(x)
-    for _ in range(epochs):
-        perm = torch.randperm(n)
-        for start in range(0, n, 256):
-            b = perm[start : start + 256]
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[b]), y[b]) + 0.5 * l2 * sum((p**2).sum() for p in params)
-            loss.backward()
-            opt.step()
-        if checkpoints is not None:
-            checkpoints.append(({k: v.detach().clone() for k, v in model.state_dict().items()}, 1e-3))
-    return model.eval()
-
-
-def dataset(name: str, fmnist_train: int) -> dict[str, Any]:
-    if name == "digits-mlp":
-        xtr, ytr, xte, yte = load_digits_split(0)
-        return {"x": xtr, "y": ytr, "xt": xte, "yt": yte, "confusable": DIGITS_CONFUSABLE, "l2": 1e-3}
-    from datasets import FASHION_CONFUSABLE, load_fashion_mnist
-
-    xtr, ytr, xte, yte = load_fashion_mnist(fmnist_train, seed=0)
-    return {"x": xtr, "y": ytr, "xt": xte, "yt": yte, "confusable": FASHION_CONFUSABLE, "l2": 1e-4}
-
-
-def train(name: str, x: np.ndarray, y: np.ndarray, l2: float, seed: int, checkpoints: list | None = None) -> nn.Module:
-    """Trains the benchmark model; (state_dict, lr) snapshots along the way go to `checkpoints` if given."""
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    if name == "digits-mlp":
-        return train_classifier(make_mlp(hidden=32, seed=seed), xt, yt, l2=l2, seed=seed, checkpoints=checkpoints)
-    if name == "fmnist-logreg":
-        torch.manual_seed(seed)
-        model = nn.Sequential(nn.Linear(784, 10))
-        return train_classifier(model, xt, yt, l2=l2, epochs=50, lr=1e-2, seed=seed, checkpoints=checkpoints)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
-    return train_minibatch(model, xt, yt, l2=l2, epochs=15, seed=seed, checkpoints=checkpoints)
-
-
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     with torch.no_grad():
         return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
-
-
-# -------------------------------------------------------------------------------------------- baselines
-def cleanlab_order(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """cleanlab's flagged issues (ranked by self-confidence) first, then the rest by self-confidence."""
-    self_conf = probs[np.arange(len(labels)), labels]
-    try:
-        import cleanlab
-        from cleanlab.filter import find_label_issues
-
-        flagged = np.asarray(find_label_issues(labels, probs, return_indices_ranked_by="self_confidence"))
-        info = {"impl": f"cleanlab {cleanlab.__version__}", "n_flagged": len(flagged)}
-    except ImportError:
-        # cleanlab's default (prune_by_noise_rate) needs the confident joint; self-confidence below the
-        # per-class threshold is the same flag set up to that pruning. Stated in the JSON.
-        t = nz.per_class_thresholds(probs, labels)
-        alt = probs.copy()
-        alt[np.arange(len(labels)), labels] = -np.inf
-        flagged_mask = (probs.max(1) >= t[probs.argmax(1)]) & (probs.argmax(1) != labels)
-        flagged = np.flatnonzero(flagged_mask)
-        flagged = flagged[np.argsort(self_conf[flagged], kind="stable")]
-        info = {"impl": "own self-confidence re-implementation (cleanlab not importable)", "n_flagged": len(flagged)}
-    rest = np.setdiff1d(np.arange(len(labels)), flagged)
-    rest = rest[np.argsort(self_conf[rest], kind="stable")]
-    return np.concatenate([flagged, rest]), info
-
-
-def order_to_score(order: np.ndarray) -> np.ndarray:
-    s = np.empty(len(order))
-    s[order] = np.arange(len(order), 0, -1)
-    return s
-
-
-def peak_rss_reset() -> None:
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -170,12 +52,10 @@ def run_one(
     name: str, data: dict[str, Any], noise: str, seed: int, workdir: Path, retrain: bool = True
 ) -> dict[str, Any]:
     x, y_true, l2 = data["x"], data["y"], data["l2"]
-    y_noisy, flipped = flip(y_true, noise, 10, seed, data["confusable"])
-    is_flip = np.zeros(len(y_true), bool)
-    is_flip[flipped] = True
+    y_noisy, is_flip = common.flip_labels(y_true, n_classes=10, seed=seed, kind=noise, confusable=data["confusable"])
     t0 = time.perf_counter()
     checkpoints: list = []
-    model = train(name, x, y_noisy, l2, seed, checkpoints)
+    model = common.train_noise_model(name, x, y_noisy, l2, seed, checkpoints)
     t_train = time.perf_counter() - t0
     if name == "fmnist-mlp":
         # TracIn over every third epoch's checkpoint (5 of 15): the TracIn stage costs one gradient pass over
@@ -194,26 +74,22 @@ def run_one(
     index = build_index(task, workdir / f"{name}-{noise}-{seed}", progress=False)
     t_build = time.perf_counter() - t0
 
-    peak_rss_reset()
+    common.peak_rss_reset()
     t0 = time.perf_counter()
     find_label_noise(index, method="fused", progress=False)
     t_job = time.perf_counter() - t0
-    job_peak = peak_rss_mb()
+    job_peak = common.peak_rss_mb()
 
     res = compute_noise_signals(index, progress=False)  # reuses the job's cached self-influence and p_oos
     scores = {m: res.score(m) for m in (*res.signals, "fused")}
     orders = {m: nz.rank_order(s, res.ids) for m, s in scores.items()}
     rng = np.random.default_rng(seed)
     orders["random"] = rng.permutation(len(y_true))
-    scores["random"] = order_to_score(orders["random"])
-    orders["cleanlab"], cl_info = cleanlab_order(res.labels, res.oos_probs)
-    scores["cleanlab"] = order_to_score(orders["cleanlab"])
+    scores["random"] = common.order_to_score(orders["random"])
+    orders["cleanlab"], cl_info = common.cleanlab_order(res.labels, res.oos_probs)
+    scores["cleanlab"] = common.order_to_score(orders["cleanlab"])
 
-    metrics: dict[str, dict[str, float]] = {}
-    for m in scores:
-        metrics[m] = {"auc": nz.detection_auc(scores[m], is_flip)}
-        for c in CHECKED:
-            metrics[m][f"found@{round(c * 100)}"] = nz.fraction_found(orders[m], is_flip, c)
+    metrics = common.detection_metrics(scores, orders, is_flip)
     n_fix = round(FIX_FRACTION * len(y_true))
     for m in RETRAIN_METHODS if retrain else ():
         fixed = y_noisy.copy()
@@ -222,7 +98,7 @@ def run_one(
         elif m != "none":
             checked = orders[m][:n_fix]
             fixed[checked] = y_true[checked]  # a person checks these and restores the true label
-        acc = accuracy(train(name, x, fixed, l2, seed), data["xt"], data["yt"])
+        acc = accuracy(common.train_noise_model(name, x, fixed, l2, seed), data["xt"], data["yt"])
         metrics.setdefault(m, {})["test_acc_after_fix"] = acc
     top = orders["fused"][:n_fix]
     found = top[is_flip[top]]
@@ -247,17 +123,7 @@ def run_one(
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    methods = runs[0]["metrics"].keys()
-    out: dict[str, Any] = {}
-    for m in methods:
-        keys = runs[0]["metrics"][m].keys()
-        out[m] = {}
-        for k in keys:
-            vals = np.array([r["metrics"][m][k] for r in runs], np.float64)
-            out[m][k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
-    f10 = np.array([[r["metrics"][m]["found@10"] for m in ("fused", "loss", "cleanlab")] for r in runs])
-    out["fused_beats_loss_every_seed@10"] = bool(np.all(f10[:, 0] > f10[:, 1]))
-    out["fused_beats_cleanlab_every_seed@10"] = bool(np.all(f10[:, 0] > f10[:, 2]))
+    out: dict[str, Any] = common.summarise_metrics(runs, ddof=1) | common.wins_every_seed(runs)
     for k in ("job_seconds", "job_peak_rss_mb", "build_seconds"):
         out[k] = float(np.median([r[k] for r in runs]))
     return out
@@ -271,7 +137,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     keys = list(results["experiments"])
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
-    xs = [0.0, *CHECKED]
+    xs = [0.0, *common.CHECKED]
     for ax, key in zip(axes[0], keys, strict=True):
         summ = results["experiments"][key]["summary"]
         for m in (
@@ -287,7 +153,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ):
             if m not in summ:
                 continue
-            ys = [0.0] + [summ[m][f"found@{round(c * 100)}"]["mean"] for c in CHECKED]
+            ys = [0.0] + [summ[m][f"found@{round(c * 100)}"]["mean"] for c in common.CHECKED]
             ax.plot(
                 xs, ys, marker="o", lw=2.2 if m == "fused" else 1.2, label=f"{m} (AUC {summ[m]['auc']['mean']:.3f})"
             )
@@ -304,20 +170,17 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main() -> None:
     torch.set_num_threads(1)  # 2-core machine: torch with 2 threads beside JAX runs ~20x slower here
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--datasets", nargs="+", default=["digits-mlp"], choices=["digits-mlp", "fmnist-logreg", "fmnist-mlp"]
-    )
+    ap.add_argument("--datasets", nargs="+", default=["digits-mlp"], choices=common.NOISE_DATASETS)
     ap.add_argument("--noise", nargs="+", default=["uniform", "class"], choices=["uniform", "class"])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--fmnist-train", type=int, default=20_000, help="Fashion-MNIST training subsample (60000 = all)")
     ap.add_argument("--cleanlab-path", default="/tmp/cleanlab_target", help="extra sys.path entry holding cleanlab")
-    ap.add_argument("--out", default=str(RESULTS / "label_noise.json"))
+    ap.add_argument("--out", default=str(common.RESULTS / "label_noise.json"))
     ap.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     ap.add_argument("--merge", nargs="+", default=None, help="merge the runs of these result files into --out and exit")
     ap.add_argument("--no-retrain", action="store_true", help="skip the test-accuracy-after-fix retrains (timing runs)")
     args = ap.parse_args()
-    if args.cleanlab_path and Path(args.cleanlab_path).exists():
-        sys.path.append(args.cleanlab_path)
+    common.add_sys_path(args.cleanlab_path)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
@@ -326,7 +189,7 @@ def main() -> None:
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
-            "cpus": __import__("os").cpu_count(),
+            "cpus": os.cpu_count(),
         },
         "args": vars(args),
         "experiments": {},
@@ -350,7 +213,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.datasets:
-            data = dataset(name, args.fmnist_train)
+            data = common.load_noise_dataset(name, args.fmnist_train)
             for noise in args.noise:
                 key = f"{name}/{noise}"
                 runs = []

@@ -5,7 +5,7 @@ penultimate features. For the Fashion-MNIST MLP (the whole 784-128-10 MLP is the
 trained on every label, the held-out ones included, so its "oos-loss" is weaker than the in-sample loss there
 (0.802-0.838 found@10 against 0.836-0.860), and the fused score ties the loss on seed 2 of
 label_noise_fmnist-mlp.json. This probe retrains the whole MLP on each of 5 folds with the benchmark's own
-training procedure (experiments/label_noise.py: same data, flips, seeds, Adam 15 epochs) and scores the same
+training procedure (experiments.label_noise, through experiments.common: same data, flips, seeds, Adam 15 epochs) and scores the same
 fused rule (mean rank of the class-normalised in-sample loss and out-of-sample loss), next to training loss and
 cleanlab `find_label_issues` on these full-refit probabilities. No index is built. The same is done with the
 job's own opt-in refit, `find_label_noise(oos_refit="whole-head")` (`influence.noise.
@@ -13,7 +13,7 @@ compute_out_of_sample_probs_head`: the translated head refit from a fresh initia
 fits its rows as closely as the model does; it does not know the benchmark's procedure), columns "(job
 whole-head)".
 
-Usage: .venv/bin/python experiments/noise_full_refit_probe.py [--seeds 5] [--cleanlab-path .peers]
+Usage: .venv/bin/python -m experiments.noise_full_refit_probe [--seeds 5] [--cleanlab-path .peers]
 Results -> experiments/results/noise_full_refit_probe.json
 """
 
@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from label_noise import RESULTS, cleanlab_order, dataset, flip, order_to_score, train
-
 from api.noise import fused_score as api_fused_score
+from experiments import common
 from indexer.translate import translate_head
 from influence import noise as nz
 
@@ -52,26 +49,23 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--fmnist-train", type=int, default=10_000)
     ap.add_argument("--cleanlab-path", default=".peers")
-    ap.add_argument("--out", default=str(RESULTS / "noise_full_refit_probe.json"))
+    ap.add_argument("--out", default=str(common.RESULTS / "noise_full_refit_probe.json"))
     args = ap.parse_args()
-    sys.path.insert(0, args.cleanlab_path)
+    common.add_sys_path(args.cleanlab_path, front=True)
     torch.set_num_threads(1)
-    data = dataset("fmnist-mlp", args.fmnist_train)
+    data = common.load_noise_dataset("fmnist-mlp", args.fmnist_train)
     x, y, l2 = data["x"], data["y"], data["l2"]
     rows = np.arange(len(y))
     runs = []
     for seed in range(args.seeds):
         t0 = time.perf_counter()
-        noisy, flipped = flip(y, "uniform", 10, seed, data["confusable"])
-        is_flip = np.zeros(len(y), bool)
-        is_flip[flipped] = True
-        model = train("fmnist-mlp", x, noisy, l2, seed)
+        noisy, is_flip, model = common.train_on_flips("fmnist-mlp", data, seed)
         probs = probabilities(model, x)
         oos = np.zeros_like(probs)
         fold = np.random.default_rng(seed).permutation(len(y)) % args.folds
         for k in range(args.folds):
             keep = fold != k
-            oos[~keep] = probabilities(train("fmnist-mlp", x[keep], noisy[keep], l2, seed), x[~keep])
+            oos[~keep] = probabilities(common.train_noise_model("fmnist-mlp", x[keep], noisy[keep], l2, seed), x[~keep])
         loss = -np.log(probs[rows, noisy] + 1e-300)
         head = translate_head(list(model))
         job_oos, epochs = nz.compute_out_of_sample_probs_head(
@@ -86,23 +80,12 @@ def main() -> None:
             "oos-loss (job whole-head)": job_oos_loss,
             "fused (job whole-head)": fused_score(loss, job_oos_loss, noisy),
         }
-        order, info = cleanlab_order(noisy, oos)
-        job_order, _ = cleanlab_order(noisy, job_oos)
-        metrics = {
-            name: {
-                "auc": nz.detection_auc(s, is_flip),
-                "found@10": nz.fraction_found(np.argsort(-s, kind="stable"), is_flip, 0.1),
-            }
-            for name, s in scores.items()
-        }
-        metrics["cleanlab (full refit)"] = {
-            "auc": nz.detection_auc(order_to_score(order), is_flip),
-            "found@10": nz.fraction_found(order, is_flip, 0.1),
-        }
-        metrics["cleanlab (job whole-head)"] = {
-            "auc": nz.detection_auc(order_to_score(job_order), is_flip),
-            "found@10": nz.fraction_found(job_order, is_flip, 0.1),
-        }
+        order, info = common.cleanlab_order(noisy, oos)
+        job_order, _ = common.cleanlab_order(noisy, job_oos)
+        orders = {name: np.argsort(-s, kind="stable") for name, s in scores.items()}
+        orders |= {"cleanlab (full refit)": order, "cleanlab (job whole-head)": job_order}
+        scores |= {name: common.order_to_score(o) for name, o in orders.items() if name.startswith("cleanlab")}
+        metrics = common.detection_metrics(scores, orders, is_flip, checked=(0.1,))
         runs.append(
             {
                 "seed": seed,

@@ -6,11 +6,11 @@ compute_out_of_sample_probs`); for a head with hidden layers, refits of the whol
 (`influence.noise.compute_out_of_sample_probs_head`). Both depend on the fold split, the whole-head refit also on
 its initialisation and minibatch order. This probe runs the refit the job picks for each model with R = 1 and
 R = 2 (fold seeds 0 and 1, probabilities averaged: repeated cross-validation) on the label-noise benchmark's
-data, flips and models (experiments/label_noise.py: Fashion-MNIST 10k, 10% uniform flips, seeds 0-4) and scores
+data, flips and models (experiments.label_noise: Fashion-MNIST 10k, 10% uniform flips, seeds 0-4) and scores
 the job's non-exact fused rule (mean rank of the class-normalised training loss and out-of-sample loss), the
 out-of-sample loss alone and training loss.
 
-Usage: .venv/bin/python experiments/noise_oos_repeats_probe.py [--models fmnist-mlp fmnist-logreg] [--seeds 5]
+Usage: .venv/bin/python -m experiments.noise_oos_repeats_probe [--models fmnist-mlp fmnist-logreg] [--seeds 5]
 Results -> experiments/results/noise_oos_repeats_probe.json
 """
 
@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from label_noise import RESULTS, dataset, flip, train
-
 import influence as inf
 from api.noise import fused_score as api_fused_score
+from experiments import common
 from indexer.translate import translate_head
 from influence import noise as nz
 
@@ -59,21 +56,18 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["fmnist-mlp", "fmnist-logreg"])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--fmnist-train", type=int, default=10_000)
-    ap.add_argument("--out", default=str(RESULTS / "noise_oos_repeats_probe.json"))
+    ap.add_argument("--out", default=str(common.RESULTS / "noise_oos_repeats_probe.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     results: dict[str, object] = {"args": vars(args), "models": {}}
     for name in args.models:
-        data = dataset(name, args.fmnist_train)
+        data = common.load_noise_dataset(name, args.fmnist_train)
         x, y, l2 = data["x"], data["y"], data["l2"]
         rows = np.arange(len(y))
         runs = []
         for seed in range(args.seeds):
             t0 = time.perf_counter()
-            noisy, flipped = flip(y, "uniform", 10, seed, data["confusable"])
-            is_flip = np.zeros(len(y), bool)
-            is_flip[flipped] = True
-            model = train(name, x, noisy, l2, seed)
+            noisy, is_flip, model = common.train_on_flips(name, data, seed)
             with torch.no_grad():
                 logits = model(torch.from_numpy(x)).double().numpy()
             loss = np.asarray(inf.cross_entropy(logits, noisy), np.float64)
@@ -83,13 +77,8 @@ def main() -> None:
                 oos_loss = -np.log(np.clip(p[rows, noisy], 1e-300, None))
                 scores[f"oos-loss {label}"] = oos_loss
                 scores[f"fused {label}"] = fused_score(loss, oos_loss, noisy)
-            metrics = {
-                m: {
-                    "auc": nz.detection_auc(s, is_flip),
-                    "found@10": nz.fraction_found(np.argsort(-s, kind="stable"), is_flip, 0.1),
-                }
-                for m, s in scores.items()
-            }
+            orders = {m: np.argsort(-s, kind="stable") for m, s in scores.items()}
+            metrics = common.detection_metrics(scores, orders, is_flip, checked=(0.1,))
             runs.append({"seed": seed, "refit": refit, "seconds": time.perf_counter() - t0, "metrics": metrics})
             print(name, seed, {m: round(v["found@10"], 3) for m, v in metrics.items()}, flush=True)
         summary = {
