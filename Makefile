@@ -40,7 +40,7 @@ test: $(STAMP) $(CHROMIUM) lint
 	$(BIN)/pytest -q -x --durations=10
 
 bench: $(STAMP)
-	$(BIN)/python experiments/explain_latency.py
+	$(BIN)/python -m experiments.explain_latency
 
 # Fidelity against retraining (issue 4): cached ground truth lives in experiments/cache/ (with it: loo ~4 min,
 # lds ~4 min here). Without it: loo ~20 min, lds ~20 min of retrains plus the Fashion-MNIST MLP scores, hours on
@@ -63,15 +63,15 @@ fidelity: loo lds lissa hvp
 # Scale (issue 6): 1M x 256 run (build, FAISS indexes, latency, recall, dump of 10k queries); SCALE_N=100000 for
 # a quick pass. Needs ~4 GB of disk under experiments/cache/scale.
 scale: $(STAMP)
-	$(BIN)/python experiments/scale_1m.py
+	$(BIN)/python -m experiments.scale_1m
 
 # Only the 10k x 1M top-100 dump (and its interleaved matmul rate) against the run `make scale` built.
 scale-dump: $(STAMP)
-	$(BIN)/python experiments/scale_1m.py --dump
+	$(BIN)/python -m experiments.scale_1m --dump
 
 # Incremental updates on Fashion-MNIST (60k + 6k) against a full build (needs `make data`).
 scale-update: $(STAMP)
-	$(BIN)/python experiments/scale_update.py
+	$(BIN)/python -m experiments.scale_update
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package (needs root / apt).
 data:
@@ -129,7 +129,7 @@ tweets-lastblock: $(STAMP) $(PEERS)/.hf $(TWEETS_FEATURES)
 
 # HTTP service under load (issue 7): 5,000 POST /explain at concurrency 16 against a Fashion-MNIST index.
 bench-service: $(STAMP) data
-	$(BIN)/python experiments/service_load.py
+	$(BIN)/python -m experiments.service_load
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -4,7 +4,7 @@ Builds two fresh run directories under experiments/cache/, then times `Index.exp
 test example at a time: the first call (including JIT compilation) separately, then the median and p90 of
 the next queries. Writes experiments/results/explain_latency.json and .png.
 
-    make bench     # or: .venv/bin/python experiments/explain_latency.py [--queries 20]
+    make bench     # or, from the repository root: .venv/bin/python -m experiments.explain_latency [--queries 20]
 """
 
 from __future__ import annotations
@@ -19,23 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from api import METHODS, build_index, open_index
+from experiments import common
 from indexer.demo import digits_logreg_task, digits_task
-
-ROOT = Path(__file__).resolve().parent
-CACHE = ROOT / "cache"
-RESULTS = ROOT / "results"
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
     """This machine's float32 matmul rate (GFLOP/s), measured in the same run: the compute ceiling."""
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    a @ a
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ a
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / np.median(times) / 1e9
+    return common.matmul_gflop_s(a, a, repeats=repeats, reduce=np.median)
 
 
 def time_index(path: Path, queries: int) -> dict:
@@ -43,14 +34,7 @@ def time_index(path: Path, queries: int) -> dict:
     test_ids = [int(v) for v in index.test_ids[: queries + 1]]
     out = {}
     for method in METHODS:
-        t0 = time.perf_counter()
-        first = index.explain(test_ids=[test_ids[0]], k=10, method=method)[0]
-        first_s = time.perf_counter() - t0
-        times = []
-        for qid in test_ids[1:]:
-            t0 = time.perf_counter()
-            index.explain(test_ids=[qid], k=10, method=method)
-            times.append(time.perf_counter() - t0)
+        first_s, first, times, _ = common.explain_latencies(index, test_ids, method)
         out[method] = {
             "first_call_s": first_s,
             "median_s": float(np.median(times)),
@@ -70,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     results = {"machine": {"platform": platform.platform(), "matmul_gflops_f32": matmul_gflops()}, "runs": {}}
     for name, make in (("digits-mlp", digits_task), ("digits-logreg", digits_logreg_task)):
-        path = CACHE / f"latency-{name}"
+        path = common.CACHE / f"latency-{name}"
         shutil.rmtree(path, ignore_errors=True)  # a fresh build: the model is retrained each run
         task = make()
         t0 = time.perf_counter()
@@ -78,10 +62,10 @@ def main() -> None:
         build_s = time.perf_counter() - t0
         print(f"{name}: built in {build_s:.1f} s")
         results["runs"][name] = time_index(path, args.queries) | {"build_s": build_s}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "explain_latency.json").write_text(json.dumps(results, indent=2))
-    plot(results, RESULTS / "explain_latency.png")
-    print(f"wrote {RESULTS / 'explain_latency.json'}")
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
+    (common.RESULTS / "explain_latency.json").write_text(json.dumps(results, indent=2))
+    plot(results, common.RESULTS / "explain_latency.png")
+    print(f"wrote {common.RESULTS / 'explain_latency.json'}")
 
 
 def plot(results: dict, path: Path) -> None:

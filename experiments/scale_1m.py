@@ -17,7 +17,8 @@ Measured, each phase in its own process (so peak memory, VmHWM, is per phase), a
 - dump: `Index.dump` of 10,000 queries x 1M training examples, top-100 Parquet + aggregates: scores/s against
   the matmul rate expressed in scores/s (2 x 256 flop per score), and peak memory.
 
-Run: `make scale` (SCALE_N=100000 for a quick pass). Results: experiments/results/scale_1m.{json,png}.
+Run: `make scale` (SCALE_N=100000 for a quick pass), i.e. `python -m experiments.scale_1m [--dump | --approximate]`
+from the repository root. Results: experiments/results/scale_1m.{json,png}.
 """
 
 from __future__ import annotations
@@ -32,10 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "experiments" / "results"
-WORK = Path(os.environ.get("SCALE_WORKDIR", ROOT / "experiments" / "cache" / "scale"))
+from experiments import common
+
+WORK = Path(os.environ.get("SCALE_WORKDIR", common.CACHE / "scale"))
 N_TRAIN = int(os.environ.get("SCALE_N", 1_000_000))
 N_TEST = 10_000
 D_IN, N_CLASSES = 31, 8
@@ -44,20 +44,6 @@ APPROX_ONLY = [f for f in os.environ.get("SCALE_FACTORIES", "").split(";") if f]
 #: phases not started by this wall-clock time (epoch seconds) are skipped and marked so
 DEADLINE = float(os.environ.get("SCALE_DEADLINE", "inf"))
 N_LAT = 200
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_dir() -> Path:
@@ -127,7 +113,7 @@ def phase_build() -> dict:
         "seconds": seconds,
         "disk_bytes": sum(files.values()),
         "largest_files": dict(sorted(files.items(), key=lambda kv: -kv[1])[:8]),
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": common.peak_rss_mb(),
     }
 
 
@@ -140,16 +126,7 @@ def phase_ceilings() -> dict:
         np.copyto(dst, src)
         times.append(time.perf_counter() - t0)
     bandwidth = 2 * src.nbytes / min(times)  # bytes read + written per second
-    a = np.random.default_rng(1).random((256, 256), dtype=np.float32)
-    b = np.random.default_rng(2).random((256, 65_536), dtype=np.float32)
-    a @ b
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    flops = 2 * 256 * 256 * 65_536 / float(np.median(times))
-    return {"copy_bandwidth_gb_s": bandwidth / 1e9, "matmul_gflop_s": flops / 1e9}
+    return {"copy_bandwidth_gb_s": bandwidth / 1e9, "matmul_gflop_s": matmul_gflop_s(5)}
 
 
 def test_queries(n: int) -> np.ndarray:
@@ -191,9 +168,9 @@ def phase_search(factory: str) -> dict:
         index.save(target)
         del index
     out["file_bytes"] = target.stat().st_size
-    before = rss_mb()
+    before = common.rss_mb()
     index = FaissVectorIndex.load(target)
-    out["rss_after_load_mb"] = rss_mb() - before
+    out["rss_after_load_mb"] = common.rss_mb() - before
     lat = []
     for q in queries:
         t0 = time.perf_counter()
@@ -237,13 +214,7 @@ def matmul_gflop_s(reps: int = 3) -> float:
     median of `reps` timed products."""
     a = np.random.default_rng(1).random((256, 256), dtype=np.float32)
     b = np.random.default_rng(2).random((256, 65_536), dtype=np.float32)
-    a @ b
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * 256 * 256 * 65_536 / float(np.median(times)) / 1e9
+    return common.matmul_gflop_s(a, b, repeats=reps, reduce=np.median)
 
 
 def phase_dump() -> dict:
@@ -307,7 +278,7 @@ def phase_dump() -> dict:
         "load_avg_after": os.getloadavg(),
         "parquet_bytes": out_path.stat().st_size,
         "parquet_rows": _parquet_rows(out_path),
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": common.peak_rss_mb(),
         "blocks": blocks,
     }
 
@@ -318,6 +289,9 @@ def phase_dump_profile() -> dict:
     import contextlib
 
     from api import open_index
+
+    # TODO(engine): needs the dump's block-loop steps as public engine pieces (train-side chunks of a method, the
+    # streaming top-k update, the Parquet columns, the accumulator checkpoint) instead of api.dump's privates.
     from api.dump import TrainSide, _save_state, _topk_columns, _update
 
     times: dict[str, float] = {}
@@ -337,7 +311,7 @@ def phase_dump_profile() -> dict:
         for first in (0, b):  # the first block warms up (JAX compiles the query-gradient function)
             times.clear()
             ids = [int(v) for v in index.test_ids[first : first + b]]
-            with timed("prepare + query vectors"):
+            with timed("prepare + query vectors"):  # TODO(engine): query vectors of stored test ids, public
                 h, _, tgt, _, _ = index.prepare(ids, None, None)
                 q = np.ascontiguousarray(index.query_vectors("grad-dot", h, tgt)[0], np.float32)
             pos = neg = None
@@ -387,10 +361,13 @@ def _parquet_rows(path: Path) -> int:
 def run_phase(name: str, *args: str) -> dict:
     if time.time() > DEADLINE:
         return {"skipped": "out of time for this run", "factory": args[0] if args else None}
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, __file__, "--phase", name, *args], env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-m", "experiments.scale_1m", "--phase", name, *args],
+        cwd=common.ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
@@ -441,7 +418,7 @@ def main() -> None:
         return
     WORK.mkdir(parents=True, exist_ok=True)
     if len(sys.argv) > 1 and sys.argv[1] == "--dump":  # the dump alone, against the cached built run
-        json_path = RESULTS / f"scale_1m{'' if N_TRAIN == 1_000_000 else f'_{N_TRAIN}'}.json"
+        json_path = common.RESULTS / f"scale_1m{'' if N_TRAIN == 1_000_000 else f'_{N_TRAIN}'}.json"
         results = json.loads(json_path.read_text()) if json_path.exists() else {"n_train": N_TRAIN}
         results["dump"] = run_phase("dump")
         results["dump_over_matmul"] = results["dump"].get("dump_over_matmul", float("nan"))
@@ -450,15 +427,15 @@ def main() -> None:
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--approximate":  # the approximate indexes alone, on a built grad space
         part: dict = {"n_train": N_TRAIN, "ceilings": run_phase("ceilings"), "search": []}
-        out = RESULTS / f"scale_1m_approximate{'' if N_TRAIN == 1_000_000 else f'_{N_TRAIN}'}.json"
+        out = common.RESULTS / f"scale_1m_approximate{'' if N_TRAIN == 1_000_000 else f'_{N_TRAIN}'}.json"
         for factory in APPROX_ONLY or FACTORIES[1:]:
             part["search"].append(run_phase("search", factory))
             out.write_text(json.dumps(part, indent=2) + "\n")
         return
     results: dict = {"n_train": N_TRAIN, "n_test": N_TEST, "dim": 256, "cpus": os.cpu_count()}
     suffix = "" if N_TRAIN == 1_000_000 else f"_{N_TRAIN}"
-    json_path = RESULTS / f"scale_1m{suffix}.json"
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    json_path = common.RESULTS / f"scale_1m{suffix}.json"
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
         json_path.write_text(json.dumps(results, indent=2) + "\n")

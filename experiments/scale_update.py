@@ -9,7 +9,8 @@ Measured in one run, on the same machine: the full build of the 60k run, then `a
 and without the curvature refresh (separate copies), and a delete of 1% of the examples; after each update
 `verify_run` must be clean. Target: the add in under 10% of the full build time.
 
-Run: `make scale-update` (needs Fashion-MNIST: `make data`). Results: experiments/results/scale_update.{json,png}.
+Run: `make scale-update` (needs Fashion-MNIST: `make data`), i.e. `python -m experiments.scale_update [--fast-add |
+--plot]` from the repository root. Results: experiments/results/scale_update.{json,png}.
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
-RESULTS = ROOT / "experiments" / "results"
-WORK = Path(os.environ.get("SCALE_WORKDIR", ROOT / "experiments" / "cache" / "scale-update"))
+from experiments import common
+
+WORK = Path(os.environ.get("SCALE_WORKDIR", common.CACHE / "scale-update"))
 N_ADD = 6_000
 
 
@@ -50,13 +49,11 @@ def train_mlp(x: np.ndarray, y: np.ndarray, seed: int = 0) -> torch.nn.Sequentia
 def fast_add() -> None:
     """The fast path on the run after `main`: +10% with the curvature and the representer fit kept (alphas
     recomputed in closed form). The 6,600 new examples are copies of training images under new ids."""
-    from datasets import load_fashion_mnist
-
     from indexer import Task
     from indexer.update import add_examples
     from store import verify_run
 
-    xtr, ytr, _, _ = load_fashion_mnist()
+    xtr, ytr, _, _ = common.load_fashion_mnist()
     task = Task(
         model=train_mlp(xtr, ytr),
         train=TensorDataset(torch.from_numpy(xtr), torch.from_numpy(ytr)),
@@ -83,24 +80,22 @@ def fast_add() -> None:
         "verify": verify_run(run) or "ok",
     }
     print(json.dumps(add_fast), flush=True)
-    while not (RESULTS / "scale_update.json").exists():  # `main` may still be running its last steps
+    while not (common.RESULTS / "scale_update.json").exists():  # `main` may still be running its last steps
         time.sleep(10)
-    results = json.loads((RESULTS / "scale_update.json").read_text())
+    results = json.loads((common.RESULTS / "scale_update.json").read_text())
     add_fast["fraction_of_full_build"] = add_fast["seconds"] / results["full_build_seconds"]
     results["add_fast"] = add_fast
     results["target_add_under_10pct"] = add_fast["fraction_of_full_build"] < 0.10
-    (RESULTS / "scale_update.json").write_text(json.dumps(results, indent=2) + "\n")
+    (common.RESULTS / "scale_update.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> None:
-    from datasets import load_fashion_mnist
-
     from api import build_index, open_index
     from indexer import IndexConfig, Task
     from indexer.update import add_examples, delete_examples
     from store import verify_run
 
-    xtr, ytr, xte, yte = load_fashion_mnist()
+    xtr, ytr, xte, yte = common.load_fashion_mnist()
     model = train_mlp(xtr, ytr)
     x_new, y_new = torch.from_numpy(xte[:N_ADD]), torch.from_numpy(yte[:N_ADD])
     task = Task(
@@ -152,8 +147,8 @@ def main() -> None:
     print("delete", json.dumps(results["delete_1pct_refresh_curvature"]), flush=True)
     results["target_add_under_10pct"] = results["add_keep_curvature"]["fraction_of_full_build"] < 0.10
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "scale_update.json").write_text(json.dumps(results, indent=2) + "\n")
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
+    (common.RESULTS / "scale_update.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results)
 
 
@@ -179,13 +174,13 @@ def plot(results: dict) -> None:
     ax.set_title("Fashion-MNIST MLP, last-layer head: incremental updates")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "scale_update.png", dpi=120)
+    fig.savefig(common.RESULTS / "scale_update.png", dpi=120)
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--fast-add"]:
         fast_add()
     elif sys.argv[1:] == ["--plot"]:
-        plot(json.loads((RESULTS / "scale_update.json").read_text()))
+        plot(json.loads((common.RESULTS / "scale_update.json").read_text()))
     else:
         main()

@@ -6,7 +6,7 @@ a separate process) on loopback with an API key. The load generator (httpx, asyn
 2-core machine, so it competes with the server for CPU; the sequential (concurrency 1) pass measured in the
 same run is the reference the concurrent numbers are compared with.
 
-    .venv/bin/python experiments/service_load.py            # 5,000 requests, concurrency 16
+    .venv/bin/python -m experiments.service_load            # 5,000 requests, concurrency 16 (from the repo root)
     make bench-service
 """
 
@@ -29,13 +29,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
-
-from api import build_index, open_index  # noqa: E402
-from indexer import Task  # noqa: E402
-from indexer.demo import SHADES, train_classifier  # noqa: E402
+from api import build_index, open_index
+from experiments import common
+from indexer import Task
+from indexer.demo import SHADES, train_classifier
 
 KEY = "bench-key"
 
@@ -48,9 +45,7 @@ def fashion_preview(x: torch.Tensor) -> str:
 
 
 def fmnist_task(n_train: int, l2: float = 1e-4) -> Task:
-    from datasets import load_fashion_mnist
-
-    xtr, ytr, xte, yte = load_fashion_mnist(n_train, seed=0)
+    xtr, ytr, xte, yte = common.load_fashion_mnist(n_train, seed=0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 10))
     train_classifier(model, torch.from_numpy(xtr), torch.from_numpy(ytr), l2=l2, epochs=50, lr=1e-2, seed=0)
@@ -159,8 +154,8 @@ def main() -> None:
     ap.add_argument("--sequential", type=int, default=200, help="requests of the concurrency-1 reference pass")
     ap.add_argument("--method", default="lissa")
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--run", type=Path, default=ROOT / "runs" / "service-load-fmnist")
-    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "service_load.json")
+    ap.add_argument("--run", type=Path, default=common.ROOT / "runs" / "service-load-fmnist")
+    ap.add_argument("--out", type=Path, default=common.RESULTS / "service_load.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -175,7 +170,7 @@ def main() -> None:
     print(f"trained in {t_train:.0f} s, index built/reused in {t_build:.0f} s ({n_params} head parameters)")
 
     port = free_port()
-    env = {**os.environ, "INFLUENCE_API_KEY": KEY, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "INFLUENCE_API_KEY": KEY, "PYTHONPATH": str(common.ROOT)}
     cmd = [sys.executable, "-m", "api.cli", "serve", str(args.run), "--host", "127.0.0.1", "--port", str(port)]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
