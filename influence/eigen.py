@@ -1,7 +1,8 @@
-"""Top eigenpairs of a symmetric PSD curvature matvec, for deflating LiSSA.
+"""Top eigenpairs of a symmetric PSD curvature matvec: for deflating LiSSA and for low-rank self-influence.
 
-Block subspace iteration (a randomized range finder with power steps) followed by Rayleigh-Ritz
-(orth = CholeskyQR2 with a shift, Fukaya, Kannan, Nakatsukasa, Yamamoto & Yanagisawa 2020, arXiv:1809.11085):
+One solver, ``compute_top_eigenpairs``, with two algorithms. "subspace" (default): block subspace iteration (a
+randomized range finder with power steps) followed by Rayleigh-Ritz (orth = CholeskyQR2 with a shift, Fukaya,
+Kannan, Nakatsukasa, Yamamoto & Yanagisawa 2020, arXiv:1809.11085):
 
     Q_0 = orth(Omega),  Omega ~ N(0, 1)^{p x k},  k = rank + oversample
     Q_{t+1} = orth(A Q_t)                                   t = 0, ..., iters - 1
@@ -12,22 +13,32 @@ rows serves the whole block; the loop is one jitted ``lax.fori_loop``. The j-th 
 (lambda_{k+1} / lambda_j)^iters (eigenvector) and its square (eigenvalue), so the oversampled columns speed up
 the pairs that are returned; Ritz values never exceed the true eigenvalues (Cauchy interlacing).
 
+"lanczos": implicitly restarted Lanczos (ARPACK through ``scipy.sparse.linalg.eigsh``, largest algebraic),
+Krylov space K_m(A, v_0) = span(v_0, A v_0, ..., A^{m-1} v_0) with m = min(p, max(2 rank + 1, 20)) and Ritz
+pairs of T_m = V_m^T A V_m, stopped at relative eigenvalue accuracy ``tol``. One vector per product, in float32
+(the head's dtype), so it needs far fewer products than a block iteration for a loose ``tol``: the label-noise
+job's choice; the subspace iteration suits one data pass per block (the build's deflation pairs).
+
 References: Halko, Martinsson & Tropp 2011, "Finding structure with randomness" (arXiv:0909.4061), Alg. 4.4
-and 5.3; Saad 2011, "Numerical Methods for Large Eigenvalue Problems", ch. 5 (subspace iteration).
+and 5.3; Saad 2011, "Numerical Methods for Large Eigenvalue Problems", ch. 5 (subspace iteration) and ch. 6
+(Lanczos); Lehoucq, Sorensen & Yang 1998, "ARPACK Users' Guide" (implicit restarts).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
 import numpy as np
+import scipy.sparse.linalg
 from jax.tree_util import Partial
 from jax.typing import DTypeLike
 
 from influence.hvp import MatVec, as_matvec_pytree
+
+EIGEN_ALGORITHMS = ("subspace", "lanczos")
 
 
 def _is_int(value: Any) -> bool:
@@ -44,13 +55,15 @@ def compute_top_eigenpairs(
     seed: int = 0,
     dtype: DTypeLike = jnp.float64,
     subspace_matvec: MatVec | None = None,
-    tol: float | None = None,
-    max_iters: int = 1000,
+    algorithm: Literal["subspace", "lanczos"] = "subspace",
+    tol: float = 1e-4,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Returns the top ``rank`` eigenpairs of a symmetric PSD matvec by block subspace iteration.
+    """Returns the top ``rank`` eigenpairs of a symmetric PSD matvec (the package's one top-eigenpair solver).
 
-    The package's one top-eigenpair solver: the build's deflation pairs (fixed ``iters``) and the label-noise
-    job's low-rank self-influence (``tol``) both call it.
+    algorithm="subspace" (default; the build's deflation pairs) is block subspace iteration, ``iters``,
+    ``oversample``, ``dtype`` and ``subspace_matvec`` apply to it; algorithm="lanczos" (the label-noise job's
+    low-rank self-influence) is ARPACK's Lanczos to relative accuracy ``tol``, in float64 (see the module
+    docstring).
 
     With ``subspace_matvec`` (e.g. the curvature over a seeded subsample of the training rows, an unbiased
     estimate of A), the power iterations use it and only the final Rayleigh-Ritz step uses ``matvec``: the
@@ -66,14 +79,12 @@ def compute_top_eigenpairs(
         seed: seed of the Gaussian start block.
         dtype: dtype of the basis, the orthogonalisation and the results (matvec outputs are cast to it).
         subspace_matvec: a cheaper approximation of the matvec for the power iterations; None = matvec.
-        tol: None = exactly ``iters`` iterations. Else, after them, the block keeps iterating (``iters`` more
-            at a time, from the Ritz vectors) until every returned pair has ||A u_j - lambda_j u_j||
-            <= tol lambda_1 (so each eigenvalue is within tol lambda_1 of one of A's, Weyl), or until
-            ``max_iters`` iterations in all. Needs subspace_matvec=None (its pairs are not A's).
-        max_iters: cap on the iterations when tol is given.
+        algorithm: "subspace" or "lanczos".
+        tol: relative accuracy of the eigenvalues ("lanczos" only).
 
     Returns:
-        (eigenvalues [rank] descending, eigenvectors [p, rank] with orthonormal columns), numpy arrays in dtype.
+        (eigenvalues [rank] descending, eigenvectors [p, rank] with orthonormal columns), numpy arrays in dtype
+        ("subspace") or float64 ("lanczos").
     """
     if not _is_int(p) or p <= 0:
         raise ValueError(f"p must be a positive int, got {p!r}")
@@ -85,18 +96,17 @@ def compute_top_eigenpairs(
         raise ValueError(f"oversample must be an int >= 0 or None, got {oversample!r}")
     if not _is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    if tol is not None:
-        if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < 1:
-            raise ValueError(f"tol must be a float in (0, 1) or None, got {tol!r}")
-        if subspace_matvec is not None:
-            raise ValueError("tol needs subspace_matvec=None: residuals are measured on matvec")
-        if not _is_int(max_iters) or max_iters < 1:
-            raise ValueError(f"max_iters must be an int >= 1, got {max_iters!r}")
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    if algorithm not in EIGEN_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {EIGEN_ALGORITHMS}, got {algorithm!r}")
     if rank == 0:
         return np.zeros((0,), dtype=dtype), np.zeros((p, 0), dtype=dtype)
+    if algorithm == "lanczos":
+        if subspace_matvec is not None:
+            raise ValueError("subspace_matvec applies to algorithm='subspace' only")
+        return _lanczos(matvec, p, rank=rank, seed=seed, tol=tol)
     extra = max(10, rank // 2) if oversample is None else int(oversample)
     k = min(p, rank + extra)
 
@@ -133,23 +143,29 @@ def compute_top_eigenpairs(
     mv = as_matvec_pytree(matvec)
     sub = mv if subspace_matvec is None else as_matvec_pytree(subspace_matvec)
     theta, vectors = run(mv, sub, omega, jnp.asarray(iters))
-    done, step = iters, max(iters, 1)
-    while tol is not None and _finite(theta, vectors) and done < max_iters:
-        top = np.asarray(theta)[:rank]
-        residual = eigenpair_residuals(mv, top, np.asarray(vectors)[:, :rank])
-        if float(np.max(residual)) <= tol * abs(float(top[0])):
-            break
-        # restart from the Ritz vectors (an orthonormal basis of the current subspace, best pairs first)
-        theta, vectors = run(mv, sub, vectors, jnp.asarray(min(step, max_iters - done)))
-        done += step
-    if not _finite(theta, vectors):
-        raise ValueError("subspace iteration produced NaN or inf: the matvec is not finite")
     theta, vectors = np.asarray(theta), np.asarray(vectors)
+    if not (np.all(np.isfinite(theta)) and np.all(np.isfinite(vectors))):
+        raise ValueError("subspace iteration produced NaN or inf: the matvec is not finite")
     return theta[:rank].copy(), np.ascontiguousarray(vectors[:, :rank])
 
 
-def _finite(theta: jax.Array, vectors: jax.Array) -> bool:
-    return bool(jnp.all(jnp.isfinite(theta))) and bool(jnp.all(jnp.isfinite(vectors)))
+def _lanczos(matvec: MatVec, p: int, *, rank: int, seed: int, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``rank`` pairs by ARPACK's Lanczos (float32 products, float64 Krylov basis), descending."""
+    if rank >= p:
+        raise ValueError(f"algorithm='lanczos' needs rank < p={p}, got {rank!r}: use algorithm='subspace'")
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 <= tol < 1:
+        raise ValueError(f"tol must be a float in [0, 1), got {tol!r}")
+
+    def mv(v: np.ndarray) -> np.ndarray:
+        return np.asarray(matvec(jnp.asarray(np.asarray(v, np.float32).ravel())), np.float64)
+
+    op = scipy.sparse.linalg.LinearOperator((p, p), matvec=mv, dtype=np.float64)
+    v0 = np.random.default_rng(seed).standard_normal(p)
+    eigenvalues, vectors = scipy.sparse.linalg.eigsh(
+        op, k=rank, which="LA", v0=v0, tol=tol, ncv=min(p, max(2 * rank + 1, 20))
+    )
+    order = np.argsort(eigenvalues)[::-1]
+    return eigenvalues[order], vectors[:, order]
 
 
 def eigenpair_residuals(matvec: MatVec, eigenvalues: np.ndarray, eigenvectors: np.ndarray) -> np.ndarray:

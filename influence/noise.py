@@ -179,19 +179,20 @@ def fused_loss_score(losses: Mapping[str, np.ndarray], labels: np.ndarray) -> np
 def compute_top_eigenpairs(
     matvec: Callable[[jax.Array], jax.Array], p: int, *, k: int, seed: int = 0, tol: float = 1e-4
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Deprecated: ``influence.compute_top_eigenpairs(matvec, p, rank=k, seed=seed, tol=tol)``, (eigenvalues [k]
-    descending, Q [p, k]) in float64; kept until api/noise.py calls the one solver directly.
+    """Deprecated: ``influence.compute_top_eigenpairs(matvec, p, rank=k, seed=seed, tol=tol,
+    algorithm="lanczos")``, (eigenvalues [k] descending, Q [p, k]) in float64; kept until api/noise.py calls the
+    one solver directly.
 
     Args:
         matvec: v -> C v on vectors [p].
         p: dimension.
         k: number of eigenpairs (1 <= k < p).
-        seed: seed of the start block.
-        tol: eigenpair residuals at most tol lambda_1.
+        seed: seed of the Lanczos start vector.
+        tol: relative accuracy of the eigenvalues.
     """
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < p:
         raise ValueError(f"k must be an int in [1, {p}), got {k!r}")
-    return _top_eigenpairs(matvec, p, rank=k, seed=seed, tol=tol)
+    return _top_eigenpairs(matvec, p, rank=k, seed=seed, tol=tol, algorithm="lanczos")
 
 
 # ---------------------------------------------------------------------------- out-of-sample probabilities
