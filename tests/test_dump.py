@@ -242,10 +242,10 @@ def test_cli_dump_with_dense_and_aggregates(digits_logreg_run, tmp_path):
 @pytest.mark.parametrize("seed_columns", [1, 3, 1024])
 def test_streaming_topk_equals_a_full_sort_with_ties(monkeypatch, seed_columns):
     """Every path of the streaming top-k: the partial-sort seed, the doubling spans, the threshold merges."""
-    import api.dump
-    from api.dump import _update
+    import influence.topk
+    from influence.topk import merge_topk as _update
 
-    monkeypatch.setattr(api.dump, "SEED_COLUMNS", seed_columns)
+    monkeypatch.setattr(influence.topk, "SEED_COLUMNS", seed_columns)
     rng = np.random.default_rng(seed_columns)
     for _ in range(300):
         b, n, k, c = rng.integers(1, 5), int(rng.integers(1, 60)), int(rng.integers(1, 12)), int(rng.integers(1, 20))
