@@ -42,6 +42,7 @@ intermediate arrays (self-influence, p_oos) are cached under ``arrays/`` so an i
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,6 +73,8 @@ SIGNALS = (
 NOISE_METHODS = (*SIGNALS, "fused")
 FUSED_SIGNALS = ("loss", "oos-loss")
 DEFAULT_SIGNALS = ("loss", "margin", "representer", "confident-learning", "oos-loss")
+#: eigenpair residuals of the low-rank self-influence solver, relative to the top eigenvalue
+SELF_INFLUENCE_TOL = 1e-4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,15 +100,19 @@ class NoiseSignals:
     info: dict[str, Any] = field(default_factory=dict)
 
     def score(self, method: str) -> np.ndarray:
-        if method == "fused":
-            return fused_score(self.signals, self.labels)
-        return self.signals[method]
+        """The ranking score of `method`: a signal, or a rule combining signals (COMBINED)."""
+        combine = COMBINED.get(method)
+        return self.signals[method] if combine is None else combine(self.signals, self.labels)
 
 
 def fused_score(signals: dict[str, np.ndarray], labels: np.ndarray) -> np.ndarray:
     """The default label-noise score, mean_s rank_percentile(loss_s + log t_y) over s in FUSED_SIGNALS (the
-    training and out-of-sample losses; see the module docstring)."""
-    return nz.fuse_ranks({s: nz.class_normalized_loss(signals[s], labels) for s in FUSED_SIGNALS})
+    training and out-of-sample losses; see the module docstring and `influence.noise.fused_loss_score`)."""
+    return nz.fused_loss_score({s: signals[s] for s in FUSED_SIGNALS}, labels)
+
+
+#: noise methods that combine signals: name -> (signals, labels) -> score [n]
+COMBINED: dict[str, Callable[[dict[str, np.ndarray], np.ndarray], np.ndarray]] = {"fused": fused_score}
 
 
 def _check_method(method: Any) -> str:
@@ -194,12 +201,11 @@ def compute_self_influence(
                 train.labels[rows],
                 l2=run.l2,
                 curvature=run.config["curvature"],
-                batch_size=None if len(rows) <= 8192 else 4096,
             )
-            lam, Q = nz.compute_top_eigenpairs(matvec, p, k=config["rank"], seed=seed)
-        complement = run.l2 + damping
-        if complement <= 0:
-            complement = float(lam[-1]) + damping
+            lam, Q = inf.compute_top_eigenpairs(
+                matvec, p, rank=config["rank"], seed=seed, tol=SELF_INFLUENCE_TOL, algorithm="lanczos"
+            )
+        complement = nz.self_influence_complement(run.l2, damping, lam)
         config["complement"] = complement
     out = np.empty(n, np.float64)
     step = _grad_chunk_rows(p)
@@ -254,7 +260,8 @@ def compute_oos_probs(
     refit, repeats = resolve_oos_refit(refit, repeats, run.spec)
     if refit == "whole-head":
         return _oos_probs_whole_head(run, folds=folds, seed=seed, repeats=repeats, progress=progress)
-    lam = float(run.extra.get("representer", {}).get("lambda") or (run.l2 / 2 if run.l2 else 1e-3))
+    stored = run.extra.get("representer", {}).get("lambda")  # the build's lambda; the same rule for old runs
+    lam = float(stored) if stored else inf.resolve_representer_lambda(run.l2)
     config = {"folds": folds, "seed": seed, "lambda": lam, "max_iter": max_iter}
     if repeats > 1:
         config["repeats"] = repeats
@@ -356,7 +363,7 @@ def compute_noise_signals(
     if "confident-learning" in names:
         out["confident-learning"] = nz.confident_learning_scores(probs, labels)
     if "oos-loss" in names:
-        out["oos-loss"] = -np.log(np.clip(probs[np.arange(n), labels], 1e-300, None))
+        out["oos-loss"] = nz.oos_loss(probs, labels)
     if "self-influence" in names:
         out["self-influence"], info["self-influence"] = compute_self_influence(
             engine, rank=rank, curvature_rows=curvature_rows, seed=seed, progress=progress
@@ -366,7 +373,7 @@ def compute_noise_signals(
             out["self-influence"], info["self-influence"] = compute_self_influence(
                 engine, rank=rank, curvature_rows=curvature_rows, seed=seed, progress=progress
             )
-        out["loo-loss"] = np.asarray(inf.cross_entropy(logits, labels), np.float64) + out["self-influence"] / n
+        out["loo-loss"] = nz.loo_loss(np.asarray(inf.cross_entropy(logits, labels)), out["self-influence"], n)
     if "tracin" in names:
         out["tracin"] = np.asarray(run.array("tracin_self_influence"), np.float64)
         info["tracin"] = run.extra.get("tracin", {})
