@@ -50,7 +50,7 @@ from .scorers import check_method, scorer_for
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["AGGREGATE_COLUMNS", "TOPK_COLUMNS", "dump", "dump_paths", "read_aggregates"]
+__all__ = ["AGGREGATE_COLUMNS", "TOPK_COLUMNS", "dump", "dump_paths", "read_aggregates", "topk_columns"]
 
 DUMP_FORMAT = 1
 #: scores per (block x train chunk) tile; bounds the dump's working memory (~ 4 bytes each, a few copies)
@@ -59,7 +59,7 @@ TILE_SCORES = 16_777_216
 OnBlock = Callable[[int, int], None]
 
 
-def _topk_columns(
+def topk_columns(
     block: np.ndarray,
     pos: tuple[np.ndarray, np.ndarray],
     neg: tuple[np.ndarray, np.ndarray],
@@ -67,7 +67,17 @@ def _topk_columns(
     train_labels: np.ndarray,
     method: str,
 ) -> dict[str, Any]:
-    """The Parquet columns of one block: per query its proponents (score > 0) then its opponents (score < 0)."""
+    """The top-k file's columns (TOPK_COLUMNS) of one block: per query its proponents (score > 0), then its
+    opponents (score < 0), each by rank.
+
+    Args:
+        block: The block's test ids [b].
+        pos: The running top-k of the highest scores, (scores [b, k], train rows [b, k]) best first.
+        neg: The same for the lowest scores.
+        train_ids: Example id of each train row [n_train].
+        train_labels: Label of each train row [n_train].
+        method: The method's name, repeated in every row.
+    """
     k = pos[0].shape[1]
     # [b, 2, k]: the kinds of one query are adjacent, proponents first; masks drop the wrong-signed entries
     score = np.stack([pos[0], neg[0]], 1)
@@ -238,7 +248,7 @@ def dump(
             acc["n_top_proponent"] += np.bincount(pro_rows, minlength=n_train)
             acc["n_top_opponent"] += np.bincount(bottom[1][opp_keep], minlength=n_train)
             acc["n_top_opponent_misclassified"] += np.bincount(bottom[1][opp_keep & mis[:, None]], minlength=n_train)
-        work.write_block(b, _topk_columns(block, top, bottom, train_ids, train_labels, method), dense_mm)
+        work.write_block(b, topk_columns(block, top, bottom, train_ids, train_labels, method), dense_mm)
         work.save_state(b + 1, acc)  # the commit point of this block
         bar.update(len(block))
         if on_block is not None:
