@@ -158,6 +158,10 @@ def task_from_index(index):
 
 
 # ------------------------------------------------------------------------------------------------- scores
+# TODO(engine): the fidelity studies need, from a public engine API: the run's head (spec, params, theta, l2,
+# n_classes), its stored train/test features and labels, query gradients at given targets, a method's query-side
+# solve with diagnostics and its train-side vectors (today the facade's `solve`, `query_gradients`, `logits` and
+# `paths` + store.load_array of "representer_alpha" / "train_phi").
 _TRAIN_G: dict[str, np.ndarray] = {}
 
 

@@ -133,6 +133,8 @@ def main() -> None:
 
     torch.set_num_threads(CORES)
     t0 = time.perf_counter()
+    # TODO(engine): needs the run's curvature operator (`matvec`), top eigenvalue, damping, eigendecomposition solve
+    # and LiSSA solve (`solve`) from a public engine API instead of facade members.
     ggn_index = fc.digits_index("mlp", 1e-3)
     hess_index = fc.digits_index("mlp", 1e-3, curvature="hessian")
     assert np.array_equal(np.asarray(ggn_index.theta), np.asarray(hess_index.theta)), "indexes of different models"

@@ -53,6 +53,8 @@ def study(label, index, m, depths, seed=0):
     import influence as inf
 
     print(f"== {label}", flush=True)
+    # TODO(engine): needs the run's curvature operator (`matvec`), its dense eigendecomposition solve
+    # (`eigen_solver`), top eigenvalue and the LiSSA solve with diagnostics (`solve`) from a public engine API.
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(index.test_ids), size=m, replace=False))
     h = np.asarray(index.test_features[rows])

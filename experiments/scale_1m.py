@@ -136,6 +136,8 @@ def test_queries(n: int) -> np.ndarray:
     from indexer.build import params_from_tensors
     from store import RunPaths, load_array, load_manifest, load_tensors
 
+    # TODO(engine): the run's head (spec, params) from the opened run (store.OpenedRun) instead of rebuilding it
+    # with indexer.build.params_from_tensors.
     paths = RunPaths(run_dir())
     spec = load_manifest(paths.root).head["spec"]
     params = params_from_tensors(spec, load_tensors(paths.head))
