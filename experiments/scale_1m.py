@@ -293,7 +293,9 @@ def phase_dump_profile() -> dict:
     from api import open_index
 
     # TODO(engine): needs the dump's block-loop steps as public engine pieces (train-side chunks of a method, the
-    # streaming top-k update, the Parquet columns, the accumulator checkpoint) instead of api.dump's privates.
+    # streaming top-k update, the Parquet columns, the accumulator checkpoint) instead of api.dump's privates; since
+    # 0c766d9 / f71efe6 these names are gone from api.dump (the pieces: the scorer's train vectors,
+    # influence.StreamingTopK, api.dump.topk_columns, store.DumpWork.save_state), so this phase fails until ported.
     from api.dump import TrainSide, _save_state, _topk_columns, _update
 
     times: dict[str, float] = {}
