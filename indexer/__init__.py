@@ -1,6 +1,7 @@
 """Offline indexer (torch): Task, head translation to JAX, and the resumable build of a run directory."""
 
-from .build import IndexConfig, build_run
+from .build import build_run
+from .config import IndexConfig
 from .errors import HeadMismatchError, IndexerError, TaskError, UnsupportedLayerError
 from .task import Task
 from .translate import TranslatedHead, split_sequential, translate_head

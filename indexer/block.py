@@ -22,8 +22,9 @@ S [p, d] the seeded projection of `indexer.torch_backend` (count-sketch fold + G
   i.e. the influence in the model restricted to theta* + S w (exact there), rescaled by p / d: S^T S ~ (p / d) I,
   so the restricted model sees a random d-dimensional slice of each gradient, about d / p of its squared norm;
   the factor restores full-space units (C = 0 gives phi_q^T phi_i / (l2 + delta) ~ g_q^T g_i / (l2 + delta),
-  as in the head scope). The damping delta is `influence.resolve_damping` of the top
-  eigenvalue of the pencil (A, B), the Ritz value of C + l2 I on span(S), as the head's is of C + l2 I.
+  as in the head scope). The damping delta is `influence.compute_damping` of the top eigenvalue of the pencil
+  (A, B) (`influence.pencil_eigenvalues`), the Ritz value of C + l2 I on span(S), as the head's is of C + l2 I;
+  the stage computes it once and stores it (`extra["block"]["damping"]`).
 
 Stored: `block_train_vectors` [n, d] (at the labels) in FAISS spaces "block" (inner product) and "block-unit"
 (cosine); `block_test_vectors` [n_test, d] at the predicted classes (`block_test_targets`), so that stored test
@@ -39,8 +40,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from store import ChunkedArray, RunPaths, build_vector_index, load_array, save_array
+import influence as inf
+from store import build_vector_index, load_array, save_array
 
+from .context import BuildContext, ManifestPatch
 from .torch_backend import LastBlockScope, compute_projected_grads, make_torch_projection
 
 #: texts per chunk of the block stage: the frozen body's hidden states of one chunk are held at once
@@ -103,21 +106,8 @@ def projected_ggn(
     return total / m
 
 
-def ritz_values(curvature: np.ndarray, gram: np.ndarray) -> np.ndarray:
-    """Eigenvalues mu of the pencil A v = mu B v (largest first): the Ritz values of C + l2 I on span(S)."""
-    import scipy.linalg
-
-    return scipy.linalg.eigh((curvature + curvature.T) / 2, (gram + gram.T) / 2, eigvals_only=True)[::-1].copy()
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, np.float64)
-    z = np.exp(z - z.max(1, keepdims=True))
-    return z / z.sum(1, keepdims=True)
-
-
 def write_block_vectors(
-    path: Any,
+    vectors: Any,
     scope: LastBlockScope,
     text_of: Callable[[int], str],
     targets: np.ndarray,
@@ -126,11 +116,8 @@ def write_block_vectors(
     desc: str,
     progress: bool,
 ) -> np.ndarray:
-    """phi rows of every example (text_of(row), targets[row]) into a resumable chunked array; returns it."""
+    """phi rows of every example (text_of(row), targets[row]) into the chunked array `vectors`; returns them."""
     n = len(targets)
-    vectors = ChunkedArray.open_or_create(
-        path, shape=(n, projection.d), dtype=np.float32, chunk_rows=min(BLOCK_CHUNK_ROWS, n)
-    )
     missing = vectors.missing_chunks()
     bar = tqdm(total=n, desc=desc, unit="ex", disable=not progress)
     bar.update(n - sum(vectors.chunk_slice(i).stop - vectors.chunk_slice(i).start for i in missing))
@@ -143,64 +130,66 @@ def write_block_vectors(
     return np.ascontiguousarray(vectors.array())
 
 
-def build_block_space(
-    paths: RunPaths,
-    scope: LastBlockScope,
-    train: Any,
-    test: Any,
-    train_ids: np.ndarray,
-    *,
-    l2: float,
-    dim: int,
-    seed: int,
-    curvature_rows: int,
-    factory: str,
-    progress: bool,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Writes the block space of a run (train/test vectors, curvature, FAISS); returns (spaces, manifest record).
+def is_last_block(ctx: BuildContext) -> bool:
+    """Whether the run's scope is "last-block" (for scope="head" the "block" stage has nothing to do)."""
+    return ctx.manifest.task.get("scope", "head") == "last-block"
 
-    `train`/`test` are the Task's `(text, label)` datasets; labels, logits and ids are read from the run's
-    arrays, so this runs after the "metadata" stage.
+
+def block_stage(ctx: BuildContext) -> ManifestPatch:
+    """Projected last-block gradients, their curvature and FAISS spaces "block" / "block-unit".
+
+    The Task's `(text, label)` datasets give the texts; labels, logits and ids are read from the run's arrays
+    (written by the "metadata" stage). The manifest record (`extra["block"]`) holds the projection (n_params,
+    dim, seed, kind), the Ritz values' range and the automatic damping max(0, 1e-3 mu_max - l2) of the pencil,
+    computed here once (`influence.compute_damping` of mu_max, the top Ritz value).
     """
-    import influence as inf
-
+    task, paths, config = ctx.task, ctx.paths, ctx.config
+    scope, train, test = task.block, task.train, task.test
+    dim, seed = config.projection_dim, config.projection_seed
     projection = make_torch_projection(scope.n_params, dim, seed=seed, kind="sketch")
-    y = np.asarray(load_array(paths.array("train_labels")))
+    _, y = ctx.split("train")
+    chunk_rows = min(BLOCK_CHUNK_ROWS, len(y))
     train_vecs = write_block_vectors(
-        paths.array("block_train_vectors"),
+        ctx.chunked(paths.array("block_train_vectors"), shape=(len(y), dim), dtype=np.float32, chunk_rows=chunk_rows),
         scope,
         lambda i: train[i][0],
         y,
         projection,
         desc="block grads train",
-        progress=progress,
+        progress=ctx.progress,
     )
     if test is not None:
-        targets = np.asarray(load_array(paths.array("test_logits"))).argmax(1).astype(np.int64)
+        targets = np.asarray(load_array(paths.split_array("test", "logits"))).argmax(1).astype(np.int64)
         save_array(paths.array("block_test_targets"), targets)
         write_block_vectors(
-            paths.array("block_test_vectors"),
+            ctx.chunked(
+                paths.array("block_test_vectors"),
+                shape=(len(targets), dim),
+                dtype=np.float32,
+                chunk_rows=min(BLOCK_CHUNK_ROWS, len(targets)),
+            ),
             scope,
             lambda i: test[i][0],
             targets,
             projection,
             desc="block grads test",
-            progress=progress,
+            progress=ctx.progress,
         )
     n = len(y)
     rows = np.arange(n)
-    if n > curvature_rows:
-        rows = np.sort(np.random.default_rng(0).choice(n, size=curvature_rows, replace=False))
-    probs = softmax(np.asarray(load_array(paths.array("train_logits")))[rows])
-    ggn = projected_ggn(scope, [train[int(i)][0] for i in rows], probs, projection, progress=progress)
+    if n > config.curvature_rows:
+        rows = np.sort(np.random.default_rng(0).choice(n, size=config.curvature_rows, replace=False))
+    probs = inf.softmax(np.asarray(load_array(paths.split_array("train", "logits")))[rows])
+    ggn = projected_ggn(scope, [train[int(i)][0] for i in rows], probs, projection, progress=ctx.progress)
     gram = projection.gram()
-    curvature = ggn + l2 * gram
-    lam = ritz_values(curvature, gram)
+    curvature = ggn + ctx.l2 * gram
+    mu = inf.pencil_eigenvalues(curvature, gram)  # Ritz values of C + l2 I on span(S), largest first
     save_array(paths.array("block_curvature"), curvature)
     save_array(paths.array("block_gram"), gram)
     spaces = {}
-    for space, vecs_ in (("block", train_vecs), ("block-unit", np.asarray(inf.normalize_rows(train_vecs), np.float32))):
-        index, spaces[space] = build_vector_index(vecs_, train_ids, factory=factory)
+    ids = ctx.ids("train")
+    for space, vecs in (("block", train_vecs), ("block-unit", np.asarray(inf.normalize_rows(train_vecs), np.float32))):
+        index, spaces[space] = build_vector_index(vecs, ids, factory=config.factory)
         index.save(paths.vector(space))
     record = {
         "n_params": scope.n_params,
@@ -209,7 +198,8 @@ def build_block_space(
         "projection": "sketch",
         "curvature": "ggn",
         "curvature_rows": len(rows),
-        "top_eigenvalue": float(lam[0]),
-        "min_eigenvalue": float(lam[-1]),
+        "top_eigenvalue": float(mu[0]),
+        "min_eigenvalue": float(mu[-1]),
+        "damping": inf.compute_damping(float(mu[0]), ctx.l2),
     }
-    return spaces, record
+    return ManifestPatch(spaces=spaces, extra={"block": record})

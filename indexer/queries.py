@@ -8,10 +8,10 @@ training features, curvature arrays, LiSSA options) and on the class explained, 
 gradient, one FAISS search and the re-scoring (milliseconds), not `depth` curvature products over the whole
 training set.
 
-The solve is the same deflated LiSSA recursion (`influence.solve_lissa`: same damping, scale, depth, deflation
-pairs and divergence guard) as the query path, run on blocks of `BLOCK_ROWS` right-hand sides at once, so that a
-curvature product serves a whole block: one GEMM-shaped pass instead of a memory-bound pass per query. The
-operator is
+The solve is the same deflated LiSSA recursion (`influence.solve_lissa`: same damping, the one the "curvature"
+stage stored in `extra["damping"]`; same scale, depth, deflation pairs and divergence guard) as the query path,
+run on blocks of `BLOCK_ROWS` right-hand sides at once, so that a curvature product serves a whole block: one
+GEMM-shaped pass instead of a memory-bound pass per query. The operator is
 
 - "dense": A = Q diag(lam) Q^T rebuilt from the stored eigendecomposition, when the head is small enough to
   have one (`exact_max_params`): a product costs p^2 per right-hand side instead of a pass over n training
@@ -28,7 +28,8 @@ gives another key and `explain` falls back to solving. Explaining another class 
 (`targets=`) and raw `inputs=` always solve at query time.
 
 Resumable: solutions are written in chunks with a done-mask (`store.ChunkedArray`); the stage is recorded in the
-manifest only when every chunk is on disk.
+manifest only when every chunk is on disk. An incremental update that refreshes the curvature re-runs the stage
+(`indexer.update`); one that keeps the stored curvature leaves the cache, which then no longer matches the run.
 
 Reference: Agarwal, Bullins & Hazan 2017 (arXiv:1602.03943); Koh & Liang 2017 (arXiv:1703.04730).
 """
@@ -45,20 +46,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import influence as inf
-from store import ChunkedArray, RunPaths, load_array, save_array
+from store import RunPaths, load_array, save_array
+
+from .context import BuildContext, ManifestPatch
 
 BLOCK_ROWS = 256
 """Test examples per block (and per resumable chunk): right-hand sides solved together."""
-
-
-def lissa_damping(top_eigenvalue: float, deflation_eigenvalues: np.ndarray | None, l2: float, config: Any) -> float:
-    """The damping of `Index.damping`: resolve_damping(lambda_ref, l2, config.damping).
-
-    lambda_ref is the top eigenvalue of the operator LiSSA iterates on: lambda_max without deflation, else the
-    smallest deflated eigenvalue (an upper bound on the largest non-deflated one).
-    """
-    ref = top_eigenvalue if deflation_eigenvalues is None else float(np.min(deflation_eigenvalues))
-    return float(inf.resolve_damping(ref, l2, config.damping))
 
 
 def query_cache_key(
@@ -121,74 +114,55 @@ def lissa_operator(
             return A @ v.astype(A.dtype)
 
         return "dense", matvec
-    n = len(h_train)
-    # the same product as Index.matvec
-    return "data", inf.make_head_matvec(
-        spec,
-        unravel,
-        theta,
-        h_train,
-        y_train,
-        l2=l2,
-        curvature=curvature,
-        batch_size=None if n <= 16_384 else 4096,
-    )
+    # the same product as the query path's (`make_head_matvec`'s automatic chunking)
+    return "data", inf.make_head_matvec(spec, unravel, theta, h_train, y_train, l2=l2, curvature=curvature)
 
 
-def build_query_cache(
-    paths: RunPaths,
-    spec: list[dict[str, Any]],
-    unravel: Any,
-    theta: Any,
-    *,
-    l2: float,
-    curvature: str,
-    top_eigenvalue: float,
-    progress: bool = True,
-) -> dict[str, Any] | None:
-    """Solves and stores the LiSSA vectors of every stored test example; returns the manifest record.
+def has_query_cache(ctx: BuildContext) -> bool:
+    """Whether the run caches its queries (`IndexConfig(cache_queries=True)`) and stores test examples."""
+    return ctx.config.cache_queries and ctx.has_test
 
-    Returns None (nothing written) when the run stores no test examples.
+
+def queries_stage(ctx: BuildContext) -> ManifestPatch:
+    """LiSSA vectors of every stored test example at its predicted class, solved in blocks -> the query cache.
+
+    The damping is the one the "curvature" stage stored (`extra["damping"]`; runs whose curvature predates it:
+    the same rule, `influence.compute_damping`). Resumable in a build (chunks with a done-mask); an update re-running it
+    recomputes every block.
     """
-    if not paths.array("test_features").exists():
-        return None
+    paths = ctx.paths
     t0 = time.perf_counter()
-    h_test = load_array(paths.array("test_features"))
+    h_test, _ = ctx.split("test")
     n_test = len(h_test)
-    if n_test == 0:
-        return None
-    targets = np.asarray(load_array(paths.array("test_logits"))).argmax(1).astype(np.int64)
-    h_train = np.asarray(load_array(paths.array("train_features")))
-    y_train = np.asarray(load_array(paths.array("train_labels")))
-    train_ids = np.asarray(load_array(paths.array("train_ids")))
+    targets = np.asarray(load_array(paths.split_array("test", "logits"))).argmax(1).astype(np.int64)
+    h_train, y_train = ctx.split("train")
+    h_train = np.asarray(h_train)
+    train_ids = ctx.ids("train")
     deflation = _deflation(paths, h_train.dtype)
     lam_defl = None if deflation is None else deflation[0]
-    config = inf.LissaConfig()
-    damping = lissa_damping(top_eigenvalue, lam_defl, l2, config)
+    top_eigenvalue = float(ctx.manifest.extra["top_eigenvalue"])
+    damping = ctx.manifest.extra.get("damping")
+    if damping is None:  # a run whose curvature stage predates the stored damping: the same rule
+        damping = inf.compute_damping(inf.reference_eigenvalue(top_eigenvalue, lam_defl), ctx.l2)
+    config = dataclasses.replace(inf.LissaConfig(), damping=float(damping))
     operator, matvec = lissa_operator(
-        paths, spec, unravel, theta, h_train, y_train, l2=l2, curvature=curvature, dense=None
+        paths, ctx.spec, ctx.unravel, ctx.theta, h_train, y_train, l2=ctx.l2, curvature=ctx.config.curvature
     )
-    p = int(np.asarray(theta).shape[0])
-    solutions = ChunkedArray.open_or_create(
-        paths.array("query_solutions"), shape=(n_test, p), dtype=np.float32, chunk_rows=BLOCK_ROWS
-    )
+    p = ctx.n_params
+    solutions = ctx.chunked(paths.array("query_solutions"), shape=(n_test, p), dtype=np.float32, chunk_rows=BLOCK_ROWS)
     # per-row diagnostics, written before the solutions chunk whose done-mask commits the block
-    residuals = ChunkedArray.open_or_create(
-        paths.array("query_residuals"), shape=(n_test,), dtype=np.float64, chunk_rows=BLOCK_ROWS
-    )
-    depths = ChunkedArray.open_or_create(
-        paths.array("query_depths"), shape=(n_test,), dtype=np.int64, chunk_rows=BLOCK_ROWS
-    )
-    for chunk in tqdm(solutions.missing_chunks(), desc="query cache", unit="block", disable=not progress):
+    residuals = ctx.chunked(paths.array("query_residuals"), shape=(n_test,), dtype=np.float64, chunk_rows=BLOCK_ROWS)
+    depths = ctx.chunked(paths.array("query_depths"), shape=(n_test,), dtype=np.int64, chunk_rows=BLOCK_ROWS)
+    for chunk in tqdm(solutions.missing_chunks(), desc="query cache", unit="block", disable=not ctx.progress):
         sl = solutions.chunk_slice(chunk)
-        g = inf.compute_per_example_grads(spec, unravel, theta, np.asarray(h_test[sl]), targets[sl])
+        g = inf.compute_per_example_grads(ctx.spec, ctx.unravel, ctx.theta, np.asarray(h_test[sl]), targets[sl])
         result = inf.solve_lissa(
             matvec,
             np.asarray(g),
-            config=dataclasses.replace(config, damping=damping),
-            l2=l2,
+            config=config,
+            l2=ctx.l2,
             top_eigenvalue=top_eigenvalue,
-            min_eigenvalue_floor=l2 + damping,
+            min_eigenvalue_floor=ctx.l2 + config.damping,
             deflation=deflation,
         )
         residuals.write_chunk(chunk, np.asarray(result.residual, np.float64))
@@ -199,21 +173,15 @@ def build_query_cache(
         arr.close()
     save_array(paths.array("query_targets"), targets)
     key = query_cache_key(
-        train_ids,
-        y_train,
-        len(h_train),
-        top_eigenvalue,
-        lam_defl,
-        l2=l2,
-        damping=damping,
-        lissa=dataclasses.replace(config, damping=damping),
+        train_ids, y_train, len(h_train), top_eigenvalue, lam_defl, l2=ctx.l2, damping=config.damping, lissa=config
     )
-    return {
+    record = {
         "key": key,
         "operator": operator,
         "n_queries": n_test,
-        "damping": damping,
+        "damping": config.damping,
         "depth_max": int(depth_all.max()),
         "residual_max": float(residual_all.max()),
         "seconds": time.perf_counter() - t0,
     }
+    return ManifestPatch(extra={"query_cache": record})

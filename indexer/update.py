@@ -1,58 +1,68 @@
 """Incremental maintenance of a built run: add training examples, delete (tombstone) them.
 
-The model is fixed (same fingerprint), so per-example quantities of the examples already indexed do not change:
-cut features h_i, head gradients g_i (at theta, the model's own head) and their FAISS vectors. What depends on
-the whole training set is recomputed:
+The model is fixed (same fingerprint), so the outputs of the per-example stages (`Stage.per_example`,
+`indexer.examples`) for the examples already indexed do not change: cut features h_i, logits, head gradients
+g_i (at theta, the model's own head) and their FAISS vectors. An add computes them for the new examples only
+(with the stages' own helpers) and appends them; a delete drops their rows. The stages that depend on the whole
+training set are then re-run on the changed training set, through the same stage code as the build
+(`indexer.stages.run_stages` with `BuildContext.rerun`):
 
-- the representer fit (Yeh et al. 2018: Theta* = argmin (1/n) sum_i CE(Theta phi_i, y_i) + lam ||Theta||^2,
-  alpha_i = -(softmax(Theta* phi_i) - onehot(y_i)) / (2 lam n)) is refitted, warm-started from the stored Theta*,
-  and its FAISS space rebuilt (every alpha_i changes with n);
-- the curvature (mean over the training set, + l2) is recomputed when `refresh_curvature=True` (default). With
-  False its stored eigenpairs / top eigenvalue are kept and the manifest notes them as stale (LiSSA still iterates
-  on the current training set; deflation and "exact" then use the old curvature).
+- "representer" (Yeh et al. 2018: Theta* = argmin (1/n) sum_i CE(Theta phi_i, y_i) + lam ||Theta||^2,
+  alpha_i = -(softmax(Theta* phi_i) - onehot(y_i)) / (2 lam n)): refitted, warm-started from the stored Theta*,
+  and its FAISS space rebuilt (every alpha_i changes with n). With `refresh_representer=False` Theta* is kept and
+  every alpha_i recomputed from it in closed form (noted in the manifest as `representer_stale`);
+- "curvature" (mean over the training set, + l2, and the damping derived from it) when `refresh_curvature=True`
+  (default). With False its stored eigenpairs / top eigenvalue / damping are kept and the manifest notes them as
+  stale (`curvature_stale`; LiSSA still iterates on the current training set; deflation and "exact" then use
+  the old curvature). Every stage that reads the curvature's arrays is then kept too (`stages_to_rerun`):
+- "queries" (the query cache of a run built with `cache_queries=True`) when the curvature is refreshed; else
+  the stored cache no longer matches the run (its key holds the training ids) and `explain` solves.
 
 Adds get new ids (default: after every id ever used); deletes remove the rows from the arrays, FAISS and SQLite
 and record the ids as tombstones, so they never appear in results and are never reused. FAISS ids stay equal to
 the SQLite ids; `store.verify_run` (`influence info --verify`) checks it. After adds and deletes with refreshes,
 results equal a fresh build on the same examples with the same ids.
 
-Each file is replaced atomically, arrays first, then FAISS, then SQLite (one transaction), the manifest last; an
-update killed in between leaves a run that `verify_run` reports as inconsistent (re-run from a copy).
+Each file is replaced atomically: the per-example arrays first, then their FAISS spaces, then the re-run stages
+(each its arrays, then its FAISS space), then SQLite (one transaction), the manifest last; an update killed in
+between leaves a run that `verify_run` reports as inconsistent (re-run from a copy).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 import influence as inf
 from store import (
-    ConfigMismatchError,
-    CorruptRunError,
-    ExampleRecord,
     FaissVectorIndex,
     MetadataStore,
-    RunPaths,
+    OpenedRun,
     build_vector_index,
-    load_array,
-    load_manifest,
-    load_tensors,
     save_array,
     save_manifest,
 )
 from store.arrays import replace_array
 
-from .build import IndexConfig, example_hash, iterate, params_from_tensors, write_curvature
+from .context import BuildContext
 from .errors import TaskError
+from .examples import example_records, forward_examples, head_gradients, head_outputs
+from .stages import STAGES, Stage, run_stages
 from .task import Task
 
-#: arrays with one row per training example, rewritten on every update
-ROW_ARRAYS = ("train_features", "train_labels", "train_ids", "train_logits", "grad_vectors", "train_phi")
+#: arrays of the per-example stages with one row per training example, rewritten on every update
+ROW_ARRAYS = ("train_features", "train_labels", "train_ids", "train_logits", "grad_vectors")
+#: FAISS spaces of the per-example "grad" stage, changed in place (adds, removes)
+ROW_SPACES = ("grad", "grad-unit")
+#: UpdateReport.timings key of each re-run stage
+STAGE_TIMINGS = {"representer": "representer_refit", "curvature": "curvature", "queries": "queries"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,32 +91,33 @@ class UpdateReport:
         return dataclasses.asdict(self)
 
 
-class _Run:
-    """The pieces of a complete run directory an update reads."""
+def stages_to_rerun(ctx: BuildContext, *, refresh_curvature: bool) -> tuple[list[Stage], list[Stage]]:
+    """(stages to re-run, stages kept stale) among those that depend on the whole training set and apply.
 
-    def __init__(self, run: str | Path) -> None:
-        self.paths = RunPaths(Path(run))
-        self.manifest = load_manifest(self.paths.root)
-        if "complete" not in self.manifest.stages:
-            raise CorruptRunError(f"run: {self.paths.root} is not a complete build (stages {self.manifest.stages})")
-        if self.manifest.task.get("scope", "head") != "head":
-            raise ValueError(
-                f"run: {self.paths.root} was built with scope={self.manifest.task['scope']!r}; incremental adds and "
-                "deletes cover scope='head' runs only (its last-block curvature is over the training set): rebuild"
-            )
-        self.spec = self.manifest.head["spec"]
-        self.params = params_from_tensors(self.spec, load_tensors(self.paths.head))
-        self.theta, self.unravel = inf.flatten_params(self.params)
-        self.config = IndexConfig(**self.manifest.methods)
-        self.l2 = float(self.manifest.task["l2"])
-        self.arrays = {name: np.asarray(load_array(self.paths.array(name))) for name in ROW_ARRAYS}
+    "curvature" is kept when refresh_curvature is False, and so is every stage that reads what a kept stage
+    wrote (the query cache solves against the curvature arrays).
+    """
+    rerun, kept, stale_outputs = [], [], set()
+    for st in STAGES:
+        if st.per_example or not st.applies(ctx):
+            continue
+        if (st.name == "curvature" and not refresh_curvature) or stale_outputs & set(st.reads):
+            kept.append(st)
+            stale_outputs |= set(st.writes)
+        else:
+            rerun.append(st)
+    return rerun, kept
 
-    def gradients(self, h: np.ndarray, y: np.ndarray) -> np.ndarray:
-        g = np.asarray(inf.compute_per_example_grads(self.spec, self.unravel, self.theta, h, y))
-        proj = self.manifest.projection
-        if proj:
-            g = np.asarray(inf.project(g, seed=proj["seed"], d=proj["dim"]))
-        return g.astype(np.float32)
+
+def _open(run: str | Path, fingerprint: str | None = None) -> OpenedRun:
+    r = OpenedRun(run, fingerprint=fingerprint)
+    if r.scope != "head":
+        r.close()
+        raise ValueError(
+            f"run: {r.root} was built with scope={r.scope!r}; incremental adds and deletes cover scope='head' runs "
+            "only (its last-block curvature is over the training set): rebuild"
+        )
+    return r
 
 
 def _check_ids(ids: Any, name: str) -> np.ndarray:
@@ -151,91 +162,68 @@ def add_examples(
     t0 = time.perf_counter()
     if not isinstance(task, Task):
         raise TaskError(f"task must be an indexer.Task, got {type(task).__name__}")
-    r = _Run(run)
-    if task.fingerprint() != r.manifest.model_fingerprint:
-        raise ConfigMismatchError(
-            f"task: model fingerprint {task.fingerprint()[:16]} differs from the run's "
-            f"{r.manifest.model_fingerprint[:16]} ({r.paths.root}): adds need the model the run was built with"
+    with _open(run, task.fingerprint()) as r:
+        m = len(train)
+        if m == 0:
+            raise ValueError("train: no examples to add")
+        old_ids = r.train.ids
+        retired = r.metadata.tombstones("train")
+        if ids is None:
+            start = int(max(old_ids.max(initial=-1), retired.max(initial=-1))) + 1
+            new_ids = np.arange(start, start + m, dtype=np.int64)
+        else:
+            new_ids = _check_ids(ids, "ids")
+            if len(new_ids) != m:
+                raise ValueError(f"ids: must have one id per new example ({m}), got {len(new_ids)}")
+            used = np.intersect1d(new_ids, np.concatenate([old_ids, retired]))
+            if used.size:
+                raise ValueError(f"ids: already used in this run (stored or deleted): {used[:10].tolist()}")
+        ctx = BuildContext.for_update(r, task=task, progress=progress, refit_representer=refresh_representer)
+
+        # the per-example stages' rows of the new examples only: body forward, head outputs, gradients
+        bar = tqdm(total=m, desc="features add", unit="ex", disable=not progress)
+        new = forward_examples(
+            task,
+            train,
+            range(m),
+            n_classes=ctx.n_classes,
+            name="train",
+            feature_shape=tuple(r.extra["feature_shape"]),
+            bar=bar,
         )
-    m = len(train)
-    if m == 0:
-        raise ValueError("train: no examples to add")
-    old_ids = r.arrays["train_ids"]
-    with MetadataStore(r.paths.metadata, create=False) as meta:
-        retired = meta.tombstones("train")
-    if ids is None:
-        start = int(max(old_ids.max(initial=-1), retired.max(initial=-1))) + 1
-        new_ids = np.arange(start, start + m, dtype=np.int64)
-    else:
-        new_ids = _check_ids(ids, "ids")
-        if len(new_ids) != m:
-            raise ValueError(f"ids: must have one id per new example ({m}), got {len(new_ids)}")
-        used = np.intersect1d(new_ids, np.concatenate([old_ids, retired]))
-        if used.size:
-            raise ValueError(f"ids: already used in this run (stored or deleted): {used[:10].tolist()}")
+        bar.close()
+        t_forward = time.perf_counter() - t0
+        logits, losses, margins = head_outputs(ctx.spec, ctx.params, new.h, new.y)
+        g_new = head_gradients(ctx, new.h, new.y)
+        records = list(example_records("train", new_ids, new.y, logits, losses, margins, new.hashes, new.previews))
+        features = np.asarray(r.train.features)
+        arrays = {
+            "train_features": np.concatenate([features, new.h.astype(features.dtype)]),
+            "train_labels": np.concatenate([r.train.labels, new.y]),
+            "train_ids": np.concatenate([old_ids, new_ids]),
+            "train_logits": np.concatenate([np.asarray(r.array("train_logits")), logits]),
+            "grad_vectors": np.concatenate([np.asarray(r.array("grad_vectors")), g_new]),
+        }
 
-    # body forward over the new examples only
-    n_classes = int(r.manifest.head["n_classes"])
-    fshape = tuple(r.manifest.extra["feature_shape"])
-    hs, ys, hashes, previews = [], [], [], []
-    from tqdm.auto import tqdm
+        def change_space(index: FaissVectorIndex, space: str) -> FaissVectorIndex:
+            index.add(g_new if space == "grad" else np.asarray(inf.normalize_rows(g_new), np.float32), new_ids)
+            return index
 
-    bar = tqdm(total=m, desc="features add", unit="ex", disable=not progress)
-    for x, y, raw in iterate(train, range(m), task.batch_size):
-        h = np.asarray(task.features(x), np.float32)
-        if tuple(h.shape[1:]) != fshape:
-            raise ValueError(f"train: examples give features {tuple(h.shape[1:])}, the run has {fshape}")
-        if not np.isfinite(h).all():
-            raise ValueError("train: some new examples give non-finite features (NaN/inf)")
-        if (y < 0).any() or (y >= n_classes).any():
-            raise ValueError(f"train: labels must be in [0, {n_classes}), got {y.min().item()}..{y.max().item()}")
-        hs.append(h)
-        ys.append(y.numpy())
-        hashes.extend(example_hash(v) for v in raw)
-        previews.extend(task.preview(v) for v in raw)
-        bar.update(len(y))
-    bar.close()
-    h_new, y_new = np.concatenate(hs), np.concatenate(ys).astype(np.int64)
-    t_forward = time.perf_counter() - t0
-    logits = np.asarray(inf.apply_head(r.spec, r.params, h_new), np.float32)
-    losses = np.asarray(inf.cross_entropy(logits, y_new))
-    margins = np.asarray(inf.compute_margins(logits, y_new))
-    phi_new = np.asarray(inf.augment_features(np.asarray(inf.penultimate_features(r.spec, r.params, h_new))))
-    g_new = r.gradients(h_new, y_new)
+        def change_metadata(meta: MetadataStore) -> None:
+            meta.append("train", records)
 
-    a = r.arrays
-    arrays = {
-        "train_features": np.concatenate([a["train_features"], h_new.astype(a["train_features"].dtype)]),
-        "train_labels": np.concatenate([a["train_labels"], y_new]),
-        "train_ids": np.concatenate([old_ids, new_ids]),
-        "train_logits": np.concatenate([a["train_logits"], logits]),
-        "grad_vectors": np.concatenate([a["grad_vectors"], g_new]),
-        "train_phi": np.concatenate([a["train_phi"], phi_new.astype(a["train_phi"].dtype)]),
-    }
-    records = [
-        ExampleRecord(
-            split="train",
-            example_id=int(new_ids[i]),
-            label=int(y_new[i]),
-            prediction=int(logits[i].argmax()),
-            loss=float(losses[i]),
-            margin=float(margins[i]),
-            content_hash=hashes[i],
-            preview=previews[i],
+        return _update(
+            ctx,
+            r,
+            op="add",
+            changed_ids=new_ids,
+            arrays=arrays,
+            change_space=change_space,
+            change_metadata=change_metadata,
+            refresh_curvature=refresh_curvature,
+            t0=t0,
+            t_forward=t_forward,
         )
-        for i in range(m)
-    ]
-
-    def faiss_change(index: FaissVectorIndex, space: str) -> None:
-        vecs = g_new if space == "grad" else np.asarray(inf.normalize_rows(g_new), np.float32)
-        index.add(vecs, new_ids)
-
-    def sqlite_change(meta: MetadataStore) -> None:
-        meta.append("train", records)
-
-    return _commit(
-        r, "add", new_ids, arrays, faiss_change, sqlite_change, refresh_curvature, t0, t_forward, refresh_representer
-    )
 
 
 def delete_examples(run: str | Path, ids: Any, *, refresh_curvature: bool = True) -> UpdateReport:
@@ -249,44 +237,72 @@ def delete_examples(run: str | Path, ids: Any, *, refresh_curvature: bool = True
             nothing is written.
     """
     t0 = time.perf_counter()
-    r = _Run(run)
-    del_ids = _check_ids(ids, "ids")
-    if del_ids.size == 0:
-        raise ValueError("ids: nothing to delete")
-    old_ids = r.arrays["train_ids"]
-    missing = np.setdiff1d(del_ids, old_ids)
-    if missing.size:
-        with MetadataStore(r.paths.metadata, create=False) as meta:
-            gone = np.intersect1d(missing, meta.tombstones("train"))
-        raise ValueError(
-            f"ids: not stored training examples: {missing[:10].tolist()}"
-            + (f" (already deleted: {gone[:10].tolist()})" if gone.size else "")
+    with _open(run) as r:
+        del_ids = _check_ids(ids, "ids")
+        if del_ids.size == 0:
+            raise ValueError("ids: nothing to delete")
+        old_ids = r.train.ids
+        missing = np.setdiff1d(del_ids, old_ids)
+        if missing.size:
+            gone = np.intersect1d(missing, r.metadata.tombstones("train"))
+            raise ValueError(
+                f"ids: not stored training examples: {missing[:10].tolist()}"
+                + (f" (already deleted: {gone[:10].tolist()})" if gone.size else "")
+            )
+        keep = ~np.isin(old_ids, del_ids)
+        if not keep.any():
+            raise ValueError("ids: cannot delete every training example of a run")
+        arrays = {name: np.asarray(r.array(name))[keep] for name in ROW_ARRAYS}
+        factory = r.config.get("factory", "Flat")
+
+        def change_space(index: FaissVectorIndex, space: str) -> FaissVectorIndex:
+            if index.supports_remove:
+                index.remove(del_ids)
+                return index
+            vecs = arrays["grad_vectors"]  # HNSW cannot drop vectors: rebuild from the stored ones
+            if space == "grad-unit":
+                vecs = np.asarray(inf.normalize_rows(vecs), np.float32)
+            rebuilt, _ = build_vector_index(vecs, arrays["train_ids"], factory=factory)
+            return rebuilt
+
+        def change_metadata(meta: MetadataStore) -> None:
+            meta.delete("train", del_ids.tolist(), deleted_at=datetime.now(UTC).isoformat(timespec="seconds"))
+
+        ctx = BuildContext.for_update(r, task=None)
+        return _update(
+            ctx,
+            r,
+            op="delete",
+            changed_ids=del_ids,
+            arrays=arrays,
+            change_space=change_space,
+            change_metadata=change_metadata,
+            refresh_curvature=refresh_curvature,
+            t0=t0,
+            t_forward=0.0,
         )
-    keep = ~np.isin(old_ids, del_ids)
-    if not keep.any():
-        raise ValueError("ids: cannot delete every training example of a run")
-    arrays = {name: value[keep] for name, value in r.arrays.items()}
-
-    def faiss_change(index: FaissVectorIndex, space: str) -> FaissVectorIndex:
-        if index.supports_remove:
-            index.remove(del_ids)
-            return index
-        vecs = arrays["grad_vectors"]  # HNSW cannot drop vectors: rebuild from the stored ones
-        if space == "grad-unit":
-            vecs = np.asarray(inf.normalize_rows(vecs), np.float32)
-        rebuilt, _ = build_vector_index(vecs, arrays["train_ids"], factory=r.config.factory)
-        return rebuilt
-
-    def sqlite_change(meta: MetadataStore) -> None:
-        meta.delete("train", del_ids.tolist(), deleted_at=datetime.now(UTC).isoformat(timespec="seconds"))
-
-    return _commit(r, "delete", del_ids, arrays, faiss_change, sqlite_change, refresh_curvature, t0, 0.0)
 
 
-def _commit(
-    r: _Run, op, changed_ids, arrays, faiss_change, sqlite_change, refresh_curvature, t0, t_forward, refit=True
+def _update(
+    ctx: BuildContext,
+    r: OpenedRun,
+    *,
+    op: str,
+    changed_ids: np.ndarray,
+    arrays: dict[str, np.ndarray],
+    change_space: Callable[[FaissVectorIndex, str], FaissVectorIndex],
+    change_metadata: Callable[[MetadataStore], None],
+    refresh_curvature: bool,
+    t0: float,
+    t_forward: float,
 ) -> UpdateReport:
-    """Refits what depends on the whole training set, then replaces the files: arrays, FAISS, SQLite, manifest."""
+    """Writes the per-example rows, re-runs the training-set stages, then SQLite and the manifest, in that order.
+
+    Args:
+        arrays: The new contents of every `ROW_ARRAYS` array.
+        change_space: Changes a loaded `ROW_SPACES` index in place (or returns a rebuilt one).
+        change_metadata: Changes the SQLite rows (one transaction).
+    """
     timings = {"prepare": time.perf_counter() - t0 - t_forward, "body_forward": t_forward}
     mark = time.perf_counter()
 
@@ -296,91 +312,66 @@ def _commit(
         timings[name] = now - mark
         mark = now
 
-    labels = arrays["train_labels"]
-    ids = arrays["train_ids"]
-    # representer: warm-started refit on all current examples; every alpha_i changes with n
-    rep = dict(r.manifest.extra.get("representer") or {})
-    lam = float(rep["lambda"])
-    phi = np.asarray(arrays["train_phi"], np.float64)
-    theta0 = np.asarray(load_array(r.paths.array("representer_theta")), np.float64)
-    if refit:
-        theta, alpha, grad_norm = inf.fit_representer(phi, labels, theta0, lam=lam)
-    else:  # alpha_i = -(softmax(Theta* phi_i) - onehot(y_i)) / (2 lam n) at the stored Theta*, current n
-        theta, alpha, grad_norm = theta0, inf.compute_representer_alpha(phi, labels, theta0, lam=lam), float("nan")
-    alpha = np.asarray(alpha)
-    emb = np.asarray(inf.compute_representer_embeddings(alpha, phi), np.float32)
-    lap("representer_refit")
-    rep_index, rep_spec = build_vector_index(emb, ids, factory=r.config.factory)
-
-    spaces = dict(r.manifest.spaces)
-    grad_indexes = {}
-    for space in ("grad", "grad-unit"):
-        if space not in spaces:
-            continue
-        index = FaissVectorIndex.load(r.paths.vector(space))
-        changed = faiss_change(index, space)
-        grad_indexes[space] = changed if changed is not None else index
-        spaces[space] = {**spaces[space], "ntotal": grad_indexes[space].ntotal}
-    spaces["representer"] = rep_spec
+    n_before, ids = len(r.train), arrays["train_ids"]
+    spaces = {}
+    indexes = {}
+    for space in ROW_SPACES:
+        if space in r.manifest.spaces:
+            indexes[space] = change_space(FaissVectorIndex.load(r.paths.vector(space)), space)
+            spaces[space] = {**r.manifest.spaces[space], "ntotal": indexes[space].ntotal}
     lap("faiss_update")
 
-    # write: arrays, FAISS, SQLite (one transaction), manifest last
+    stale: list[str] = []
     for name, value in arrays.items():
         replace_array(r.paths.array(name), value)
-    save_array(r.paths.array("representer_alpha"), alpha.astype(np.float32))
-    save_array(r.paths.array("representer_theta"), np.asarray(theta, np.float32))
-    stale: list[str] = []
-    tracin = r.paths.array("tracin_self_influence")
-    if tracin.exists():  # per-example and model-only, but new examples would need the checkpoints
-        values = np.asarray(load_array(tracin))
+    if r.has("tracin_self_influence"):  # per-example and model-only, but new examples would need the checkpoints
+        values = np.asarray(r.array("tracin_self_influence"))
         if op == "delete":
-            save_array(tracin, values[np.isin(r.arrays["train_ids"], ids)])
+            save_array(r.paths.array("tracin_self_influence"), values[np.isin(r.train.ids, ids)])
         else:
-            save_array(tracin, np.concatenate([values, np.full(len(ids) - len(values), np.nan)]))
+            filled = np.concatenate([values, np.full(len(ids) - len(values), np.nan)])
+            save_array(r.paths.array("tracin_self_influence"), filled)
             stale.append("tracin_self_influence (NaN for added examples)")
     lap("write_arrays")
-    for space, index in grad_indexes.items():
+    for space, index in indexes.items():
         index.save(r.paths.vector(space))
-    rep_index.save(r.paths.vector("representer"))
     lap("write_faiss")
+
+    rerun, kept = stages_to_rerun(ctx, refresh_curvature=refresh_curvature)
+    stage_seconds: dict[str, float] = {}
+    manifest = run_stages(ctx, rerun, timings=stage_seconds)
+    timings |= {STAGE_TIMINGS.get(name, name): seconds for name, seconds in stage_seconds.items()}
+    mark = time.perf_counter()
     with MetadataStore(r.paths.metadata, create=False) as meta:
-        sqlite_change(meta)
+        change_metadata(meta)
     lap("sqlite")
 
-    extra = dict(r.manifest.extra)
-    refreshed = ["representer"] if refit else ["representer alpha"]
-    if refresh_curvature:
-        h = arrays["train_features"]
-        extra |= write_curvature(
-            r.paths, r.spec, int(r.manifest.head["n_params"]), r.unravel, r.theta, h, labels, l2=r.l2, config=r.config
-        )
-        extra.pop("curvature_stale", None)
+    extra = dict(manifest.extra)
+    refreshed = ["representer" if ctx.refit_representer else "representer alpha"]
+    if any(st.name == "curvature" for st in rerun):
         refreshed.append("curvature")
-        lap("curvature")
     else:
-        note = extra.get("curvature_stale") or {"n_train_at_curvature": len(r.arrays["train_ids"])}
-        extra["curvature_stale"] = note
+        extra["curvature_stale"] = extra.get("curvature_stale") or {"n_train_at_curvature": n_before}
         stale.append("curvature")
-    if refit:
-        extra["representer"] = {**rep, "grad_norm": float(grad_norm), "fidelity": None}
-        extra.pop("representer_stale", None)
-    else:
-        extra["representer_stale"] = extra.get("representer_stale") or {"n_train_at_fit": len(r.arrays["train_ids"])}
+    if any(st.name == "queries" for st in rerun):
+        refreshed.append("query cache")
+    elif any(st.name == "queries" for st in kept):
+        stale.append("query cache")
+    if not ctx.refit_representer:
         stale.append("representer fit")
     extra["n_train"] = len(ids)
-    updates = list(extra.get("updates", []))
-    updates.append(
+    extra["train_accuracy"] = float((arrays["train_logits"].argmax(1) == arrays["train_labels"]).mean())
+    extra["updates"] = [
+        *extra.get("updates", []),
         {
             "op": op,
             "n": len(changed_ids),
             "n_train": len(ids),
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
             "curvature_refreshed": bool(refresh_curvature),
-        }
-    )
-    extra["updates"] = updates
-    manifest = load_manifest(r.paths.root)
-    save_manifest(r.paths.root, dataclasses.replace(manifest, spaces=spaces, extra=extra))
+        },
+    ]
+    save_manifest(r.root, dataclasses.replace(manifest, spaces={**manifest.spaces, **spaces}, extra=extra))
     return UpdateReport(
         op=op,
         example_ids=tuple(int(v) for v in changed_ids),

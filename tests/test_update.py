@@ -59,7 +59,7 @@ def test_adds_and_deletes_equal_a_fresh_build(updated_and_fresh):
             assert [p.example_id for p in x.proponents] == [p.example_id for p in z.proponents], method
             assert [p.example_id for p in x.opponents] == [p.example_id for p in z.opponents], method
             assert not {p.example_id for p in (*x.proponents, *x.opponents)} & set(DELETED)
-    np.testing.assert_allclose(a.top_eigenvalue, b.top_eigenvalue, rtol=1e-6)
+    np.testing.assert_allclose(a.engine.top_eigenvalue, b.engine.top_eigenvalue, rtol=1e-6)
     a.close()
     b.close()
 

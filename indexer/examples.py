@@ -1,0 +1,272 @@
+"""The per-example build stages: what each example contributes on its own (features, metadata, gradients, TracIn).
+
+Their rows of the examples already stored never change while the model is fixed, so an incremental update
+(`indexer.update`) computes them for the new examples only, with the helpers below (`forward_examples`,
+`head_outputs`, `example_records`, `head_gradients`), and appends or drops rows.
+
+- "features": the body forward over train and test in resumable chunks: cut features h_i, labels, content
+  hashes and previews (`arrays/<split>_strings_NNNNN.json`);
+- "metadata": head logits, predictions, losses and margins -> arrays + SQLite (one transaction per split);
+- "grad": per-example head gradients g_i at the examples' own labels (projected when the head is large) ->
+  FAISS spaces "grad" (inner product) and "grad-unit" (cosine);
+- "tracin": TracIn self-influence sum_c eta_c ||g_i(theta_c)||^2 over the Task's checkpoints
+  (Pruthi et al. 2020, arXiv:2002.08484).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+import influence as inf
+from store import ExampleRecord, MetadataStore, atomic_write_json, build_vector_index, content_hash, save_array
+
+from .context import BuildContext, ManifestPatch
+from .errors import TaskError
+from .task import Task
+
+LOGIT_ROWS = 4096
+"""Examples per head forward of the "metadata" stage."""
+
+
+def iterate(ds: Any, indices: range, batch_size: int) -> Iterator[tuple[Any, torch.Tensor, list[Any]]]:
+    """Batches `(x, y, raw_items)` of the examples at `indices` (texts stay a list of str for a text body)."""
+    loader = DataLoader(Subset(ds, list(indices)), batch_size=batch_size, shuffle=False, collate_fn=lambda b: b)
+    for items in loader:
+        xs = [item[0] for item in items]
+        ys = [item[1] for item in items]
+        x = xs if all(isinstance(v, str) for v in xs) else torch.stack([torch.as_tensor(v) for v in xs])
+        y = torch.as_tensor([int(v) for v in ys], dtype=torch.int64)
+        yield x, y, xs
+
+
+def example_hash(x: Any) -> str:
+    """The content hash of one raw example (a text, or an array-like input)."""
+    if isinstance(x, str):
+        return content_hash(x.encode())
+    return content_hash(
+        np.ascontiguousarray(np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x)).tobytes()
+    )
+
+
+def task_splits(task: Task) -> Iterator[tuple[str, Any]]:
+    """(split, dataset) of the Task: train, then test when it has one."""
+    yield "train", task.train
+    if task.test is not None:
+        yield "test", task.test
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardedExamples:
+    """The body forward of some examples: cut features h [m, *feature_shape] float32, labels y [m] int64,
+    content hashes and previews [m]."""
+
+    h: np.ndarray
+    y: np.ndarray
+    hashes: list[str]
+    previews: list[str]
+
+
+def forward_examples(
+    task: Task,
+    ds: Any,
+    rows: range,
+    *,
+    n_classes: int,
+    name: str,
+    feature_shape: tuple[int, ...] | None = None,
+    bar: Any = None,
+) -> ForwardedExamples:
+    """Runs the Task's body over the examples `rows` of `ds`, checking what it gives.
+
+    Args:
+        name: How errors name the dataset ("train dataset", "train").
+        feature_shape: When given, the feature shape every example must give (an update of a built run).
+        bar: A progress bar advanced by the examples done.
+
+    Raises:
+        TaskError: An example gives features of another shape or non-finite ones, or a label outside
+            [0, n_classes); the message names the example's position in `ds`.
+    """
+    hs, ys, hashes, previews = [], [], [], []
+    done = 0
+    for x, y, raw in iterate(ds, rows, task.batch_size):
+        h = np.asarray(task.features(x), np.float32)
+        if feature_shape is not None and tuple(h.shape[1:]) != feature_shape:
+            raise TaskError(f"{name}: examples give features {tuple(h.shape[1:])}, the run has {feature_shape}")
+        if not np.isfinite(h).all():
+            first = rows.start + done + int(np.argmax(~np.isfinite(h).reshape(len(h), -1).all(1)))
+            raise TaskError(f"{name}: example {first} gives non-finite features (NaN/inf)")
+        if (y < 0).any() or (y >= n_classes).any():
+            raise TaskError(f"{name}: labels must be in [0, {n_classes}), got {y.min().item()}..{y.max().item()}")
+        hs.append(h)
+        ys.append(y.numpy())
+        hashes.extend(example_hash(v) for v in raw)
+        previews.extend(task.preview(v) for v in raw)
+        done += len(y)
+        if bar is not None:
+            bar.update(len(y))
+    return ForwardedExamples(np.concatenate(hs), np.concatenate(ys).astype(np.int64), hashes, previews)
+
+
+def head_outputs(
+    spec: list[dict[str, Any]], params: Any, h: np.ndarray, y: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logits [m, classes] float32, losses [m], margins [m]) of the head on cut features h at labels y."""
+    logits = np.concatenate(
+        [np.asarray(inf.apply_head(spec, params, h[i : i + LOGIT_ROWS])) for i in range(0, len(h), LOGIT_ROWS)]
+    ).astype(np.float32)
+    return logits, np.asarray(inf.cross_entropy(logits, y)), np.asarray(inf.compute_margins(logits, y))
+
+
+def example_records(
+    split: str,
+    ids: np.ndarray,
+    y: np.ndarray,
+    logits: np.ndarray,
+    losses: np.ndarray,
+    margins: np.ndarray,
+    hashes: list[str],
+    previews: list[str],
+) -> Iterator[ExampleRecord]:
+    """The SQLite records of examples (one per row of the arrays)."""
+    preds = logits.argmax(1)
+    for i in range(len(y)):
+        yield ExampleRecord(
+            split=split,
+            example_id=int(ids[i]),
+            label=int(y[i]),
+            prediction=int(preds[i]),
+            loss=float(losses[i]),
+            margin=float(margins[i]),
+            content_hash=hashes[i],
+            preview=previews[i],
+        )
+
+
+def head_gradients(ctx: BuildContext, h: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-example head gradients g_i [m, d] float32 at labels y, projected when the run projects them."""
+    g = inf.compute_per_example_grads(ctx.spec, ctx.unravel, ctx.theta, np.asarray(h), y)
+    proj = ctx.manifest.projection
+    if proj:
+        g = inf.project(g, seed=proj["seed"], d=proj["dim"])
+    return np.asarray(g, np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def features_stage(ctx: BuildContext) -> ManifestPatch:
+    """Body forward over train and test in resumable chunks: features, labels, hashes, previews."""
+    task, paths, rows = ctx.task, ctx.paths, ctx.config.chunk_rows
+    for split, ds in task_splits(task):
+        n = len(ds)
+        x0, _, _ = next(iterate(ds, range(1), 1))
+        fshape = tuple(task.features(x0).shape[1:])
+        feats = ctx.chunked(paths.split_array(split, "features"), shape=(n, *fshape), dtype=np.float32, chunk_rows=rows)
+        labels = ctx.chunked(paths.split_array(split, "labels"), shape=(n,), dtype=np.int64, chunk_rows=rows)
+        missing = feats.missing_chunks()
+        bar = tqdm(total=n, desc=f"features {split}", unit="ex", disable=not ctx.progress)
+        bar.update(n - sum(feats.chunk_slice(i).stop - feats.chunk_slice(i).start for i in missing))
+        for chunk in missing:
+            sl = feats.chunk_slice(chunk)
+            out = forward_examples(
+                task, ds, range(sl.start, sl.stop), n_classes=ctx.n_classes, name=f"{split} dataset", bar=bar
+            )
+            atomic_write_json(paths.strings(split, chunk), {"hash": out.hashes, "preview": out.previews})
+            labels.write_chunk(chunk, out.y)
+            feats.write_chunk(chunk, out.h)
+        bar.close()
+    return ManifestPatch(extra={"feature_shape": list(fshape)})
+
+
+def metadata_stage(ctx: BuildContext) -> ManifestPatch:
+    """Logits, predictions, losses and margins of every example -> arrays + SQLite (one transaction per split)."""
+    task, paths = ctx.task, ctx.paths
+    extra: dict[str, Any] = {}
+    with MetadataStore(paths.metadata) as meta:
+        for split, ds in task_splits(task):
+            h, y = ctx.split(split)
+            logits, losses, margins = head_outputs(ctx.spec, ctx.params, h, y)
+            save_array(paths.split_array(split, "logits"), logits)
+            ids = task.ids(split)
+            hashes: list[str] = []
+            previews: list[str] = []
+            for chunk in range(math.ceil(len(ds) / ctx.config.chunk_rows)):
+                strings = json.loads(paths.strings(split, chunk).read_text())
+                hashes.extend(strings["hash"])
+                previews.extend(strings["preview"])
+            save_array(paths.split_array(split, "ids"), ids)
+            meta.replace_split(split, example_records(split, ids, y, logits, losses, margins, hashes, previews))
+            extra[f"{split}_accuracy"] = float((logits.argmax(1) == y).mean())
+    return ManifestPatch(extra=extra)
+
+
+def grad_stage(ctx: BuildContext) -> ManifestPatch:
+    """Per-example head gradients at the examples' own labels -> FAISS "grad" and "grad-unit"."""
+    h, y = ctx.split("train")
+    proj = ctx.manifest.projection
+    dim = proj["dim"] if proj else ctx.n_params
+    vectors = ctx.chunked(
+        ctx.paths.array("grad_vectors"),
+        shape=(len(h), dim),
+        dtype=np.float32,
+        chunk_rows=min(ctx.config.chunk_rows, 1024),
+    )
+    for chunk in tqdm(vectors.missing_chunks(), desc="gradients", unit="chunk", disable=not ctx.progress):
+        sl = vectors.chunk_slice(chunk)
+        vectors.write_chunk(chunk, head_gradients(ctx, h[sl], y[sl]))
+    g_all = np.ascontiguousarray(vectors.array())
+    ids = ctx.ids("train")
+    spaces = {}
+    for space, vecs in (("grad", g_all), ("grad-unit", np.asarray(inf.normalize_rows(g_all), np.float32))):
+        index, spaces[space] = build_vector_index(vecs, ids, factory=ctx.config.factory)
+        index.save(ctx.paths.vector(space))
+    return ManifestPatch(spaces=spaces)
+
+
+def has_checkpoints(ctx: BuildContext) -> bool:
+    """Whether the Task has TracIn checkpoints (without, the "tracin" stage has nothing to do)."""
+    return ctx.task is not None and bool(ctx.task.checkpoints)
+
+
+def tracin_stage(ctx: BuildContext) -> ManifestPatch:
+    """TracIn self-influence sum_c eta_c ||g_i(theta_c)||^2 over the Task's checkpoints.
+
+    Each checkpoint is loaded into the model in turn (restored afterwards, also on error); the body runs
+    again when it has parameters, since the cut features move with the checkpoint.
+    """
+    from .task import load_checkpoint
+
+    task = ctx.task
+    model = task.model
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    body_has_params = any(True for _ in task.body_module.parameters())
+    n = len(task.train)
+    total = np.zeros(n, np.float64)
+    try:
+        for state, lr in tqdm(task.checkpoints, desc="tracin", unit="ckpt", disable=not ctx.progress):
+            model.load_state_dict(load_checkpoint(state))
+            head = task.translated_head()
+            theta, unravel = inf.flatten_params(head.params)
+            h_cached, y = ctx.split("train")
+            step = task.batch_size if body_has_params else 1024
+            for start in range(0, n, step):
+                sl = slice(start, min(start + step, n))
+                if body_has_params:
+                    x, _, _ = next(iterate(task.train, range(sl.start, sl.stop), step))
+                    h = task.features(x)
+                else:
+                    h = np.asarray(h_cached[sl])
+                g = inf.compute_per_example_grads(head.spec, unravel, theta, h, y[sl])
+                inf.accumulate_tracin_self_influence(total[sl], np.asarray(g), lr)
+    finally:
+        model.load_state_dict(original)
+    save_array(ctx.paths.array("tracin_self_influence"), total)
+    return ManifestPatch(extra={"tracin": {"checkpoints": len(task.checkpoints)}})

@@ -1,0 +1,124 @@
+"""The build stages that depend on the whole training set: the representer fit and the head curvature.
+
+Adding or deleting one training example changes every output of these stages, so an incremental update
+(`indexer.update`) re-runs them (`BuildContext.rerun`) instead of patching rows:
+
+- "representer" (Yeh et al. 2018, arXiv:1811.09720): Theta* = argmin_Theta (1/n) sum_i CE(Theta phi_i, y_i)
+  + lambda ||Theta||^2 over the augmented penultimate features phi_i = [f(h_i), 1], started from the model's
+  last linear layer (a rerun: from the stored Theta*); alpha_i = -(softmax(Theta* phi_i) - onehot(y_i)) /
+  (2 lambda n) and the FAISS space of vec(alpha_i phi_i^T). lambda is `influence.resolve_representer_lambda`.
+- "curvature": C + l2 I, C the GGN (or Hessian) of the mean training cross-entropy of the head: its top
+  eigenpairs (deflated in LiSSA), the dense eigendecomposition of small heads (method "exact"), and the
+  automatic damping, computed once here and stored (`extra["damping"]`): `influence.compute_damping` of
+  `influence.reference_eigenvalue` (lambda_max, or with deflation the smallest deflated eigenvalue).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+import influence as inf
+from store import build_vector_index, load_array, save_array
+
+from .context import BuildContext, ManifestPatch
+
+
+def representer_stage(ctx: BuildContext) -> ManifestPatch:
+    """Yeh et al. 2018: L2 fit of the last linear layer, alpha_i, embeddings vec(alpha_i phi_i^T) -> FAISS.
+
+    In a rerun, Theta* is refitted warm-started from the stored one, or (refit_representer=False) kept and every
+    alpha_i recomputed from it in closed form at the current n; the manifest then notes the fit as stale.
+    """
+    paths = ctx.paths
+    h, y = ctx.split("train")
+    phi = inf.augment_features(np.asarray(inf.penultimate_features(ctx.spec, ctx.params, h), np.float64))
+    lam = inf.resolve_representer_lambda(ctx.l2, ctx.config.representer_l2)
+    refit = ctx.refit_representer or not ctx.rerun
+    extra: dict[str, Any] = {}
+    if ctx.rerun:
+        theta0 = np.asarray(load_array(paths.array("representer_theta")), np.float64)
+    else:
+        last = ctx.params[inf.last_linear_index(ctx.spec)]
+        bias = last.get("bias", np.zeros(last["weight"].shape[0], last["weight"].dtype))
+        theta0 = np.concatenate([last["weight"], bias[:, None]], axis=1).astype(np.float64)
+    if refit:
+        theta, alpha, grad_norm = inf.fit_representer(phi, y, theta0, lam=lam)
+    else:  # alpha_i = -(softmax(Theta* phi_i) - onehot(y_i)) / (2 lam n) at the stored Theta*, current n
+        n_at_fit = len(load_array(paths.array("representer_alpha")))
+        extra["representer_stale"] = ctx.manifest.extra.get("representer_stale") or {"n_train_at_fit": n_at_fit}
+        theta, alpha = theta0, inf.compute_representer_alpha(phi, y, theta0, lam=lam)
+    alpha = np.asarray(alpha)
+    save_array(paths.array("representer_alpha"), alpha.astype(np.float32))
+    save_array(paths.array("representer_theta"), np.asarray(theta, np.float32))
+    save_array(paths.array("train_phi"), phi.astype(np.float32))
+    emb = np.asarray(inf.compute_representer_embeddings(alpha, phi), np.float32)
+    index, space = build_vector_index(emb, ctx.ids("train"), factory=ctx.config.factory)
+    index.save(paths.vector("representer"))
+    if not refit:
+        return ManifestPatch(spaces={"representer": space}, extra=extra)
+    fidelity = None
+    if ctx.has_test:
+        ht, _ = ctx.split("test")
+        phi_t = inf.augment_features(np.asarray(inf.penultimate_features(ctx.spec, ctx.params, ht), np.float64))
+        rep_logits = np.asarray(inf.compute_representer_logits(alpha, phi, phi_t))
+        model_logits = np.asarray(inf.apply_head(ctx.spec, ctx.params, ht))
+        fidelity = float(inf.compute_fidelity(rep_logits, model_logits))
+    extra["representer"] = {"lambda": lam, "fidelity": fidelity, "grad_norm": float(grad_norm)}
+    return ManifestPatch(spaces={"representer": space}, extra=extra, drop=("representer_stale",))
+
+
+def curvature_stage(ctx: BuildContext) -> ManifestPatch:
+    """Top eigenpairs of the head curvature (deflated LiSSA, automatic scale and damping); dense eigh for small
+    heads.
+
+    The top Ritz value doubles as the top-eigenvalue estimate (no separate power iteration); with more training
+    rows than `curvature_rows` the subspace iterations run on a seeded subsample and only the final Rayleigh-Ritz
+    step on every row (`influence.compute_top_eigenpairs`).
+    """
+    config, paths = ctx.config, ctx.paths
+    h, y = ctx.split("train")
+    h = np.asarray(h)
+    matvec = inf.make_head_matvec(ctx.spec, ctx.unravel, ctx.theta, h, y, l2=ctx.l2, curvature=config.curvature)
+    p = ctx.n_params
+    extra: dict[str, Any] = {}
+    drop: tuple[str, ...] = ("curvature_stale", "curvature_subspace_rows")
+    rank = min(config.deflation_rank, p - 1)
+    deflation_eigenvalues = None
+    if rank > 0:
+        subspace_matvec = None
+        if len(h) > config.curvature_rows:
+            rows = np.sort(np.random.default_rng(0).choice(len(h), size=config.curvature_rows, replace=False))
+            subspace_matvec = inf.make_head_matvec(
+                ctx.spec,
+                ctx.unravel,
+                ctx.theta,
+                h[rows],
+                y[rows],
+                l2=ctx.l2,
+                curvature=config.curvature,
+                batch_size=None,
+            )
+            extra["curvature_subspace_rows"] = config.curvature_rows
+            drop = ("curvature_stale",)
+        lam, vecs = inf.compute_top_eigenpairs(matvec, p, rank=rank, dtype=np.float64, subspace_matvec=subspace_matvec)
+        deflation_eigenvalues = np.asarray(lam, np.float64)
+        save_array(paths.array("curvature_top_eigenvalues"), deflation_eigenvalues)
+        save_array(paths.array("curvature_top_eigenvectors"), np.asarray(vecs, np.float32))
+        extra |= {"top_eigenvalue": float(lam[0]), "deflation_rank": rank}
+    else:
+        extra["top_eigenvalue"] = float(inf.estimate_top_eigenvalue(matvec, p, dtype=h.dtype))
+    if p <= config.exact_max_params:
+        dense = inf.compute_dense_curvature(matvec, p, dtype=np.float64)
+        solver = inf.EigenSolver.from_dense(np.asarray(dense, np.float64))
+        eigenvalues, eigenvectors = solver.to_arrays()
+        save_array(paths.array("curvature_eigenvalues"), np.asarray(eigenvalues, np.float64))
+        save_array(paths.array("curvature_eigenvectors"), np.asarray(eigenvectors, np.float64))
+        extra["min_eigenvalue"] = float(solver.min_eigenvalue)
+        extra["top_eigenvalue_exact"] = float(solver.top_eigenvalue)
+    # the one damping rule (influence.compute_damping), computed once here and read by every solver of the run
+    extra["damping"] = inf.compute_damping(
+        inf.reference_eigenvalue(extra["top_eigenvalue"], deflation_eigenvalues), ctx.l2
+    )
+    return ManifestPatch(extra=extra, drop=drop)
