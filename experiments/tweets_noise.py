@@ -86,6 +86,7 @@ def main() -> None:
         t0 = time.perf_counter()
         index = build_index(task_for(noisy, False), work / f"tweets-flip-{seed}", progress=False)
         t_build = time.perf_counter() - t0
+        # TODO(engine): the stored training labels of a run from a public API (the facade's `train_labels`)
         if not np.array_equal(index.train_labels, noisy):
             raise SystemExit(f"run tweets-flip-{seed} holds other labels than flip_labels(seed={seed})")
         t0 = time.perf_counter()
