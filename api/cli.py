@@ -13,9 +13,11 @@ from typing import Annotated, Any
 
 import typer
 
+from api.noise import NOISE_METHODS
 from api.scorers import methods_help
 
 METHODS_HELP = methods_help()
+NOISE_METHODS_HELP = "|".join(NOISE_METHODS)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-data influence service.")
 
@@ -253,7 +255,7 @@ def noise(
     top: Annotated[int, typer.Option(help="suspects shown")] = 20,
     method: Annotated[
         str,
-        typer.Option(help="fused|self-influence|loss|margin|representer|confident-learning|oos-loss|loo-loss|tracin"),
+        typer.Option(help=NOISE_METHODS_HELP),
     ] = "fused",
     out: Annotated[Path | None, typer.Option(help="write every suspect to .csv, .parquet or .json")] = None,
     png: Annotated[

@@ -18,8 +18,8 @@ def projected(tmp_path_factory, digits_mlp_task):
 
 
 def test_projection_is_recorded(projected):
-    assert projected.projection == {"seed": 0, "dim": 256, "n_params": 2410}
-    assert projected.space("grad").dim == 256
+    assert projected.run.projection == {"seed": 0, "dim": 256, "n_params": 2410}
+    assert projected.run.space("grad").dim == 256
 
 
 @pytest.mark.parametrize("method", ["grad-dot", "grad-cos", "lissa"])
@@ -36,7 +36,7 @@ def test_default_candidates_give_the_exact_top_k(projected, method):
 
 @pytest.mark.parametrize("method", ["grad-dot", "lissa"])
 def test_few_candidates_cost_recall_never_score_accuracy(projected, method, monkeypatch):
-    monkeypatch.setattr(projected, "min_candidates", 60)  # 100 of 1438 candidates per sign
+    monkeypatch.setattr(projected.engine, "min_candidates", 60)  # 100 of 1438 candidates per sign
     test_ids = list(range(10))
     dense = projected.pairwise_scores(test_ids, method=method)
     found = []

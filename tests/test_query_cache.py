@@ -173,7 +173,7 @@ def test_the_stage_resumes_after_an_interruption(digits_logreg_task, tmp_path, m
     build(digits_logreg_task, tmp_path / "run")
     assert calls["n"] == 11  # 360 test rows = 2 blocks of 256: only the missing one is solved again
     with open_index(tmp_path / "run") as resumed, open_index(cached_runs / "dense") as whole:
-        a, b = resumed.query_cache, whole.query_cache
+        a, b = resumed.engine.query_cache, whole.engine.query_cache
         assert a is not None and b is not None
         np.testing.assert_array_equal(a[1], b[1])
         np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6 * np.abs(b[0]).max())
