@@ -27,6 +27,7 @@ from store import (
     save_manifest,
     save_tensors,
 )
+from store.atomic import is_temp_name
 
 from .config import IndexConfig
 from .context import BuildContext
@@ -41,11 +42,12 @@ __all__ = ["Builder", "IndexConfig", "build_run"]
 
 def _is_unstarted(paths: RunPaths) -> bool:
     """True when the directory is empty or holds only what a start killed before its manifest leaves behind
-    (the empty ``vectors/`` and ``arrays/``, the head tensors or their temporary file): safe to start over."""
+    (the empty ``vectors/`` and ``arrays/``, the head tensors, a temporary file of an atomic write): safe to
+    start over."""
     for entry in paths.root.iterdir():
         if entry in (paths.vectors_dir, paths.arrays_dir) and entry.is_dir() and not any(entry.iterdir()):
             continue
-        if entry == paths.head or (entry.name.startswith(f".{paths.head.name}.") and entry.name.endswith(".tmp")):
+        if entry == paths.head or is_temp_name(entry.name):
             continue
         return False
     return True

@@ -1,6 +1,16 @@
-"""The embedded default: scikit-learn's digits, an MLP trained in seconds, a few labels flipped.
+"""The embedded example tasks: scikit-learn's digits (bundled, no download), a model trained in seconds on them,
+a few training labels flipped.
 
-`digits_task()` is also a valid TASK for the CLI: `influence index indexer.demo:digits_task --out runs/x`.
+This module is not part of the build: it is the one place that makes small real Tasks, for
+
+- the CLI: `influence demo` builds and explains `digits_task()`, and `digits_task` is a valid TASK for
+  `influence index indexer.demo:digits_task --out runs/x`;
+- the tests' fixtures (`tests/conftest.py`: the digits MLP and logistic-regression Tasks and their runs);
+- the experiments (the digits data, label flips and the training procedure they retrain with).
+
+Sections: the data (`load_digits_split`, `flip_labels`, `digit_preview`), the training procedure
+(`make_mlp`, `train_classifier`: full-batch Adam then L-BFGS on the L2-regularised mean cross-entropy), and the
+Tasks (`digits_task`, `digits_logreg_task`).
 """
 
 from __future__ import annotations
@@ -12,7 +22,22 @@ from torch.utils.data import TensorDataset
 
 from .task import Task
 
+__all__ = [
+    "SHADES",
+    "digit_preview",
+    "digits_logreg_task",
+    "digits_task",
+    "flip_labels",
+    "load_digits_split",
+    "make_mlp",
+    "train_classifier",
+]
+
 SHADES = " .:-=+*#%@"
+"""Characters of increasing ink, one per intensity decile (digit previews)."""
+
+
+# -------------------------------------------------------------------------------------------------- data
 
 
 def digit_preview(x: torch.Tensor) -> str:
@@ -44,6 +69,13 @@ def flip_labels(y: np.ndarray, n_flips: int, n_classes: int, seed: int) -> tuple
     noisy = y.copy()
     noisy[idx] = (y[idx] + rng.integers(1, n_classes, size=n_flips)) % n_classes
     return noisy, np.sort(idx)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def make_mlp(n_in: int = 64, hidden: int = 32, n_classes: int = 10, seed: int = 0) -> nn.Sequential:
+    """The demo MLP n_in -> hidden (ReLU) -> n_classes, initialised from `seed`."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
 
 
 def train_classifier(
@@ -110,11 +142,7 @@ def _fit(
     return model.eval()
 
 
-def make_mlp(n_in: int = 64, hidden: int = 32, n_classes: int = 10, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
-
-
+# ------------------------------------------------------------------------------------------------- tasks
 def digits_task(n_flips: int = 30, seed: int = 0, l2: float = 1e-3, hidden: int = 32) -> Task:
     """Digits MLP (64-hidden-10) trained with `n_flips` flipped training labels; the whole MLP is the head."""
     xtr, ytr, xte, yte = load_digits_split(seed)

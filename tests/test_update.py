@@ -116,3 +116,29 @@ def test_add_without_curvature_refresh_notes_staleness(digits_logreg_task, tmp_p
     assert report.stale == ("curvature",) and report.refreshed == ("representer",)
     assert load_manifest(tmp_path / "r").extra["curvature_stale"] == {"n_train_at_curvature": 300}
     assert verify_run(tmp_path / "r") == []
+
+
+def test_updates_that_refresh_the_curvature_rebuild_the_query_cache(digits_logreg_task, tmp_path):
+    x, y = digits_logreg_task.train.tensors
+    task = _task(digits_logreg_task, np.arange(300))
+    build_index(task, tmp_path / "r", config=IndexConfig(cache_queries=True), progress=False).close()
+    added = add_examples(task, tmp_path / "r", TensorDataset(x[300:330], y[300:330]))
+    deleted = delete_examples(tmp_path / "r", [3, 305])
+    for report in (added, deleted):
+        assert report.refreshed == ("representer", "curvature", "query cache") and report.stale == ()
+        assert {"representer_refit", "curvature", "queries", "sqlite"} <= set(report.timings)
+    test_ids = list(range(0, 40, 4))
+    with open_index(tmp_path / "r") as cached, open_index(tmp_path / "r") as solved:
+        assert cached.engine.query_cache is not None  # the cache describes the updated run again
+        solved.engine.use_query_cache = False
+        for a, b in zip(
+            cached.explain(test_ids=test_ids, k=5, method="lissa"),
+            solved.explain(test_ids=test_ids, k=5, method="lissa"),
+            strict=True,
+        ):
+            assert a.diagnostics["cached"] == 1.0 and "cached" not in b.diagnostics
+            assert [p.example_id for p in a.proponents] == [p.example_id for p in b.proponents]
+            np.testing.assert_allclose(
+                [p.score for p in a.proponents], [p.score for p in b.proponents], rtol=1e-4, atol=1e-6
+            )
+    assert verify_run(tmp_path / "r") == []
