@@ -208,7 +208,7 @@ def dump(
         dense_mm = work.open_dense((len(ids), n_train), fresh=fresh)
 
     # projected head gradients are recomputed at full size; other train sides are stored, so one row says
-    dim = engine.run.n_params if scorer.rescored else int(scorer.train_vectors(slice(0, 1)).shape[1])
+    dim = engine.run.n_params if scorer.projected else int(scorer.train_vectors(slice(0, 1)).shape[1])
     chunk_rows = max(1, min(n_train, TILE_SCORES // block_size, (256 << 20) // (4 * max(dim, 1))))
     tile = np.empty(block_size * chunk_rows, np.float32)  # one reused score buffer: no page faults per tile
     train_labels = np.asarray(train.labels)

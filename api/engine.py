@@ -230,7 +230,7 @@ class Engine:
         return inf.ProjectedCurvature(
             A=A,
             B=B,
-            units=record["n_params"] / record["dim"],  # p / d: scores in full-space units
+            full_space_scale=record["n_params"] / record["dim"],  # p / d: scores in full-space units
             l2=self.run.l2,
             damping=damping,
             deflation_rank=int(min(self.run.config.get("deflation_rank", 64), record["dim"] - 1)),

@@ -231,17 +231,17 @@ class HeadCurvature:
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class ProjectedCurvature:
-    """Galerkin projection of C + l2 I onto span(S) (scope="last-block"); solves units (A + d B)^-1 phi.
+    """Galerkin projection of C + l2 I onto span(S) (scope="last-block"); solves (p / d) (A + d B)^-1 phi.
 
     A = S^T C S + l2 S^T S and B = S^T S [d, d] (float64) from the build; with phi = S^T g the solution is the
-    influence in the model restricted to theta* + S w (exact there), times units = p / d: S^T S ~ (p / d) I,
+    influence in the model restricted to theta* + S w (exact there), times full_space_scale = p / d: S^T S ~ (p / d) I,
     so the restricted model sees about d / p of each gradient's squared norm and the factor restores full-space
     units (C = 0 gives phi_q^T phi_i / (l2 + d) ~ g_q^T g_i / (l2 + d), as in the head scope).
 
     Attributes:
         A: S^T C S + l2 S^T S [d, d].
         B: S^T S [d, d], positive definite.
-        units: p / d, the factor from the restricted model's scores to full-space units.
+        full_space_scale: p / d, the factor from the restricted model's scores to full-space units.
         l2: the L2 coefficient inside A.
         damping: d (``compute_damping`` of the top Ritz value mu_max, or an explicit value).
         deflation_rank: top eigenpairs of M = A + d B deflated in LiSSA, 0 <= r < d.
@@ -249,7 +249,7 @@ class ProjectedCurvature:
 
     A: np.ndarray
     B: np.ndarray
-    units: float
+    full_space_scale: float
     l2: float
     damping: float
     deflation_rank: int
@@ -258,8 +258,12 @@ class ProjectedCurvature:
         A, B = _check_pencil(self.A, self.B)
         object.__setattr__(self, "A", A)
         object.__setattr__(self, "B", B)
-        if not _is_real(self.units) or not math.isfinite(self.units) or self.units <= 0:
-            raise ValueError(f"units must be a finite float > 0, got {self.units!r}")
+        if (
+            not _is_real(self.full_space_scale)
+            or not math.isfinite(self.full_space_scale)
+            or self.full_space_scale <= 0
+        ):
+            raise ValueError(f"full_space_scale must be a finite float > 0, got {self.full_space_scale!r}")
         _check_nonnegative("l2", self.l2)
         _check_nonnegative("damping", self.damping)
         r = self.deflation_rank
@@ -272,7 +276,7 @@ class ProjectedCurvature:
         A: np.ndarray,
         B: np.ndarray,
         *,
-        units: float,
+        full_space_scale: float,
         l2: float,
         deflation_rank: int,
         damping: float | None = None,
@@ -283,7 +287,7 @@ class ProjectedCurvature:
         out = cls(
             A=A,
             B=B,
-            units=units,
+            full_space_scale=full_space_scale,
             l2=l2,
             damping=compute_damping(float(mu[0]), l2, damping),
             deflation_rank=deflation_rank,
@@ -317,7 +321,7 @@ class ProjectedCurvature:
     def solve(
         self, phi: np.ndarray, *, method: str, lissa: LissaConfig | None = None
     ) -> tuple[np.ndarray, dict[str, float]]:
-        """Returns (units (A + d B)^-1 phi for each row of phi [m, d], diagnostics), float64.
+        """Returns ((p / d) (A + d B)^-1 phi for each row of phi [m, d], diagnostics), float64.
 
         Args:
             phi: projected query gradients S^T g [m, d].
@@ -330,7 +334,7 @@ class ProjectedCurvature:
         phi = np.asarray(phi, np.float64)
         if _check_method(method) == "exact":
             mu, V = self.pencil
-            return self.units * ((phi @ V) / (mu + self.damping)) @ V.T, {"damping": self.damping}
+            return self.full_space_scale * ((phi @ V) / (mu + self.damping)) @ V.T, {"damping": self.damping}
         _, eigenvalues, vectors = self.lissa_operator
         r = self.deflation_rank
         config = LissaConfig() if lissa is None else lissa
@@ -342,4 +346,4 @@ class ProjectedCurvature:
             min_eigenvalue_floor=float(max(eigenvalues[0], 1e-12 * eigenvalues[-1])),
             deflation=(eigenvalues[::-1][:r].copy(), vectors[:, ::-1][:, :r].copy()),
         )
-        return self.units * np.asarray(result.x), _lissa_diagnostics(self.damping, result)
+        return self.full_space_scale * np.asarray(result.x), _lissa_diagnostics(self.damping, result)

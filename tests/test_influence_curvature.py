@@ -171,7 +171,7 @@ def test_pencil_eigh_is_b_orthonormal_largest_first() -> None:
 
 def test_projected_curvature_exact_and_lissa_match_a_dense_solve() -> None:
     A, B, phi, units = _pencil()
-    curvature = ProjectedCurvature.create(A, B, units=units, l2=L2, deflation_rank=4)
+    curvature = ProjectedCurvature.create(A, B, full_space_scale=units, l2=L2, deflation_rank=4)
     assert curvature.damping == compute_damping(curvature.top_eigenvalue, L2)
     assert curvature.top_eigenvalue == pytest.approx(float(pencil_eigenvalues(A, B)[0]))
     want = units * np.linalg.solve(A + curvature.damping * B, phi.T).T
@@ -182,7 +182,7 @@ def test_projected_curvature_exact_and_lissa_match_a_dense_solve() -> None:
         lissa, diag = dataclasses.replace(curvature, deflation_rank=r).solve(phi, method="lissa", lissa=TIGHT)
         np.testing.assert_allclose(lissa, want, rtol=1e-6)
         assert diag["damping"] == curvature.damping and diag["residual_max"] < 1e-6
-    explicit = ProjectedCurvature.create(A, B, units=units, l2=L2, deflation_rank=0, damping=0.5)
+    explicit = ProjectedCurvature.create(A, B, full_space_scale=units, l2=L2, deflation_rank=0, damping=0.5)
     np.testing.assert_allclose(
         explicit.solve(phi, method="exact")[0], units * np.linalg.solve(A + 0.5 * B, phi.T).T, rtol=1e-9
     )
@@ -206,7 +206,7 @@ def test_projected_curvature_is_todays_block_solve_bit_for_bit() -> None:
         min_eigenvalue_floor=float(max(lam[0], 1e-12 * lam[-1])),
         deflation=(lam[::-1][:r].copy(), vecs[:, ::-1][:, :r].copy()),
     )
-    curvature = ProjectedCurvature(A=A, B=B, units=units, l2=L2, damping=damping, deflation_rank=r)
+    curvature = ProjectedCurvature(A=A, B=B, full_space_scale=units, l2=L2, damping=damping, deflation_rank=r)
     np.testing.assert_array_equal(curvature.solve(phi, method="exact")[0], before_exact)
     got, diag = curvature.solve(phi, method="lissa", lissa=config)
     np.testing.assert_array_equal(got, units * np.asarray(before.x))
@@ -216,14 +216,16 @@ def test_projected_curvature_is_todays_block_solve_bit_for_bit() -> None:
         "depth": float(before.depth),
         "residual_max": float(np.max(before.residual)),
     }
-    assert ProjectedCurvature.create(A, B, units=units, l2=L2, deflation_rank=r).damping == damping
+    assert ProjectedCurvature.create(A, B, full_space_scale=units, l2=L2, deflation_rank=r).damping == damping
 
 
 def test_projected_curvature_refuses_bad_input() -> None:
     A, B, phi, units = _pencil()
     with pytest.raises(ValueError, match="deflation_rank"):
-        ProjectedCurvature(A=A, B=B, units=units, l2=L2, damping=0.0, deflation_rank=len(A))
-    with pytest.raises(ValueError, match="units"):
-        ProjectedCurvature(A=A, B=B, units=0.0, l2=L2, damping=0.0, deflation_rank=0)
+        ProjectedCurvature(A=A, B=B, full_space_scale=units, l2=L2, damping=0.0, deflation_rank=len(A))
+    with pytest.raises(ValueError, match="full_space_scale"):
+        ProjectedCurvature(A=A, B=B, full_space_scale=0.0, l2=L2, damping=0.0, deflation_rank=0)
     with pytest.raises(ValueError, match="method must be one of"):
-        ProjectedCurvature(A=A, B=B, units=units, l2=L2, damping=0.0, deflation_rank=0).solve(phi, method="cg")
+        ProjectedCurvature(A=A, B=B, full_space_scale=units, l2=L2, damping=0.0, deflation_rank=0).solve(
+            phi, method="cg"
+        )

@@ -3,7 +3,7 @@
 Every method is an inner product of a query-side vector with stored train-side vectors: a scorer says how to
 compute the query vectors (`query_vectors`), the train-side vectors of any rows (`train_vectors`), which FAISS
 space holds them (`space`) and whether that space is projected, so that FAISS only proposes candidates and the
-scores are recomputed exactly (`rescored`). `METHODS`, the HTTP schema and the CLI help come from this registry.
+scores are recomputed exactly (`projected`). `METHODS`, the HTTP schema and the CLI help come from this registry.
 
 Adding a method: a new module here with a class decorated `@register("name", scope="head", help="...")` that
 implements `Scorer`, imported below. Adding a scope: register the methods it supports under its name.

@@ -24,7 +24,7 @@ class Scorer(Protocol):
     #: the FAISS space holding the train-side vectors
     space: str
     #: True when that space is projected: FAISS proposes candidates, `train_vectors` re-scores them exactly
-    rescored: bool
+    projected: bool
 
     def query_vectors(self, queries: Queries) -> tuple[np.ndarray, dict[str, float]]:
         """Query-side vectors ``[m, d]`` (full space, unprojected) and solver diagnostics."""
@@ -86,11 +86,11 @@ def search(engine: Engine, scorer: Scorer, q: np.ndarray, k: int) -> tuple[list[
     id first).
     """
     index = engine.run.space(scorer.space)
-    if not scorer.rescored:
+    if not scorer.projected:
         pos, neg = search_both_signs(index, np.ascontiguousarray(q, np.float32), k)
         return [(h.ids, h.scores) for h in pos], [(h.ids, h.scores) for h in neg]
     proj = engine.run.projection
-    assert proj is not None  # rescored implies a projected run
+    assert proj is not None  # a projected space implies a projected run
     qp = np.asarray(inf.project(q.astype(np.float32), seed=proj["seed"], d=proj["dim"]), np.float32)
     n_cand = min(index.ntotal, max(20 * k, engine.min_candidates))
     pos_hits, neg_hits = search_both_signs(index, np.ascontiguousarray(qp), n_cand)

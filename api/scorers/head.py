@@ -31,10 +31,10 @@ class HeadGradient:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.rescored = engine.run.projection is not None
+        self.projected = engine.run.projection is not None
 
     def train_vectors(self, rows: slice | np.ndarray) -> np.ndarray:
-        if self.rescored:
+        if self.projected:
             g = self.engine.train_gradients(rows)
         else:
             g = np.asarray(self.engine.run.array("grad_vectors")[rows])

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 class BlockGradient:
     method = "grad-dot"
     space = "block"
-    rescored = False
+    projected = False
     unit = False
 
     def __init__(self, engine: Engine) -> None:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 class Representer:
     method = "representer"
     space = "representer"
-    rescored = False
+    projected = False
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
