@@ -149,3 +149,39 @@ def test_only_store_writes_files() -> None:
         if pattern.search(line)
     ]
     assert hits == []
+
+
+def test_a_method_added_as_one_module_reaches_explain_dumps_and_pairwise(digits_mlp_run, tmp_path, monkeypatch):
+    """The README's smallest example: a scorer class registered in one module serves every entry point."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from api import open_index
+    from api.scorers import base
+    from api.scorers.head import HeadGradient
+
+    monkeypatch.setattr(base, "METHODS_BY_SCOPE", {s: dict(m) for s, m in base.METHODS_BY_SCOPE.items()})
+    monkeypatch.setattr(base, "METHOD_HELP", dict(base.METHOD_HELP))
+
+    @base.register("grad-sign", scope="head", help="sign agreement of head gradients")
+    class GradSign(HeadGradient):
+        method = "grad-sign"
+        space = "grad"
+
+        def query_vectors(self, queries):
+            return np.sign(self.gradients(queries)), {}
+
+    with open_index(digits_mlp_run) as index:
+        dense = index.pairwise_scores([0, 1], method="grad-sign")
+        g = index.engine.train_gradients(slice(None))
+        q = np.sign(index.engine.gradients(*_stored(index, [0, 1])))
+        np.testing.assert_allclose(dense, q @ g.T, rtol=1e-5, atol=1e-6)
+        [exp] = index.explain(test_ids=[0], k=3, method="grad-sign")
+        assert [p.example_id for p in exp.proponents] == np.argsort(-dense[0], kind="stable")[:3].tolist()
+        out = index.dump(tmp_path / "d.parquet", [0, 1], k=3, method="grad-sign", progress=False)
+        assert set(pq.read_table(out).column("method").to_pylist()) == {"grad-sign"}
+
+
+def _stored(index, ids):
+    queries = index.engine.prepare(ids, None, None)
+    return queries.h, queries.targets
