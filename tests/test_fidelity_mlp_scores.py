@@ -2,14 +2,10 @@
 against dense float64 formulas built with torch autograd (independent of the influence package)."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the experiments package
 
 from experiments.fidelity_mlp_scores import compute_scores
 

@@ -1,14 +1,9 @@
 """The leave-one-out ground truth of experiments/fidelity_loo.py: dense logistic-regression Hessian and the
 Hessian-preconditioned refit (float64, small random problem)."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import scipy.linalg
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the experiments package
 
 from experiments import fidelity_common as fc
 
