@@ -148,7 +148,7 @@ def test_index_survives_ten_sigkills(tmp_path, task_file, digits_mlp_run):
             r.to_dict() for r in ref.metadata.get("train", ids[:50])
         ]
         for space in ("grad", "representer"):
-            assert np.array_equal(np.sort(index.space(space).ids()), np.sort(ids))
+            assert np.array_equal(np.sort(index.run.space(space).ids()), np.sort(ids))
     leftovers = [p.name for p in run.rglob("*.tmp")]
     assert leftovers == [], leftovers
 

@@ -62,7 +62,7 @@ def test_interrupted_build_resumes_to_the_same_run(tmp_path, monkeypatch, digits
             np.load(path / "arrays" / f"{name}.npy"), np.load(reference / "arrays" / f"{name}.npy")
         )
     with open_index(path) as index:
-        assert index.metadata.count("train") == len(index.train_ids) == index.space("grad").ntotal
+        assert index.metadata.count("train") == len(index.train_ids) == index.run.space("grad").ntotal
 
 
 def test_resume_with_another_model_or_config_is_refused(reference, digits_logreg_task, digits_mlp_task):
