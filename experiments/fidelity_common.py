@@ -129,7 +129,7 @@ def torch_head(index):
     from torch import nn
 
     layers: list[nn.Module] = []
-    for layer, p in zip(index.spec, index.params, strict=True):
+    for layer, p in zip(index.run.spec, index.run.params, strict=True):
         if layer["kind"] == "linear":
             lin = nn.Linear(layer["in_features"], layer["out_features"])
             with torch.no_grad():
@@ -151,56 +151,56 @@ def task_from_index(index):
     from indexer import Task
 
     def ds(split):
-        x = torch.from_numpy(np.array(getattr(index, f"{split}_features"), np.float32))
-        return TensorDataset(x, torch.from_numpy(np.asarray(getattr(index, f"{split}_labels"), np.int64)))
+        x = torch.from_numpy(np.array(split.features, np.float32))
+        return TensorDataset(x, torch.from_numpy(np.array(split.labels, np.int64)))
 
-    return Task(model=torch_head(index).eval(), train=ds("train"), test=ds("test"), l2=index.l2, name="from-index")
+    run = index.run
+    return Task(model=torch_head(index).eval(), train=ds(run.train), test=ds(run.test), l2=run.l2, name="from-index")
 
 
 # ------------------------------------------------------------------------------------------------- scores
-# TODO(engine): the fidelity studies need, from a public engine API: the run's head (spec, params, theta, l2,
-# n_classes), its stored train/test features and labels, query gradients at given targets, a method's query-side
-# solve with diagnostics and its train-side vectors (today the facade's `solve`, `query_gradients`, `logits` and
-# `paths` + store.load_array of "representer_alpha" / "train_phi").
+# Every method is q . v_i (api.scorers): the query side of stored test rows at given targets through the method's
+# scorer (`api.scorers.scorer_for(index.engine, method)`), the train side in float64. Gradient methods recompute
+# g_i from the cached features (`Engine.train_gradients`, cached per run) rather than reading the stored vectors.
 _TRAIN_G: dict[str, np.ndarray] = {}
 
 
 def train_gradients(index) -> np.ndarray:
-    key = str(index.paths.root)  # not id(index): ids are reused once an Index is garbage-collected
+    """g_i of every training example at its label [n, p] float64 (`Engine.train_gradients`), cached per run."""
+    key = str(index.run.root)  # not id(index): ids are reused once an Index is garbage-collected
     if key not in _TRAIN_G:
-        _TRAIN_G[key] = np.asarray(
-            index.query_gradients(np.asarray(index.train_features), index.train_labels), np.float64
-        )
+        _TRAIN_G[key] = np.asarray(index.engine.train_gradients(slice(None)), np.float64)
     return _TRAIN_G[key]
 
 
 def query_vectors(index, test_rows: np.ndarray, targets: np.ndarray, method: str) -> tuple[np.ndarray, dict]:
-    """Query-side vectors [m, p] of `method` for stored test rows at `targets` (not necessarily the prediction)."""
-    import influence as inf
+    """Query-side vectors [m, p] of `method` for stored test rows at `targets` (not necessarily the prediction).
 
-    h = np.asarray(index.test_features[test_rows])
-    targets = np.asarray(targets, np.int64)
-    if method == "representer":
-        phi = inf.augment_features(np.asarray(inf.penultimate_features(index.spec, index.params, h), np.float64))
-        return np.asarray(inf.compute_representer_queries(phi, targets, index.n_classes)), {}
-    g = np.asarray(index.query_gradients(h, targets))
-    if method in ("exact", "lissa"):
-        q, diag = index.solve(g, method)
-        return np.asarray(q, np.float64), diag
-    if method == "grad-cos":
-        return np.asarray(inf.normalize_rows(g), np.float64), {}
-    return np.asarray(g, np.float64), {}
+    Always solved (LiSSA never reads the build's query cache here: the queries carry no stored rows).
+    """
+    from api.engine import Queries
+    from api.scorers import scorer_for
+
+    engine, test = index.engine, index.run.test
+    test_rows = np.asarray(test_rows, np.int64)
+    h = np.asarray(test.features[test_rows])
+    queries = Queries(
+        h=h,
+        logits=engine.logits(h),
+        targets=np.asarray(targets, np.int64),
+        test_ids=[int(v) for v in test.ids[test_rows]],
+        labels=[int(v) for v in test.labels[test_rows]],
+    )
+    q, diag = scorer_for(engine, method).query_vectors(queries)
+    return np.asarray(q, np.float64), diag
 
 
 def train_vectors(index, method: str) -> np.ndarray:
     """Train-side vectors [n, p] of `method` (float64)."""
-    import influence as inf
-    from store import load_array
+    from api.scorers import scorer_for
 
     if method == "representer":
-        alpha = np.asarray(load_array(index.paths.array("representer_alpha")), np.float64)
-        phi = np.asarray(load_array(index.paths.array("train_phi")), np.float64)
-        return np.asarray(inf.compute_representer_embeddings(alpha, phi))
+        return np.asarray(scorer_for(index.engine, method).train_vectors(slice(None)), np.float64)
     G = train_gradients(index)
     if method == "grad-cos":
         G = G / np.maximum(np.linalg.norm(G, axis=1, keepdims=True), 1e-30)
@@ -210,8 +210,8 @@ def train_vectors(index, method: str) -> np.ndarray:
 def method_scores(index, test_rows: np.ndarray, targets: np.ndarray, method: str) -> tuple[np.ndarray, dict]:
     """Dense scores [m, n_train] of `method` for stored test rows, explained at `targets` (not the prediction).
 
-    Same computation as `Index.pairwise_scores`, which always uses the predicted class; checked against it in
-    `check_against_pairwise`.
+    The scores of `Index.pairwise_scores(..., targets=)`, but in float64 with g_i recomputed and LiSSA always
+    solved; checked against it at the predicted class in `check_against_pairwise`.
     """
     q, diag = query_vectors(index, test_rows, targets, method)
     return q @ train_vectors(index, method).T, diag
@@ -220,7 +220,7 @@ def method_scores(index, test_rows: np.ndarray, targets: np.ndarray, method: str
 def check_against_pairwise(index, test_rows: np.ndarray, methods=METHODS) -> dict[str, float]:
     """Max relative difference between method_scores at the predicted class and Index.pairwise_scores."""
     out = {}
-    pred = index.logits(np.asarray(index.test_features[test_rows])).argmax(1)
+    pred = index.engine.logits(np.asarray(index.run.test.features[test_rows])).argmax(1)
     for m in methods:
         a, _ = method_scores(index, test_rows, pred, m)
         b = index.pairwise_scores([int(index.test_ids[r]) for r in test_rows], method=m)
@@ -397,8 +397,9 @@ class NumpyHead:
 
 def numpy_head(index) -> tuple[NumpyHead, np.ndarray, np.ndarray]:
     """The index's head in float64, and the float64 training set (features, labels)."""
-    head = NumpyHead(index.spec, index.params, index.l2)
-    return head, np.asarray(index.train_features, np.float64), np.asarray(index.train_labels, np.int64)
+    run = index.run
+    head = NumpyHead(run.spec, run.params, run.l2)
+    return head, np.asarray(run.train.features, np.float64), np.asarray(run.train.labels, np.int64)
 
 
 # ------------------------------------------------------------------------------------------------- misc

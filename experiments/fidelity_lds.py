@@ -67,12 +67,12 @@ def lds(label, index, n_subsets, n_test, seed=0):
     thetas, gnorms = retrain_subsets(label, head, X, y, base, masks)
     retrain_s = time.perf_counter() - t
     rows = np.sort(np.random.default_rng(seed + 1).choice(len(index.test_ids), size=n_test, replace=False))
-    Xq = np.asarray(index.test_features[rows], np.float64)
-    yq = np.asarray(index.test_labels[rows], np.int64)
+    Xq = np.asarray(index.run.test.features[rows], np.float64)
+    yq = np.asarray(index.run.test.labels[rows], np.int64)
     margins = np.stack([head.margins(th, Xq, yq) for th in thetas], 1)  # [m, K]
     out = {
         "n_train": n,
-        "l2": index.l2,
+        "l2": index.run.l2,
         "n_subsets": n_subsets,
         "subset_size": int(n // 2),
         "n_test_points": n_test,

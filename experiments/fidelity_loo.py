@@ -115,8 +115,8 @@ def run_experiment(label, index, *, n_top, n_rand, tests, norm_kind, fixed_iters
     print(f"== {label}", flush=True)
     head, X, y = fc.numpy_head(index)
     n = len(y)
-    Xte = np.asarray(index.test_features, np.float64)
-    yte = np.asarray(index.test_labels, np.int64)
+    Xte = np.asarray(index.run.test.features, np.float64)
+    yte = np.asarray(index.run.test.labels, np.int64)
     base_path = fc.CACHE / f"loo_{label}_base.npz"
     base_c = fc.load_cache(base_path)
     if "theta" in base_c:
@@ -166,11 +166,11 @@ def run_experiment(label, index, *, n_top, n_rand, tests, norm_kind, fixed_iters
     )
 
     base_loss = head.losses(base, Xte[rows], targets)
-    l2_theta = index.l2 * np.asarray(index.theta, np.float64)
+    l2_theta = index.run.l2 * np.asarray(index.engine.theta, np.float64)
     out = {
         "n_train": n,
-        "l2": index.l2,
-        "representer_fidelity": index.manifest.extra["representer"]["fidelity"],
+        "l2": index.run.l2,
+        "representer_fidelity": index.run.extra["representer"]["fidelity"],
         "retrain_objective": "(1/(n-1)) sum_{j!=i} CE_j + l2/2 |theta|^2"
         if norm_kind == "n-1"
         else "(1/n) sum_{j!=i} CE_j + l2/2 |theta|^2",

@@ -8,9 +8,9 @@ with the same depth, scale and damping, one query at a time:
 - torch: the way pytorch-influence-functions / dattri write it: each step recomputes the loss, takes
   g = autograd.grad(loss, params, create_graph=True), then autograd.grad(<g, v>, params) (double backprop);
 - JAX Hessian: ``influence.lissa`` under ``jax.jit`` with the Hessian matvec of an index built with
-  ``IndexConfig(curvature="hessian")`` (``Index.matvec``, forward-over-reverse);
+  ``IndexConfig(curvature="hessian")`` (its ``Engine.matvec``, forward-over-reverse);
 - torch GGN: torch.func.jvp through the logits, the softmax cross-entropy Hessian, torch.func.vjp back;
-- JAX GGN: ``Index.solve(g, "lissa")`` of the default (GGN) index with LissaConfig(depth, scale, damping),
+- JAX GGN: ``Engine.solve(g, "lissa")`` of the default (GGN) index with LissaConfig(depth, scale, damping),
   the end-to-end library path (includes its residual check).
 Agreement: relative difference of the solutions of each pair. Times: median over repeats (after one warm-up),
 seconds per query; ratio = torch / JAX. The machine's numpy float32/float64 matmul GFLOP/s is measured in the
@@ -96,9 +96,9 @@ def to_torch_blocks(index, flat):
     """Library flat vector -> list of torch tensors in model.parameters() order (weight, bias per linear)."""
     import torch
 
-    blocks = index.unravel(np.asarray(flat))
+    blocks = index.engine.unravel(np.asarray(flat))
     out = []
-    for layer, p in zip(index.spec, blocks, strict=True):
+    for layer, p in zip(index.run.spec, blocks, strict=True):
         if layer["kind"] == "linear":
             out += [torch.from_numpy(np.asarray(p["weight"]).copy()), torch.from_numpy(np.asarray(p["bias"]).copy())]
     return out
@@ -109,7 +109,7 @@ def from_torch_blocks(index, ts):
     import influence as inf
 
     params, k = [], 0
-    for layer in index.spec:
+    for layer in index.run.spec:
         if layer["kind"] == "linear":
             params.append({"weight": ts[k].detach().numpy(), "bias": ts[k + 1].detach().numpy()})
             k += 2
@@ -133,24 +133,23 @@ def main() -> None:
 
     torch.set_num_threads(CORES)
     t0 = time.perf_counter()
-    # TODO(engine): needs the run's curvature operator (`matvec`), top eigenvalue, damping, eigendecomposition solve
-    # and LiSSA solve (`solve`) from a public engine API instead of facade members.
     ggn_index = fc.digits_index("mlp", 1e-3)
     hess_index = fc.digits_index("mlp", 1e-3, curvature="hessian")
-    assert np.array_equal(np.asarray(ggn_index.theta), np.asarray(hess_index.theta)), "indexes of different models"
+    ggn, hess = ggn_index.engine, hess_index.engine  # each run's head and curvature operator
+    assert np.array_equal(np.asarray(ggn.theta), np.asarray(hess.theta)), "indexes of different models"
     index = hess_index
-    l2, top = index.l2, ggn_index.top_eigenvalue
-    damping = float(ggn_index.damping)  # the automatic damping of the default index
+    l2, top = index.run.l2, ggn.top_eigenvalue
+    damping = float(ggn.damping)  # the automatic damping of the default index
     scale = 1.5 * (top + damping)
     depth = args.depth
-    X = np.asarray(index.train_features, np.float32)
-    y = np.asarray(index.train_labels, np.int64)
+    X = np.asarray(index.run.train.features, np.float32)
+    y = np.asarray(index.run.train.labels, np.int64)
     row = 0
-    h = np.asarray(index.test_features[row : row + 1])
-    pred = index.logits(h).argmax(1)
-    g = np.asarray(index.query_gradients(h, pred), np.float32)  # [1, p]
+    h = np.asarray(index.run.test.features[row : row + 1])
+    pred = hess.logits(h).argmax(1)
+    g = np.asarray(hess.gradients(h, pred), np.float32)  # [1, p]
     print(
-        f"MLP head p={index.theta.size}, n={len(y)}, depth={depth}, scale={scale:.4g}, damping={damping:.3g}, l2={l2:g}"
+        f"MLP head p={hess.theta.size}, n={len(y)}, depth={depth}, scale={scale:.4g}, damping={damping:.3g}, l2={l2:g}"
     )
 
     # ---- machine ceiling
@@ -160,8 +159,8 @@ def main() -> None:
         gf32 = matmul_gflop_s(a, a, repeats=5, reduce=min)
     print(f"numpy matmul: {gf64:.1f} GFLOP/s float64, {gf32:.1f} GFLOP/s float32 ({CORES} cores)")
 
-    # ---- JAX, Hessian (influence.lissa with Index.matvec)
-    mv_h = hess_index.matvec
+    # ---- JAX, Hessian (influence.lissa with the run's Engine.matvec)
+    mv_h = hess.matvec
     run_h = jax.jit(lambda v: inf.lissa(mv_h, v, depth=depth, scale=scale, damping=damping))
     v_j = jnp.asarray(g[0])
     t_jax_h, ts_jax_h, x_jax_h = median_time(lambda: np.asarray(run_h(v_j).block_until_ready()), args.repeats)
@@ -170,7 +169,7 @@ def main() -> None:
     model = fc.torch_head(index)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     with torch.no_grad():
-        assert np.allclose(model(Xt[:5]).numpy(), index.logits(X[:5]), atol=1e-4)
+        assert np.allclose(model(Xt[:5]).numpy(), hess.logits(X[:5]), atol=1e-4)
     v_t = to_torch_blocks(index, g[0])
     assert np.allclose(from_torch_blocks(index, v_t), g[0])
 
@@ -189,31 +188,32 @@ def main() -> None:
         f"Hessian: torch double backprop {t_torch_h:.3f}s, JAX {t_jax_h:.3f}s per query: {t_torch_h / t_jax_h:.1f}x; rel diff {agree_h:.2e}"
     )
 
-    # ---- GGN: torch.func jvp/vjp vs the library's Index.solve on the default index
+    # ---- GGN: torch.func jvp/vjp vs the library's Engine.solve on the default index
     from api import open_index
 
     gd = min(args.ggn_depth, depth)
-    lib = open_index(ggn_index.paths.root, lissa=inf.LissaConfig(depth=gd, scale=scale, damping=damping))
+    lib = open_index(ggn_index.run.root, lissa=inf.LissaConfig(depth=gd, scale=scale, damping=damping)).engine
     t_jax_g, ts_jax_g, (x_jax_g, diag) = median_time(lambda: lib.solve(g, "lissa"), args.repeats)
     x_jax_g = np.asarray(x_jax_g[0], np.float64)
-    mv_g = ggn_index.matvec
+    mv_g = ggn.matvec
     run_g = jax.jit(lambda v: inf.lissa(mv_g, v, depth=gd, scale=scale, damping=damping))
     t_jax_g_core, _, x_jax_g_core = median_time(lambda: np.asarray(run_g(v_j).block_until_ready()), args.repeats)
     t_torch_g, ts_torch_g, x_torch_g = time_torch(torch_lissa_ggn, gd)
     agree_g = rel_diff(x_torch_g, x_jax_g)
     print(
-        f"GGN (depth {gd}): torch.func jvp/vjp {t_torch_g:.3f}s, JAX Index.solve {t_jax_g:.3f}s (bare lissa {t_jax_g_core:.3f}s) "
+        f"GGN (depth {gd}): torch.func jvp/vjp {t_torch_g:.3f}s, JAX Engine.solve {t_jax_g:.3f}s (bare lissa {t_jax_g_core:.3f}s) "
         f"per query: {t_torch_g / t_jax_g:.1f}x; rel diff {agree_g:.2e}"
     )
 
     # exact solution for reference (GGN, same damping): both are LiSSA at a fixed depth, not converged answers
-    exact_g = ggn_index.eigen_solver.solve(g.astype(np.float64), damping=damping)[0]
+    ggn.require_exact()
+    exact_g = ggn.eigen_solver.solve(g.astype(np.float64), damping=damping)[0]
     # ---- useful FLOPs of one HVP step over n rows (forward 2 n sum(in*out); HVP ~ 4 forward passes)
-    fwd = 2 * len(y) * sum(s["in_features"] * s["out_features"] for s in index.spec if s["kind"] == "linear")
+    fwd = 2 * len(y) * sum(s["in_features"] * s["out_features"] for s in index.run.spec if s["kind"] == "linear")
     flops_query = 4 * fwd * depth
     res = {
         "protocol": __doc__,
-        "head": {"kind": "digits MLP 64-32-10", "n_params": int(index.theta.size), "n_train": len(y)},
+        "head": {"kind": "digits MLP 64-32-10", "n_params": int(hess.theta.size), "n_train": len(y)},
         "lissa": {"depth": depth, "scale": scale, "damping": damping, "l2": l2, "batch": "full (all n rows)"},
         "machine": {"cores": CORES, "numpy_matmul_gflops_float64": gf64, "numpy_matmul_gflops_float32": gf32},
         "hessian": {
@@ -260,7 +260,7 @@ def main() -> None:
         "torch double\nbackprop (H)",
         "JAX lissa (H)",
         f"torch.func\njvp/vjp (GGN)\ndepth {gd}",
-        f"JAX Index.solve\n(GGN) depth {gd}",
+        f"JAX Engine.solve\n(GGN) depth {gd}",
     ]
     vals = [t_torch_h, t_jax_h, t_torch_g, t_jax_g]
     ax.bar(names, vals, color=["tab:red", "tab:blue", "tab:orange", "tab:cyan"])

@@ -7,9 +7,9 @@ Fashion-MNIST logistic regression (5,000 train, 2x2-pooled pixels, l2 = 1e-3; th
 Queries: gradients of m stored test points at their predicted class (the product default). For each damping in
 {auto, 1e-4, 1e-3, 1e-2} the scale is automatic (1.5 (lambda_max + damping)) and the recursion
 x_{j+1} = v + x_j - (A + dI) x_j / scale is run with the index's own jitted matvec, the iterate read at depths
-100 ... 20000 (one run, checkpointed; checked equal to `Index.solve(g, "lissa")` at depth 1000). Errors:
+100 ... 20000 (one run, checkpointed; checked equal to `Engine.solve(g, "lissa")` at depth 1000). Errors:
 ||x - x*|| / ||x*|| of the solution and ||S - S*|| / ||S*|| of the scores over all training points, x* the exact
-eigendecomposition solve at the same damping. Time per query: `Index.solve(g, "lissa")` with the library's
+eigendecomposition solve at the same damping. Time per query: `Engine.solve(g, "lissa")` with the library's
 LissaConfig at depth 1000 and at the automatic depth (m queries batched, divided by m; and one query alone).
 The automatic defaults (LissaConfig()) are recorded with their error, and their bias against the undamped
 solution (damping 0: the influence the objective defines).
@@ -53,17 +53,17 @@ def study(label, index, m, depths, seed=0):
     import influence as inf
 
     print(f"== {label}", flush=True)
-    # TODO(engine): needs the run's curvature operator (`matvec`), its dense eigendecomposition solve
-    # (`eigen_solver`), top eigenvalue and the LiSSA solve with diagnostics (`solve`) from a public engine API.
+    engine = index.engine  # the run's head, curvature operator (C + l2 I) and its dense eigendecomposition
+    engine.require_exact()
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(index.test_ids), size=m, replace=False))
-    h = np.asarray(index.test_features[rows])
-    pred = index.logits(h).argmax(1)
-    g = np.asarray(index.query_gradients(h, pred))  # float32, as the library solves it
+    h = np.asarray(index.run.test.features[rows])
+    pred = engine.logits(h).argmax(1)
+    g = np.asarray(engine.gradients(h, pred))  # float32, as the library solves it
     G = fc.train_gradients(index)
-    es = index.eigen_solver
-    top = index.top_eigenvalue
-    batched = jax.vmap(index.matvec)
+    es = engine.eigen_solver
+    top = engine.top_eigenvalue
+    batched = jax.vmap(engine.matvec)
 
     @jax.jit
     def advance(X, V, k, scale, d):
@@ -73,8 +73,8 @@ def study(label, index, m, depths, seed=0):
         return jax.lax.fori_loop(0, k, body, X)
 
     out = {
-        "n_params": int(index.theta.size),
-        "l2": index.l2,
+        "n_params": int(engine.theta.size),
+        "l2": index.run.l2,
         "lambda_max": top,
         "lambda_min_of_C_plus_l2": float(es.min_eigenvalue),
         "test_ids": [int(index.test_ids[r]) for r in rows],
@@ -82,7 +82,7 @@ def study(label, index, m, depths, seed=0):
     }
     exact0 = es.solve(g.astype(np.float64), damping=0.0)
     for dm in DAMPINGS:
-        d = float(inf.resolve_damping(top, index.l2, None if dm == "auto" else dm))
+        d = float(inf.compute_damping(top, index.run.l2, None if dm == "auto" else dm))
         scale = 1.5 * (top + d)
         exact = es.solve(g.astype(np.float64), damping=d)
         S_exact = exact @ G.T
@@ -121,8 +121,8 @@ def study(label, index, m, depths, seed=0):
     # sanity: the checkpointed recursion equals the library's solve at depth 1000 (auto damping)
     from api import open_index
 
-    lib = open_index(index.paths.root, lissa=inf.LissaConfig(depth=1000))
-    x_lib, _ = lib.solve(g, "lissa")
+    lib = open_index(index.run.root, lissa=inf.LissaConfig(depth=1000))
+    x_lib, _ = lib.engine.solve(g, "lissa")
     d_auto = out["dampings"]["auto"]
     x_chk = (
         np.asarray(advance(jnp.asarray(g), jnp.asarray(g), 1000, d_auto["scale"], d_auto["damping"])) / d_auto["scale"]
@@ -132,7 +132,7 @@ def study(label, index, m, depths, seed=0):
     # timing of the library's solve: depth 1000 and the automatic defaults
     timings = {}
     for name, cfg in (("depth=1000", inf.LissaConfig(depth=1000)), ("defaults", inf.LissaConfig())):
-        ix = open_index(index.paths.root, lissa=cfg)
+        ix = open_index(index.run.root, lissa=cfg).engine
         ix.solve(g[:1], "lissa")  # compile
         t = time.perf_counter()
         x, diag = ix.solve(g, "lissa")
