@@ -76,11 +76,11 @@ def run_one(
 
     common.peak_rss_reset()
     t0 = time.perf_counter()
-    find_label_noise(index, method="fused", progress=False)
+    find_label_noise(index.engine, method="fused", progress=False)
     t_job = time.perf_counter() - t0
     job_peak = common.peak_rss_mb()
 
-    res = compute_noise_signals(index, progress=False)  # reuses the job's cached self-influence and p_oos
+    res = compute_noise_signals(index.engine, progress=False)  # reuses the job's cached self-influence and p_oos
     scores = {m: res.score(m) for m in (*res.signals, "fused")}
     orders = {m: nz.rank_order(s, res.ids) for m, s in scores.items()}
     rng = np.random.default_rng(seed)

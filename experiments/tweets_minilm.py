@@ -205,7 +205,7 @@ def main() -> None:
     # ---- 4a. label noise on the natural labels
     with open_index(path) as index:
         t0 = time.perf_counter()
-        suspects = find_label_noise(index, progress=False)
+        suspects = find_label_noise(index.engine, progress=False)
         t_job = time.perf_counter() - t0
     res["natural_noise"] = {"job_seconds": t_job} | common.natural_noise_report(suspects, train, confidence[train_rows])
     print("natural noise", {k: v for k, v in res["natural_noise"].items() if k != "top_suspects"})
@@ -225,9 +225,9 @@ def main() -> None:
         idx = build_index(task_f, p, progress=False)
         t_build = time.perf_counter() - t0
         t0 = time.perf_counter()
-        find_label_noise(idx, progress=False)
+        find_label_noise(idx.engine, progress=False)
         t_job = time.perf_counter() - t0
-        sig = compute_noise_signals(idx, progress=False)
+        sig = compute_noise_signals(idx.engine, progress=False)
         scores = {m: sig.score(m) for m in ("fused", "self-influence", "loss", "confident-learning", "margin")}
         scores["random"] = np.random.default_rng(seed).random(len(ytrain))
         orders = {m: nz.rank_order(s, sig.ids) for m, s in scores.items()}

@@ -70,7 +70,7 @@ def main() -> None:
     index = build_index(task_for(ytrain, True), natural, config=IndexConfig(cache_queries=True), progress=False)
     res["natural_build_or_resume_seconds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    suspects = find_label_noise(index, progress=False)
+    suspects = find_label_noise(index.engine, progress=False)
     t_job = time.perf_counter() - t0
     index.close()
     res["natural"] = {"method": "fused", "job_seconds": t_job} | common.natural_noise_report(
@@ -86,13 +86,12 @@ def main() -> None:
         t0 = time.perf_counter()
         index = build_index(task_for(noisy, False), work / f"tweets-flip-{seed}", progress=False)
         t_build = time.perf_counter() - t0
-        # TODO(engine): the stored training labels of a run from a public API (the facade's `train_labels`)
-        if not np.array_equal(index.train_labels, noisy):
+        if not np.array_equal(index.run.train.labels, noisy):
             raise SystemExit(f"run tweets-flip-{seed} holds other labels than flip_labels(seed={seed})")
         t0 = time.perf_counter()
-        find_label_noise(index, progress=False)
+        find_label_noise(index.engine, progress=False)
         t_job = time.perf_counter() - t0
-        sig = compute_noise_signals(index, progress=False)  # reuses the job's cached intermediate arrays
+        sig = compute_noise_signals(index.engine, progress=False)  # reuses the job's cached intermediate arrays
         scores = {m: sig.score(m) for m in (*sig.signals, "fused")}
         orders = {m: nz.rank_order(s, sig.ids) for m, s in scores.items()}
         orders["random"] = np.random.default_rng(seed).permutation(len(ytrain))
