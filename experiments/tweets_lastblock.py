@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from api import build_index, open_index
+from api.scorers import scorer_for
 from experiments import common
 from experiments import fidelity_common as fc
 from indexer import IndexConfig, Task
@@ -99,15 +100,11 @@ def load_into_model(scope: LastBlockScope, params: dict[str, torch.Tensor]) -> N
 
 
 def true_label_scores(index, method: str, y_test: np.ndarray) -> np.ndarray:
-    """Scores [n_test, n_train] of every test tweet at its true label against every training tweet."""
-    # TODO(engine): needs the query-side vectors of stored test examples at given targets and their dense scores
-    # against the training set, for a scope and method (today the facade's `query_vectors` and `train_scores`).
-    rows = np.arange(len(index.test_ids))
-    h = np.asarray(index.test_features)
-    q, _ = index.query_vectors(method, h, y_test, test_rows=rows)
-    if method == "representer":
-        return q @ fc.train_vectors(index, "representer").T
-    return index.train_scores(method, q, np.arange(len(index.train_ids)))
+    """Scores [n_test, n_train] of every test tweet at its true label against every training tweet: the method's
+    query-side vectors (of the run's scope) against its exact train-side vectors."""
+    scorer = scorer_for(index.engine, method)
+    q, _ = scorer.query_vectors(index.engine.prepare(index.test_ids.tolist(), None, y_test))
+    return q @ scorer.train_vectors(slice(None)).T
 
 
 def explanation(index, test_id: int, texts: list[str], method: str) -> dict[str, Any]:
