@@ -156,7 +156,7 @@ def demo(
     suspects = index.find_label_noise(progress=False)
     found = sum(s.example_id in flipped_set for s in suspects[:30])
     typer.echo(f"label-noise job: {found} of the 30 flipped labels are in its top 30 suspects (influence noise {out})")
-    png = out / "explanations.png"
+    png = index.paths.figure("explanations")
     save_grid(index, exps, png)
     typer.echo(f"\nsaved {png}; try: influence explain {out} --test-id {wrong[0] if wrong else 0} --method exact")
 
@@ -170,6 +170,7 @@ def save_grid(index, explanations, path: Path) -> None:
     import numpy as np
 
     from indexer.demo import SHADES
+    from store import save_figure
 
     def image(preview: str) -> np.ndarray:
         return np.array([[SHADES.index(c) for c in row] for row in preview.split("/")], float)
@@ -193,7 +194,7 @@ def save_grid(index, explanations, path: Path) -> None:
             row[1 + k + j].imshow(image(p.preview), cmap="Reds")
             row[1 + k + j].set_title(f"- y={p.label}\n{p.score:.3g}", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -276,6 +277,7 @@ def noise(
     ] = None,
 ) -> None:
     """Rank training examples by how likely their label is wrong (most suspicious first)."""
+    import store
     from api import open_index
     from api.noise import plot_suspects
 
@@ -292,7 +294,7 @@ def noise(
     if out is not None:
         write_suspects(suspects, out)
     if png is None or str(png) != "none":
-        png_path = plot_suspects(suspects, png if png is not None else run / "noise.png", wrong)
+        png_path = plot_suspects(suspects, png if png is not None else store.RunPaths(run).figure("noise"), wrong)
         typer.echo(f"wrote {png_path}")
     typer.echo(f"{'rank':>4} {'example_id':>10} {'score':>10} {'label':>5} {'suggested':>9}  preview")
     for rank, s in enumerate(suspects[:top], 1):

@@ -468,7 +468,7 @@ def plot_suspects(suspects: list[Suspect], path: str | Path, known_wrong: set[in
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from store import atomic_path
+    from store import save_figure
 
     path = Path(path)
     if path.suffix != ".png":
@@ -503,7 +503,6 @@ def plot_suspects(suspects: list[Suspect], path: str | Path, known_wrong: set[in
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path

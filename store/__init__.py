@@ -11,6 +11,7 @@ from store.atomic import (
     atomic_write_json,
     atomic_write_text,
     remove_stale_temps,
+    save_figure,
 )
 from store.dumps import (
     AGGREGATE_COLUMNS,
@@ -30,7 +31,7 @@ from store.errors import (
     StoreError,
     UnknownExampleError,
 )
-from store.layout import ARRAYS, CACHES, SPACES, Artifact, RunPaths
+from store.layout import ARRAYS, CACHES, FIGURES, SPACES, Artifact, RunPaths
 from store.manifest import SCHEMA_VERSION, Manifest, load_manifest, save_manifest
 from store.metadata import ExampleRecord, MetadataStore
 from store.opened import OpenedRun, Split, head_tensors, params_from_tensors
@@ -49,6 +50,7 @@ __all__ = [
     "AGGREGATE_COLUMNS",
     "ARRAYS",
     "CACHES",
+    "FIGURES",
     "SCHEMA_VERSION",
     "SPACES",
     "TOPK_COLUMNS",
@@ -91,6 +93,7 @@ __all__ = [
     "remove_stale_temps",
     "save_array",
     "save_dump_job",
+    "save_figure",
     "save_manifest",
     "save_tensors",
     "search_both_signs",

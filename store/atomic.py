@@ -145,3 +145,11 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """
     text = json.dumps(obj, sort_keys=True, indent=2, allow_nan=False, default=_json_default) + "\n"
     atomic_write_text(path, text)
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int = 110) -> Path:
+    """Writes a matplotlib figure to ``path`` as PNG, atomically; returns the path."""
+    p = Path(path)
+    with atomic_path(p) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return p

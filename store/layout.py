@@ -12,6 +12,7 @@ that writes it) before any code can use it. Layout of a run directory::
     arrays/<name>.json            sidecars: the config a job cache was computed with (CACHES)
     arrays/<split>_strings_NNNNN.json   content hashes and previews of one chunk of the features stage
     dumps/<job>.json, dumps/<job>.parquet ...   dump jobs of the HTTP service (api.jobs)
+    <figure>.png                  figures the CLI draws by default (FIGURES)
 """
 
 from __future__ import annotations
@@ -88,6 +89,12 @@ SPACES: dict[str, Artifact] = _catalogue(
     Artifact("representer", "representer", "vec(alpha_i phi_i^T)"),
     Artifact("block", "block", "projected last-block gradients S^T g_i"),
     Artifact("block-unit", "block", "S^T g_i / |S^T g_i|"),
+)
+
+#: ``<name>.png`` at the top of a run: what the CLI draws by default
+FIGURES: dict[str, Artifact] = _catalogue(
+    Artifact("explanations", "influence demo", "proponents and opponents of misclassified test examples"),
+    Artifact("noise", "influence noise", "the label-noise scores (or found vs checked with --known-wrong)"),
 )
 
 _JOB = re.compile(r"^[0-9a-f]{16}$")
@@ -184,6 +191,10 @@ class RunPaths:
         if suffix not in (".json", ".parquet"):
             raise ValueError(f"suffix: must be '.json' or '.parquet', got {suffix!r}")
         return self.dumps_dir / f"{job}{suffix}"
+
+    def figure(self, name: str) -> Path:
+        """``<name>.png`` of a declared figure."""
+        return self.root / f"{_check(name, FIGURES, 'figure')}.png"
 
     def create_dirs(self) -> None:
         """Creates the run directory and its ``vectors/`` and ``arrays/`` subdirectories."""

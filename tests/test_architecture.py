@@ -140,7 +140,9 @@ def test_every_array_name_outside_store_is_declared_in_the_layout() -> None:
 
 def test_only_store_writes_files() -> None:
     """Writes into a run directory go through store/: no raw numpy/shutil/os writes elsewhere."""
-    pattern = re.compile(r"np\.save\w*\(|open_memmap\(|shutil\.rmtree\(|os\.replace\(|\.write_bytes\(|np\.savez")
+    pattern = re.compile(
+        r"\.savefig\(|np\.save\w*\(|open_memmap\(|shutil\.rmtree\(|os\.replace\(|\.write_bytes\(|np\.savez"
+    )
     hits = [
         f"{path.relative_to(ROOT)}:{i}: {line.strip()}"
         for pkg in ("api", "indexer", "influence")
