@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import os
 import statistics
 import time
@@ -24,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-import influence as inf
 from api import build_index
+from api.scorers import scorer_for
 from experiments import common
 from indexer import IndexConfig
-from indexer.queries import lissa_operator  # TODO(engine): the training-set curvature operator of a run, public
 
 
 def relative_errors(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -49,33 +47,16 @@ def agreement(cached: list, solved: list) -> dict:
 def data_operator_block(index, solutions: np.ndarray, targets: np.ndarray, m: int) -> dict:
     """The cache stage's cost for a head without a stored eigendecomposition: one block of m stored test rows
     solved together with the training-set product (operator "data"), against the dense-operator cache."""
-    # TODO(engine): needs the run's training-set LiSSA operator and its solve settings (damping, deflation, top
-    # eigenvalue, LissaConfig) from a public engine API instead of indexer.queries and the facade's `_train_h`.
-    _, matvec = lissa_operator(
-        index.paths,
-        index.spec,
-        index.unravel,
-        index.theta,
-        index._train_h,
-        index.train_labels,
-        l2=index.l2,
-        curvature=index.manifest.methods["curvature"],
-        dense=False,
-    )
+    engine = index.engine
+    # the training-set operator (C + l2 I) v over all cached features, deflated, with the run's damping: the
+    # cache stage's operator "data" (`indexer.queries.lissa_operator(dense=False)` builds the same product)
+    curvature = engine.curvature
     rows = np.arange(m)
-    g = index.query_gradients(np.asarray(index.test_features[rows]), targets[rows])
-    config = dataclasses.replace(index.lissa_config, damping=index.damping)
-    solve = functools.partial(
-        inf.solve_lissa,
-        matvec,
-        l2=index.l2,
-        top_eigenvalue=index.top_eigenvalue,
-        min_eigenvalue_floor=index.l2 + index.damping,
-        deflation=index.deflation,
-    )
-    solve(g, config=dataclasses.replace(config, depth=1))  # compile for this block shape outside the timing
+    g = engine.gradients(np.asarray(index.run.test.features[rows]), targets[rows])
+    config = engine.lissa_config
+    curvature.run_lissa(g, lissa=dataclasses.replace(config, depth=1))  # compile for this block shape, untimed
     t0 = time.perf_counter()
-    result = solve(g, config=config)
+    result = curvature.run_lissa(g, lissa=config)
     seconds = time.perf_counter() - t0
     return {
         "rows": m,
@@ -131,7 +112,7 @@ def main() -> None:
         ("lissa_solved", "lissa", False),
         ("exact", "exact", True),
     ):
-        index.use_query_cache = use_cache
+        index.engine.use_query_cache = use_cache
         first_s, _, times, exps = common.explain_latencies(index, [first, *ids], method)
         diag = exps[0].diagnostics or {}
         paths[name] = {
@@ -150,25 +131,25 @@ def main() -> None:
     out["cached_vs_exact_answers"] = agreement(answers["lissa_cached"], answers["exact"])
 
     # query vectors: cached against solved (the timed queries) and against the dense float64 solve (all tests)
-    # TODO(engine): needs, from a public engine API, the LiSSA query vectors of stored test examples with and
-    # without the query cache (today the facade's `prepare`, `_rows` and `query_vectors`), the stored query cache
-    # (solutions, targets, residuals) and the dense eigendecomposition solve at the run's damping.
-    index.use_query_cache = True
-    h, _, tgt, qids, _ = index.prepare(ids, None, None)
-    rows = index._rows(qids, "test")
-    cached, _ = index.query_vectors("lissa", h, tgt, test_rows=rows)
-    solved, _ = index.query_vectors("lissa", h, tgt)
-    solutions, targets, residuals = index.query_cache
+    engine, lissa = index.engine, scorer_for(index.engine, "lissa")
+    queries = engine.prepare(ids, None, None)
+    rows = queries.test_rows
+    engine.use_query_cache = True
+    cached, _ = lissa.query_vectors(queries)
+    engine.use_query_cache = False
+    solved, _ = lissa.query_vectors(queries)
+    engine.use_query_cache = True
+    solutions, targets, residuals = engine.query_cache
     all_rows = np.arange(len(index.test_ids))
-    g = index.query_gradients(np.asarray(index.test_features), targets).astype(np.float64)
-    exact = index.eigen_solver.solve(g, damping=index.damping)
+    g = engine.gradients(np.asarray(index.run.test.features), targets).astype(np.float64)
+    exact = engine.eigen_solver.solve(g, damping=engine.damping)
     out["vectors"] = {
         "cached_vs_solved_rel_err_max": float(relative_errors(cached, solved).max()),
         "cached_vs_dense_solve_rel_err_max_all_tests": float(relative_errors(solutions[all_rows], exact).max()),
         "cached_vs_dense_solve_rel_err_median_all_tests": float(np.median(relative_errors(solutions, exact))),
         "solved_vs_dense_solve_rel_err_max": float(relative_errors(solved, exact[rows]).max()),
         "cached_residual_max": float(residuals.max()),
-        "lissa_tol": index.lissa_config.tol,
+        "lissa_tol": engine.lissa_config.tol,
     }
     print(out["vectors"], out["cached_vs_solved_answers"])
     if args.data_block:
