@@ -6,10 +6,11 @@ The whole MLP (784-128-10, 101,770 parameters) is the head, so LiSSA on its GGN 
 costs ~200 GFLOP per step for 50 queries: hours on the shared 2-core machine, seconds on a GPU. This module
 needs only numpy and the project's pure-JAX `influence` package (no store, no FAISS), so the same code runs in
 process (fidelity_lds.py calls `compute_scores` when its score cache is missing) or on an accelerator machine
-with the input written by `fidelity_lds.py --export-scores-input`. It mirrors `api.Index.solve`: the curvature
-C + l2 I over all training examples (GGN), its top 64 eigenpairs by block subspace iteration (the build's
-stage_curvature: same seed, iterations, float64 basis) deflated in LiSSA, damping `resolve_damping` of the
-smallest deflated eigenvalue (the index's automatic damping), the library's automatic scale and depth.
+with the input written by `fidelity_lds.py --export-scores-input`. It mirrors `api.engine.Engine.solve`: the
+curvature C + l2 I over all training examples (GGN), its top 64 eigenpairs by block subspace iteration (the build's
+curvature stage, `indexer.training_set.curvature_stage`: same seed, iterations, float64 basis) deflated in LiSSA,
+damping `compute_damping` of the smallest deflated eigenvalue (the index's automatic damping), the library's
+automatic scale and depth.
 
 Scores at the TRUE label (positive = helpful), [m test points, n train]:
 - lissa[_damping=d]: g_q^T (C + l2 I + d I)^-1 g_i (Koh & Liang 2017);
@@ -80,7 +81,7 @@ def compute_scores(inp: dict[str, np.ndarray], dampings=(1e-2, 1e-1), chunk: int
     matvec = inf.make_head_matvec(spec, unravel, theta, h, y, l2=l2, curvature="ggn", batch_size=None)
     lam, vecs = inf.compute_top_eigenpairs(matvec, p, rank=min(64, p - 1), dtype=np.float64)
     deflation = (np.asarray(lam), np.ascontiguousarray(np.asarray(vecs), dtype=np.float32))
-    auto = float(inf.resolve_damping(float(np.min(lam)), l2, None))
+    auto = float(inf.compute_damping(float(np.min(lam)), l2, None))
     diag["curvature"] = {
         "top_eigenvalue": float(lam[0]),
         "smallest_deflated_eigenvalue": float(np.min(lam)),
