@@ -130,14 +130,12 @@ def phase_ceilings() -> dict:
 
 
 def test_queries(n: int) -> np.ndarray:
-    """Gradients of `n` test examples at their predicted class (what `Index.query_gradients` computes), from
-    the run's arrays and head alone, so the search phases can run before the build's last stages finish."""
+    """Gradients of `n` test examples at their predicted class (what `Engine.gradients` computes for
+    `Engine.prepare`'s targets), from the run's arrays and head files alone: `store.OpenedRun` opens complete
+    runs only, and the search phases can run before the build's last stages finish."""
     import influence as inf
-    from indexer.build import params_from_tensors
-    from store import RunPaths, load_array, load_manifest, load_tensors
+    from store import RunPaths, load_array, load_manifest, load_tensors, params_from_tensors
 
-    # TODO(engine): the run's head (spec, params) from the opened run (store.OpenedRun) instead of rebuilding it
-    # with indexer.build.params_from_tensors.
     paths = RunPaths(run_dir())
     spec = load_manifest(paths.root).head["spec"]
     params = params_from_tensors(spec, load_tensors(paths.head))
@@ -290,13 +288,11 @@ def phase_dump_profile() -> dict:
     (one block of 256 queries x 1M, after a warm-up block so JAX compilation is not counted)."""
     import contextlib
 
+    import influence as inf
     from api import open_index
-
-    # TODO(engine): needs the dump's block-loop steps as public engine pieces (train-side chunks of a method, the
-    # streaming top-k update, the Parquet columns, the accumulator checkpoint) instead of api.dump's privates; since
-    # 0c766d9 / f71efe6 these names are gone from api.dump (the pieces: the scorer's train vectors,
-    # influence.StreamingTopK, api.dump.topk_columns, store.DumpWork.save_state), so this phase fails until ported.
-    from api.dump import TrainSide, _save_state, _topk_columns, _update
+    from api.dump import topk_columns
+    from api.scorers import scorer_for
+    from store import DumpWork, new_accumulators
 
     times: dict[str, float] = {}
 
@@ -307,42 +303,43 @@ def phase_dump_profile() -> dict:
         times[name] = times.get(name, 0.0) + time.perf_counter() - t0
 
     with open_index(run_dir()) as index:
-        side = TrainSide(index, "grad-dot")
-        n, chunk, b = len(index.train_ids), 65_536, 256
+        engine = index.engine
+        scorer = scorer_for(engine, "grad-dot")
+        train_ids, train_labels = np.asarray(index.run.train.ids, np.int64), np.asarray(index.run.train.labels)
+        n, chunk, b = len(train_ids), 65_536, 256
         tile = np.empty(b * chunk, np.float32)
         acc = {"sum_positive": np.zeros(n), "sum_negative": np.zeros(n)}
         weights = np.ones((2, b), np.float32)
         for first in (0, b):  # the first block warms up (JAX compiles the query-gradient function)
             times.clear()
             ids = [int(v) for v in index.test_ids[first : first + b]]
-            with timed("prepare + query vectors"):  # TODO(engine): query vectors of stored test ids, public
-                h, _, tgt, _, _ = index.prepare(ids, None, None)
-                q = np.ascontiguousarray(index.query_vectors("grad-dot", h, tgt)[0], np.float32)
-            pos = neg = None
+            with timed("prepare + query vectors"):
+                q = np.ascontiguousarray(scorer.query_vectors(engine.prepare(ids, None, None))[0], np.float32)
+            pos, neg = inf.StreamingTopK(100, largest=True), inf.StreamingTopK(100, largest=False)
             for start in range(0, n, chunk):
                 sl = slice(start, min(start + chunk, n))
                 s = tile[: b * (sl.stop - start)].reshape(b, -1)
                 with timed("train chunk (memmap)"):
-                    g = side.chunk(sl)
+                    g = np.ascontiguousarray(scorer.train_vectors(sl), np.float32)
                 with timed("matmul"):
                     np.matmul(q, g.T, out=s)
                 with timed("top-k proponents"):
-                    pos = _update(pos, s, start, 100, largest=True)
+                    pos.update(s, start)
                 with timed("top-k opponents"):
-                    neg = _update(neg, s, start, 100, largest=False)
+                    neg.update(s, start)
                 with timed("aggregates"):
                     total = weights @ s
                     plus = weights @ np.maximum(s, 0.0, out=s)
                     acc["sum_positive"][sl] += plus[0]
                     acc["sum_negative"][sl] += total[0] - plus[0].astype(np.float64)
             with timed("Parquet columns"):
-                _topk_columns(np.asarray(ids), pos, neg, index.train_ids, index.train_labels, "grad-dot")
-            work = WORK / "profile-state"
-            work.mkdir(exist_ok=True)
-            state = {f"a{i}": np.zeros(n) for i in range(7)}
+                topk_columns(np.asarray(ids), pos.result, neg.result, train_ids, train_labels, "grad-dot")
+            work = DumpWork(WORK / "profile-state.parquet")
+            work.dir.mkdir(exist_ok=True)
+            state = new_accumulators(n)  # the dump's 7 accumulators [n]
             with timed("checkpoint (7 accumulators of 1M, fsync)"):
-                _save_state(work, 1, state)
-            shutil.rmtree(work)
+                work.save_state(1, state)
+            shutil.rmtree(work.dir)
     total_s = sum(times.values())
     return {
         "queries": b,
