@@ -405,6 +405,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):  # usage only: anything else starts the benchmark
+        print(__doc__)
+        return
     if len(sys.argv) > 2 and sys.argv[1] == "--phase":
         name, args = sys.argv[2], sys.argv[3:]
         result = {

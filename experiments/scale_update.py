@@ -178,7 +178,9 @@ def plot(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--fast-add"]:
+    if {"-h", "--help"} & set(sys.argv[1:]):  # usage only: anything else starts the benchmark
+        print(__doc__)
+    elif sys.argv[1:] == ["--fast-add"]:
         fast_add()
     elif sys.argv[1:] == ["--plot"]:
         plot(json.loads((common.RESULTS / "scale_update.json").read_text()))
