@@ -166,7 +166,7 @@ class DumpWork:
     def save_state(self, done: int, accumulators: dict[str, np.ndarray]) -> None:
         """Commits `done` finished blocks with their accumulators (atomically: the commit point of a block)."""
         with atomic_path(self.dir / STATE_NAME) as tmp, open(tmp, "wb") as f:
-            np.savez(f, done_blocks=np.int64(done), **accumulators)
+            np.savez(f, done_blocks=np.int64(done), **accumulators)  # type: ignore[arg-type]  # numpy stubs
 
     # ------------------------------------------------------------------------------------------- blocks
     def open_dense(self, shape: tuple[int, int], *, fresh: bool) -> np.memmap:

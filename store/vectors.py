@@ -601,6 +601,7 @@ def build_vector_index(
     queries = np.concatenate([sample, -sample])
     exact = exact_neighbours(x, id_arr, queries, recall_k)
     inner = faiss.downcast_index(index.faiss_index.index)
+    knob: str | None
     if hasattr(inner, "hnsw"):
         knob, values = "ef_search", [v for v in _EF_SEARCH if v >= recall_k] or [recall_k]
     else:
@@ -612,7 +613,7 @@ def build_vector_index(
     recall = 0.0
     for value in dict.fromkeys(values):
         if knob == "ef_search":
-            inner.hnsw.efSearch = int(value)
+            inner.hnsw.efSearch = int(value)  # type: ignore[attr-defined]  # an IndexHNSW (checked above)
         elif knob == "nprobe":
             index.set_nprobe(int(value))
         recall = measure_recall(index, queries, exact, recall_k)
