@@ -179,7 +179,7 @@ class Index:
                 "n_params": self.run.n_params,
                 "layers": [s["kind"] for s in self.run.spec],
             },
-            "projection": m.projection,
+            "projection": m.to_dict()["projection"],
             "spaces": m.spaces,
             "stages": list(m.stages),
             "extra": m.extra,

@@ -137,7 +137,7 @@ def test_queries(n: int) -> np.ndarray:
     from store import RunPaths, load_array, load_manifest, load_tensors, params_from_tensors
 
     paths = RunPaths(run_dir())
-    spec = load_manifest(paths.root).head["spec"]
+    spec = load_manifest(paths.root).head.spec
     params = params_from_tensors(spec, load_tensors(paths.head))
     theta, unravel = inf.flatten_params(params)
     h_all = load_array(paths.array("test_features"))

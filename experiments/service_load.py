@@ -166,7 +166,7 @@ def main() -> None:
     build_index(task, args.run, progress=False).close()
     t_build = time.perf_counter() - t0
     with open_index(args.run) as index:
-        n_test, n_params = len(index.test_ids), int(index.manifest.head["n_params"])
+        n_test, n_params = len(index.test_ids), index.manifest.head.n_params
     print(f"trained in {t_train:.0f} s, index built/reused in {t_build:.0f} s ({n_params} head parameters)")
 
     port = free_port()

@@ -151,7 +151,7 @@ def main() -> None:
             k: index.manifest.extra.get(k)
             for k in ("train_accuracy", "test_accuracy", "top_eigenvalue", "max_abs_logit_diff")
         },
-        "head_params": index.manifest.head["n_params"],
+        "head_params": index.manifest.head.n_params,
     }
     print("full build", res["full_build"])
 

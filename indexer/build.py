@@ -19,7 +19,9 @@ import torch
 import influence as inf
 from store import (
     ConfigMismatchError,
+    HeadRecord,
     Manifest,
+    ProjectionRecord,
     RunPaths,
     head_tensors,
     load_manifest,
@@ -95,7 +97,7 @@ class Builder:
         save_tensors(paths.head, head_tensors(self.head.params))
         p = self.head.n_params
         projection = (
-            {"seed": self.config.projection_seed, "dim": self.config.projection_dim, "n_params": p}
+            ProjectionRecord(seed=self.config.projection_seed, dim=self.config.projection_dim, n_params=p)
             if p > self.config.project_above
             else None
         )
@@ -103,7 +105,7 @@ class Builder:
             model_fingerprint=self.fingerprint,
             task=self.task.config(),
             methods=self.config.to_dict(),
-            head={"spec": self.head.spec, "n_classes": self.head.n_classes, "n_params": p},
+            head=HeadRecord(spec=self.head.spec, n_classes=self.head.n_classes, n_params=p),
             projection=projection,
             spaces={},
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),

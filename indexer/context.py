@@ -114,11 +114,11 @@ class BuildContext:
 
     @property
     def n_classes(self) -> int:
-        return int(self.manifest.head["n_classes"])
+        return self.manifest.head.n_classes
 
     @property
     def n_params(self) -> int:
-        return int(self.manifest.head["n_params"])
+        return self.manifest.head.n_params
 
     # ------------------------------------------------------------------------------------- stored arrays
     @property

@@ -157,7 +157,7 @@ def head_gradients(ctx: BuildContext, h: np.ndarray, y: np.ndarray) -> np.ndarra
     g = inf.compute_per_example_grads(ctx.spec, ctx.unravel, ctx.theta, np.asarray(h), y)
     proj = ctx.manifest.projection
     if proj:
-        g = inf.project(g, seed=proj["seed"], d=proj["dim"])
+        g = inf.project(g, seed=proj.seed, d=proj.dim)
     return np.asarray(g, np.float32)
 
 
@@ -212,7 +212,7 @@ def grad_stage(ctx: BuildContext) -> ManifestPatch:
     """Per-example head gradients at the examples' own labels -> FAISS "grad" and "grad-unit"."""
     h, y = ctx.split("train")
     proj = ctx.manifest.projection
-    dim = proj["dim"] if proj else ctx.n_params
+    dim = proj.dim if proj else ctx.n_params
     vectors = ctx.chunked(
         ctx.paths.array("grad_vectors"),
         shape=(len(h), dim),

@@ -32,7 +32,7 @@ from store.errors import (
     UnknownExampleError,
 )
 from store.layout import ARRAYS, CACHES, FIGURES, SPACES, Artifact, RunPaths
-from store.manifest import SCHEMA_VERSION, Manifest, load_manifest, save_manifest
+from store.manifest import SCHEMA_VERSION, HeadRecord, Manifest, ProjectionRecord, load_manifest, save_manifest
 from store.metadata import ExampleRecord, MetadataStore
 from store.opened import OpenedRun, Split, head_tensors, params_from_tensors
 from store.run import content_hash, remove_run, verify_run
@@ -61,11 +61,13 @@ __all__ = [
     "DumpWork",
     "ExampleRecord",
     "FaissVectorIndex",
+    "HeadRecord",
     "Hits",
     "Manifest",
     "MetadataStore",
     "NumpyVectorIndex",
     "OpenedRun",
+    "ProjectionRecord",
     "RunNotFoundError",
     "RunPaths",
     "SchemaVersionError",

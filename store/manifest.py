@@ -39,6 +39,63 @@ def _check_space(name: str, spec: Any) -> None:
             raise ValueError(f"spaces[{name!r}][{key!r}]: must be a str, got {spec[key]!r}")
 
 
+def _check_count(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{owner}[{name!r}]: must be a non-negative int, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HeadRecord:
+    """The head as plain data (`influence.head`): its layers, classes and parameter count.
+
+    Attributes:
+        spec: One dict per layer (kind, shapes, activation, ...).
+        n_classes: Width of the logits.
+        n_params: Parameters of the head.
+    """
+
+    spec: list[dict[str, Any]]
+    n_classes: int
+    n_params: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spec, list) or not all(isinstance(layer, dict) for layer in self.spec):
+            raise ValueError(f"head['spec']: must be a list of layer dicts, got {self.spec!r}")
+        _check_count("head", "n_classes", self.n_classes)
+        _check_count("head", "n_params", self.n_params)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProjectionRecord:
+    """The seeded Gaussian projection of head gradients (`influence.project`), when the head is large.
+
+    Attributes:
+        seed: Seed of the projection matrix (the same on every machine).
+        dim: Projected dimension d.
+        n_params: Dimension p of the gradients projected.
+    """
+
+    seed: int
+    dim: int
+    n_params: int
+
+    def __post_init__(self) -> None:
+        for name in ("seed", "dim", "n_params"):
+            _check_count("projection", name, getattr(self, name))
+
+
+def _record(cls: type, name: str, value: Any) -> Any:
+    """``value`` as the record ``cls`` (a dict is converted; a wrong type names the field)."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}: must be a dict, got {type(value).__name__} {value!r}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if set(value) != fields:
+        raise ValueError(f"{name}: must have the fields {sorted(fields)}, got {sorted(value)}")
+    return cls(**value)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Manifest:
     """What a run directory holds; saved as ``manifest.json``.
@@ -48,8 +105,8 @@ class Manifest:
         model_fingerprint: Hash of the model's parameters; a reopen with another model is refused.
         task: The task config as JSON (split sizes, l2, ...).
         methods: Method configs as JSON, keyed by method name.
-        head: The head spec as JSON: ``{"spec": [layer dicts], "n_classes": int, "n_params": int}``.
-        projection: ``{"seed": int, "dim": int, "n_params": int}`` when gradients are projected, else None.
+        head: The head (`HeadRecord`; a dict of its fields is converted).
+        projection: The gradient projection (`ProjectionRecord`) when gradients are projected, else None.
         spaces: Vector space name -> ``{"dim": int, "ntotal": int, "factory": str, "metric": "ip"}``.
         stages: Names of completed build stages, in completion order.
         created_at: ISO-8601 UTC timestamp.
@@ -60,8 +117,8 @@ class Manifest:
     model_fingerprint: str
     task: dict[str, Any]
     methods: dict[str, Any]
-    head: dict[str, Any]
-    projection: dict[str, Any] | None
+    head: HeadRecord
+    projection: ProjectionRecord | None
     spaces: dict[str, dict[str, Any]]
     stages: tuple[str, ...] = ()
     created_at: str = dataclasses.field(default_factory=_now)
@@ -74,12 +131,13 @@ class Manifest:
             raise ValueError(f"schema_version: must be >= 1, got {self.schema_version!r}")
         if not isinstance(self.model_fingerprint, str) or not self.model_fingerprint:
             raise ValueError(f"model_fingerprint: must be a non-empty str, got {self.model_fingerprint!r}")
-        for name in ("task", "methods", "head", "spaces", "extra"):
+        for name in ("task", "methods", "spaces", "extra"):
             value = getattr(self, name)
             if not isinstance(value, dict):
                 raise ValueError(f"{name}: must be a dict, got {type(value).__name__} {value!r}")
-        if self.projection is not None and not isinstance(self.projection, dict):
-            raise ValueError(f"projection: must be a dict or None, got {self.projection!r}")
+        object.__setattr__(self, "head", _record(HeadRecord, "head", self.head))
+        if self.projection is not None:
+            object.__setattr__(self, "projection", _record(ProjectionRecord, "projection", self.projection))
         for space, spec in self.spaces.items():
             _check_space(space, spec)
         if isinstance(self.stages, list):

@@ -19,7 +19,7 @@ import numpy as np
 from store.arrays import load_array, load_tensors
 from store.errors import ConfigMismatchError, CorruptRunError, UnknownExampleError
 from store.layout import RunPaths
-from store.manifest import Manifest, load_manifest
+from store.manifest import Manifest, ProjectionRecord, load_manifest
 from store.metadata import MetadataStore
 from store.vectors import FaissVectorIndex
 
@@ -123,16 +123,16 @@ class OpenedRun:
     @property
     def spec(self) -> list[dict[str, Any]]:
         """The head's layer spec (`influence.head`)."""
-        return self.manifest.head["spec"]
+        return self.manifest.head.spec
 
     @property
     def n_classes(self) -> int:
-        return int(self.manifest.head["n_classes"])
+        return self.manifest.head.n_classes
 
     @property
     def n_params(self) -> int:
         """Parameters of the head."""
-        return int(self.manifest.head["n_params"])
+        return self.manifest.head.n_params
 
     @property
     def l2(self) -> float:
@@ -150,8 +150,8 @@ class OpenedRun:
         return self.manifest.methods
 
     @property
-    def projection(self) -> dict[str, Any] | None:
-        """``{"seed", "dim", "n_params"}`` when head gradients are projected, else None."""
+    def projection(self) -> ProjectionRecord | None:
+        """The seeded projection of head gradients, None when they are stored whole."""
         return self.manifest.projection
 
     @property

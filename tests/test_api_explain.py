@@ -145,3 +145,20 @@ def test_bad_queries_get_clear_errors_and_write_nothing(digits_mlp_run, kwargs, 
 def test_another_model_is_refused(digits_mlp_run, digits_logreg_task):
     with pytest.raises(ConfigMismatchError, match="fingerprint"):
         open_index(digits_mlp_run, task=digits_logreg_task)
+
+
+def test_runs_built_before_the_damping_was_stored_open_with_the_same_damping(digits_mlp_run, tmp_path):
+    """Runs written before the build stored its damping (`extra["damping"]`) get it from the same rule."""
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(digits_mlp_run, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    stored = manifest["extra"].pop("damping")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with open_index(digits_mlp_run) as new_run, open_index(old) as old_run:
+        assert old_run.engine.damping == new_run.engine.damping == stored
+        a = old_run.explain(test_ids=[3, 5], k=5, method="lissa")
+        b = new_run.explain(test_ids=[3, 5], k=5, method="lissa")
+        assert [[p.example_id for p in e.proponents] for e in a] == [[p.example_id for p in e.proponents] for e in b]

@@ -5,6 +5,7 @@ import pytest
 
 from api import build_index
 from indexer import IndexConfig
+from store import ProjectionRecord
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +19,7 @@ def projected(tmp_path_factory, digits_mlp_task):
 
 
 def test_projection_is_recorded(projected):
-    assert projected.run.projection == {"seed": 0, "dim": 256, "n_params": 2410}
+    assert projected.run.projection == ProjectionRecord(seed=0, dim=256, n_params=2410)
     assert projected.run.space("grad").dim == 256
 
 

@@ -91,7 +91,7 @@ def search(engine: Engine, scorer: Scorer, q: np.ndarray, k: int) -> tuple[list[
         return [(h.ids, h.scores) for h in pos], [(h.ids, h.scores) for h in neg]
     proj = engine.run.projection
     assert proj is not None  # a projected space implies a projected run
-    qp = np.asarray(inf.project(q.astype(np.float32), seed=proj["seed"], d=proj["dim"]), np.float32)
+    qp = np.asarray(inf.project(q.astype(np.float32), seed=proj.seed, d=proj.dim), np.float32)
     n_cand = min(index.ntotal, max(20 * k, engine.min_candidates))
     pos_hits, neg_hits = search_both_signs(index, np.ascontiguousarray(qp), n_cand)
     out_pos, out_neg = [], []
