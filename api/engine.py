@@ -84,25 +84,17 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- the head
     @cached_property
-    def _flat(self) -> tuple[Any, Any]:
-        return inf.flatten_params(self.run.params)
-
-    @property
-    def theta(self) -> Any:
-        """The head's parameters as one flat vector [p]."""
-        return self._flat[0]
-
-    @property
-    def unravel(self) -> Any:
-        return self._flat[1]
+    def head(self) -> inf.Head:
+        """The head as one object (`influence.Head`): theta, logits, gradients, curvature products."""
+        return inf.Head(self.run.spec, self.run.params)
 
     def logits(self, h: np.ndarray) -> np.ndarray:
         """Head logits of features h, ``[m, n_classes]`` float64."""
-        return np.asarray(inf.apply_head(self.run.spec, self.run.params, h), np.float64)
+        return self.head.logits(h)
 
     def gradients(self, h: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """Per-example head gradients g of the loss at ``targets``, ``[m, p]`` (unprojected)."""
-        return np.asarray(inf.compute_per_example_grads(self.run.spec, self.unravel, self.theta, h, targets))
+        return self.head.gradients(h, targets)
 
     def train_gradients(self, rows: slice | np.ndarray) -> np.ndarray:
         """g_i of training rows at their own labels, recomputed from the cached features ``[c, p]``."""
@@ -114,10 +106,7 @@ class Engine:
     def matvec(self) -> inf.MatVec:
         """(C + l2 I) v over all cached training features, jit-compiled once per Engine."""
         train = self.run.train
-        return inf.make_head_matvec(
-            self.run.spec,
-            self.unravel,
-            self.theta,
+        return self.head.matvec(
             np.asarray(train.features),
             train.labels,
             l2=self.run.l2,

@@ -169,7 +169,7 @@ def compute_self_influence(
     """Self-influence g_i^T (C + l2 I + d I)^-1 g_i of every training row, [n], and how it was computed."""
     run = engine.run
     train = run.train
-    p = int(engine.theta.shape[0])
+    p = int(engine.head.theta.shape[0])
     solver = engine.eigen_solver
     exact = solver is not None
     stored = None if exact else engine.deflation
@@ -193,10 +193,7 @@ def compute_self_influence(
             lam, Q = stored[0][: config["rank"]], stored[1][:, : config["rank"]]
         else:
             rows = np.sort(np.random.default_rng(seed).choice(n, size=config["curvature_rows"], replace=False))
-            matvec = inf.make_head_matvec(
-                run.spec,
-                engine.unravel,
-                engine.theta,
+            matvec = engine.head.matvec(
                 np.asarray(train.features[rows]),
                 train.labels[rows],
                 l2=run.l2,
@@ -259,61 +256,68 @@ def compute_oos_probs(
     run = engine.run
     refit, repeats = resolve_oos_refit(refit, repeats, run.spec)
     if refit == "whole-head":
-        return _oos_probs_whole_head(run, folds=folds, seed=seed, repeats=repeats, progress=progress)
+        config = {"folds": folds, "seed": seed, "refit": "whole head", "l2": run.l2, "repeats": repeats}
+
+        def whole_head(on_fold: Callable[[int], None]) -> tuple[np.ndarray, dict[str, Any]]:
+            logits = np.asarray(run.array("train_logits"))
+            model_losses = np.asarray(inf.cross_entropy(logits, run.train.labels), np.float64)
+            probs, epochs = nz.compute_out_of_sample_probs_head(
+                run.spec,
+                np.asarray(run.train.features),
+                run.train.labels,
+                model_losses,
+                l2=run.l2,
+                folds=folds,
+                seed=seed,
+                repeats=repeats,
+                on_fold=on_fold,
+            )
+            return probs, {"epochs": epochs}
+
+        return _cached_folds(run, config, folds * repeats, "out-of-sample folds (whole head)", progress, whole_head)
     stored = run.extra.get("representer", {}).get("lambda")  # the build's lambda; the same rule for old runs
     lam = float(stored) if stored else inf.resolve_representer_lambda(run.l2)
     config = {"folds": folds, "seed": seed, "lambda": lam, "max_iter": max_iter}
     if repeats > 1:
         config["repeats"] = repeats
-    cached = _cached(run, "noise_oos_probs", config)
-    if cached is not None:
-        return cached, {**config, "cached": True}
-    phi = np.asarray(run.array("train_phi"))
-    last = run.params[inf.last_linear_index(run.spec)]
-    weight = np.asarray(last["weight"], np.float64)
-    bias = np.asarray(last.get("bias", np.zeros(weight.shape[0])), np.float64)
-    theta0 = np.concatenate([weight, bias[:, None]], axis=1)
-    bar = tqdm(total=folds * repeats, desc="out-of-sample folds", unit="fold", disable=not progress)
-    probs = nz.compute_out_of_sample_probs(
-        phi,
-        run.train.labels,
-        theta0,
-        lam=lam,
-        folds=folds,
-        seed=seed,
-        max_iter=max_iter,
-        repeats=repeats,
-        on_fold=lambda _: bar.update(),
-    )
-    bar.close()
-    _save_cached(run, "noise_oos_probs", config, probs)
-    return probs, config
+
+    def last_layer(on_fold: Callable[[int], None]) -> tuple[np.ndarray, dict[str, Any]]:
+        last = run.params[inf.last_linear_index(run.spec)]
+        weight = np.asarray(last["weight"], np.float64)
+        bias = np.asarray(last.get("bias", np.zeros(weight.shape[0])), np.float64)
+        probs = nz.compute_out_of_sample_probs(
+            np.asarray(run.array("train_phi")),
+            run.train.labels,
+            np.concatenate([weight, bias[:, None]], axis=1),
+            lam=lam,
+            folds=folds,
+            seed=seed,
+            max_iter=max_iter,
+            repeats=repeats,
+            on_fold=on_fold,
+        )
+        return probs, {}
+
+    return _cached_folds(run, config, folds * repeats, "out-of-sample folds", progress, last_layer)
 
 
-def _oos_probs_whole_head(
-    run: OpenedRun, *, folds: int, seed: int, repeats: int, progress: bool
+def _cached_folds(
+    run: OpenedRun,
+    config: dict[str, Any],
+    total: int,
+    desc: str,
+    progress: bool,
+    compute: Callable[[Callable[[int], None]], tuple[np.ndarray, dict[str, Any]]],
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    config = {"folds": folds, "seed": seed, "refit": "whole head", "l2": run.l2, "repeats": repeats}
+    """The out-of-sample probabilities of `config` from the run's cache, else computed (with a progress bar over
+    the `total` folds) and cached; with the config (and what `compute` reports) as the second item."""
     cached = _cached(run, "noise_oos_probs", config)
     if cached is not None:
         return cached, {**config, "cached": True}
-    logits = np.asarray(run.array("train_logits"))
-    model_losses = np.asarray(inf.cross_entropy(logits, run.train.labels), np.float64)
-    bar = tqdm(total=folds * repeats, desc="out-of-sample folds (whole head)", unit="fold", disable=not progress)
-    probs, epochs = nz.compute_out_of_sample_probs_head(
-        run.spec,
-        np.asarray(run.train.features),
-        run.train.labels,
-        model_losses,
-        l2=run.l2,
-        folds=folds,
-        seed=seed,
-        repeats=repeats,
-        on_fold=lambda _: bar.update(),
-    )
-    bar.close()
+    with tqdm(total=total, desc=desc, unit="fold", disable=not progress) as bar:
+        probs, info = compute(lambda _: bar.update())
     _save_cached(run, "noise_oos_probs", config, probs)
-    return probs, {**config, "epochs": epochs}
+    return probs, {**config, **info}
 
 
 def compute_noise_signals(

@@ -166,7 +166,7 @@ def run_experiment(label, index, *, n_top, n_rand, tests, norm_kind, fixed_iters
     )
 
     base_loss = head.losses(base, Xte[rows], targets)
-    l2_theta = index.run.l2 * np.asarray(index.engine.theta, np.float64)
+    l2_theta = index.run.l2 * np.asarray(index.engine.head.theta, np.float64)
     out = {
         "n_train": n,
         "l2": index.run.l2,

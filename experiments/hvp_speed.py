@@ -96,7 +96,7 @@ def to_torch_blocks(index, flat):
     """Library flat vector -> list of torch tensors in model.parameters() order (weight, bias per linear)."""
     import torch
 
-    blocks = index.engine.unravel(np.asarray(flat))
+    blocks = index.engine.head.unravel(np.asarray(flat))
     out = []
     for layer, p in zip(index.run.spec, blocks, strict=True):
         if layer["kind"] == "linear":
@@ -136,7 +136,7 @@ def main() -> None:
     ggn_index = fc.digits_index("mlp", 1e-3)
     hess_index = fc.digits_index("mlp", 1e-3, curvature="hessian")
     ggn, hess = ggn_index.engine, hess_index.engine  # each run's head and curvature operator
-    assert np.array_equal(np.asarray(ggn.theta), np.asarray(hess.theta)), "indexes of different models"
+    assert np.array_equal(np.asarray(ggn.head.theta), np.asarray(hess.head.theta)), "indexes of different models"
     index = hess_index
     l2, top = index.run.l2, ggn.top_eigenvalue
     damping = float(ggn.damping)  # the automatic damping of the default index
@@ -149,7 +149,7 @@ def main() -> None:
     pred = hess.logits(h).argmax(1)
     g = np.asarray(hess.gradients(h, pred), np.float32)  # [1, p]
     print(
-        f"MLP head p={hess.theta.size}, n={len(y)}, depth={depth}, scale={scale:.4g}, damping={damping:.3g}, l2={l2:g}"
+        f"MLP head p={hess.head.theta.size}, n={len(y)}, depth={depth}, scale={scale:.4g}, damping={damping:.3g}, l2={l2:g}"
     )
 
     # ---- machine ceiling
@@ -213,7 +213,7 @@ def main() -> None:
     flops_query = 4 * fwd * depth
     res = {
         "protocol": __doc__,
-        "head": {"kind": "digits MLP 64-32-10", "n_params": int(hess.theta.size), "n_train": len(y)},
+        "head": {"kind": "digits MLP 64-32-10", "n_params": int(hess.head.theta.size), "n_train": len(y)},
         "lissa": {"depth": depth, "scale": scale, "damping": damping, "l2": l2, "batch": "full (all n rows)"},
         "machine": {"cores": CORES, "numpy_matmul_gflops_float64": gf64, "numpy_matmul_gflops_float32": gf32},
         "hessian": {

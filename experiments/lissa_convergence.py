@@ -73,7 +73,7 @@ def study(label, index, m, depths, seed=0):
         return jax.lax.fori_loop(0, k, body, X)
 
     out = {
-        "n_params": int(engine.theta.size),
+        "n_params": int(engine.head.theta.size),
         "l2": index.run.l2,
         "lambda_max": top,
         "lambda_min_of_C_plus_l2": float(es.min_eigenvalue),

@@ -99,18 +99,9 @@ class BuildContext:
 
     # ------------------------------------------------------------------------------------------- the head
     @cached_property
-    def _flat(self) -> tuple[Any, Any]:
-        return inf.flatten_params(self.params)
-
-    @property
-    def theta(self) -> Any:
-        """The head's parameters as one flat vector [p] (`influence.flatten_params` order)."""
-        return self._flat[0]
-
-    @property
-    def unravel(self) -> Any:
-        """Flat vector [p] -> per-layer parameters."""
-        return self._flat[1]
+    def head(self) -> inf.Head:
+        """The head as one object: logits, per-example gradients, curvature products."""
+        return inf.Head(self.spec, self.params)
 
     @property
     def n_classes(self) -> int:

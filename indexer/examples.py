@@ -154,7 +154,7 @@ def example_records(
 
 def head_gradients(ctx: BuildContext, h: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Per-example head gradients g_i [m, d] float32 at labels y, projected when the run projects them."""
-    g = inf.compute_per_example_grads(ctx.spec, ctx.unravel, ctx.theta, np.asarray(h), y)
+    g = ctx.head.gradients(np.asarray(h), y)
     proj = ctx.manifest.projection
     if proj:
         g = inf.project(g, seed=proj.seed, d=proj.dim)
@@ -253,8 +253,8 @@ def tracin_stage(ctx: BuildContext) -> ManifestPatch:
     try:
         for state, lr in tqdm(task.checkpoints, desc="tracin", unit="ckpt", disable=not ctx.progress):
             model.load_state_dict(load_checkpoint(state))
-            head = task.translated_head()
-            theta, unravel = inf.flatten_params(head.params)
+            translated = task.translated_head()
+            head = inf.Head(translated.spec, translated.params)
             h_cached, y = ctx.split("train")
             step = task.batch_size if body_has_params else 1024
             for start in range(0, n, step):
@@ -264,7 +264,7 @@ def tracin_stage(ctx: BuildContext) -> ManifestPatch:
                     h = task.features(x)
                 else:
                     h = np.asarray(h_cached[sl])
-                g = inf.compute_per_example_grads(head.spec, unravel, theta, h, y[sl])
+                g = head.gradients(h, y[sl])
                 inf.accumulate_tracin_self_influence(total[sl], np.asarray(g), lr)
     finally:
         model.load_state_dict(original)

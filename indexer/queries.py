@@ -88,9 +88,7 @@ def _deflation(paths: RunPaths, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray
 
 def lissa_operator(
     paths: RunPaths,
-    spec: list[dict[str, Any]],
-    unravel: Any,
-    theta: Any,
+    head: inf.Head,
     h_train: np.ndarray,
     y_train: np.ndarray,
     *,
@@ -115,7 +113,7 @@ def lissa_operator(
 
         return "dense", matvec
     # the same product as the query path's (`make_head_matvec`'s automatic chunking)
-    return "data", inf.make_head_matvec(spec, unravel, theta, h_train, y_train, l2=l2, curvature=curvature)
+    return "data", head.matvec(h_train, y_train, l2=l2, curvature=curvature)
 
 
 def has_query_cache(ctx: BuildContext) -> bool:
@@ -145,9 +143,7 @@ def queries_stage(ctx: BuildContext) -> ManifestPatch:
     if damping is None:  # a run whose curvature stage predates the stored damping: the same rule
         damping = inf.compute_damping(inf.reference_eigenvalue(top_eigenvalue, lam_defl), ctx.l2)
     config = dataclasses.replace(inf.LissaConfig(), damping=float(damping))
-    operator, matvec = lissa_operator(
-        paths, ctx.spec, ctx.unravel, ctx.theta, h_train, y_train, l2=ctx.l2, curvature=ctx.config.curvature
-    )
+    operator, matvec = lissa_operator(paths, ctx.head, h_train, y_train, l2=ctx.l2, curvature=ctx.config.curvature)
     p = ctx.n_params
     solutions = ctx.chunked(paths.array("query_solutions"), shape=(n_test, p), dtype=np.float32, chunk_rows=BLOCK_ROWS)
     # per-row diagnostics, written before the solutions chunk whose done-mask commits the block
@@ -155,7 +151,7 @@ def queries_stage(ctx: BuildContext) -> ManifestPatch:
     depths = ctx.chunked(paths.array("query_depths"), shape=(n_test,), dtype=np.int64, chunk_rows=BLOCK_ROWS)
     for chunk in tqdm(solutions.missing_chunks(), desc="query cache", unit="block", disable=not ctx.progress):
         sl = solutions.chunk_slice(chunk)
-        g = inf.compute_per_example_grads(ctx.spec, ctx.unravel, ctx.theta, np.asarray(h_test[sl]), targets[sl])
+        g = ctx.head.gradients(np.asarray(h_test[sl]), targets[sl])
         result = inf.solve_lissa(
             matvec,
             np.asarray(g),

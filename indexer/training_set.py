@@ -63,7 +63,7 @@ def representer_stage(ctx: BuildContext) -> ManifestPatch:
         ht, _ = ctx.split("test")
         phi_t = inf.augment_features(np.asarray(inf.penultimate_features(ctx.spec, ctx.params, ht), np.float64))
         rep_logits = np.asarray(inf.compute_representer_logits(alpha, phi, phi_t))
-        model_logits = np.asarray(inf.apply_head(ctx.spec, ctx.params, ht))
+        model_logits = ctx.head.logits(ht)
         fidelity = float(inf.compute_fidelity(rep_logits, model_logits))
     extra["representer"] = {"lambda": lam, "fidelity": fidelity, "grad_norm": float(grad_norm)}
     return ManifestPatch(spaces={"representer": space}, extra=extra, drop=("representer_stale",))
@@ -80,7 +80,7 @@ def curvature_stage(ctx: BuildContext) -> ManifestPatch:
     config, paths = ctx.config, ctx.paths
     h, y = ctx.split("train")
     h = np.asarray(h)
-    matvec = inf.make_head_matvec(ctx.spec, ctx.unravel, ctx.theta, h, y, l2=ctx.l2, curvature=config.curvature)
+    matvec = ctx.head.matvec(h, y, l2=ctx.l2, curvature=config.curvature)
     p = ctx.n_params
     extra: dict[str, Any] = {}
     drop: tuple[str, ...] = ("curvature_stale", "curvature_subspace_rows")
@@ -90,16 +90,7 @@ def curvature_stage(ctx: BuildContext) -> ManifestPatch:
         subspace_matvec = None
         if len(h) > config.curvature_rows:
             rows = np.sort(np.random.default_rng(0).choice(len(h), size=config.curvature_rows, replace=False))
-            subspace_matvec = inf.make_head_matvec(
-                ctx.spec,
-                ctx.unravel,
-                ctx.theta,
-                h[rows],
-                y[rows],
-                l2=ctx.l2,
-                curvature=config.curvature,
-                batch_size=None,
-            )
+            subspace_matvec = ctx.head.matvec(h[rows], y[rows], l2=ctx.l2, curvature=config.curvature, batch_size=None)
             extra["curvature_subspace_rows"] = config.curvature_rows
             drop = ("curvature_stale",)
         lam, vecs = inf.compute_top_eigenpairs(matvec, p, rank=rank, dtype=np.float64, subspace_matvec=subspace_matvec)

@@ -32,6 +32,7 @@ from influence.head import (  # noqa: E402
     validate_head_params,
     validate_head_spec,
 )
+from influence.head_ops import Head  # noqa: E402
 from influence.hvp import (  # noqa: E402
     MatVec,
     compute_dense_curvature,
@@ -77,6 +78,7 @@ __all__ = [
     "HEAD_LAYER_KINDS",
     "EigenSolver",
     "GaussianProjection",
+    "Head",
     "HeadCurvature",
     "LissaConfig",
     "LissaDivergenceError",

@@ -138,3 +138,26 @@ def test_auto_batch_size_is_one_pass_up_to_16k_rows(mlp) -> None:
     default = make_head_matvec(MLP, unravel, theta, h, y, l2=L2)
     single = make_head_matvec(MLP, unravel, theta, h, y, l2=L2, batch_size=None)
     np.testing.assert_array_equal(default(v), single(v))  # the default is today's rule for small n
+
+
+def test_the_head_object_gives_the_hessian_its_gradients_and_logits() -> None:
+    """`influence.Head`: the (spec, params) object against jax.hessian, jax.grad per row and apply_head (float64)."""
+    from influence import Head, apply_head
+
+    rng = np.random.default_rng(0)
+    params = _params(MLP, rng)
+    head = Head(MLP, params)
+    theta, unravel, h, y, hessian = _problem(MLP, 0)
+    np.testing.assert_array_equal(np.asarray(head.theta), np.asarray(theta))
+    v = rng.normal(size=theta.shape[0])
+    assert _rel(head.matvec(h, y, l2=L2, curvature="hessian")(jnp.asarray(v)), hessian @ v) < 1e-8
+    per_row = np.stack(
+        [
+            np.asarray(
+                jax.grad(lambda t, i=i: compute_objective(MLP, unravel, t, h[i : i + 1], y[i : i + 1], l2=0.0))(theta)
+            )
+            for i in range(3)
+        ]
+    )
+    np.testing.assert_allclose(head.gradients(h[:3], y[:3]), per_row, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(head.logits(h), np.asarray(apply_head(MLP, params, h)), rtol=1e-12)

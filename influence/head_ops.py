@@ -1,0 +1,74 @@
+"""The head as one object: its spec, its parameters and their flat vector theta, with the operations on them.
+
+With f(h; theta) the head's logits and CE the cross-entropy:
+
+    logits(h)          = f(h; theta)                                      [m, C]
+    gradients(h, y)    = g_i = grad_theta CE(f(h_i; theta), y_i)          [m, p]
+    matvec(h, y, l2)   = v -> (C + l2 I) v, C the GGN (or Hessian) of the mean CE over the rows   [p] -> [p]
+
+One object instead of the (spec, unravel, theta) triple every caller used to thread through.
+
+Reference: Koh & Liang 2017 (arXiv:1703.04730); Schraudolph 2002 (GGN products).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Literal
+
+import jax
+import numpy as np
+
+from influence.head import HeadParams, HeadSpec, apply_head, flatten_params
+from influence.hvp import MatVec, make_head_matvec
+from influence.objective import compute_per_example_grads
+
+
+@dataclass(frozen=True, eq=False)
+class Head:
+    """A head (`influence.head` spec and parameters) and its flat parameter vector.
+
+    Attributes:
+        spec: One dict per layer.
+        params: One parameter dict per layer.
+    """
+
+    spec: HeadSpec
+    params: HeadParams
+
+    @cached_property
+    def _flat(self) -> tuple[jax.Array, Any]:
+        return flatten_params(self.params)
+
+    @property
+    def theta(self) -> jax.Array:
+        """The parameters as one flat vector [p] (`flatten_params` order)."""
+        return self._flat[0]
+
+    @property
+    def unravel(self) -> Any:
+        """Flat vector [p] -> per-layer parameters."""
+        return self._flat[1]
+
+    def logits(self, h: Any) -> np.ndarray:
+        """f(h; theta) ``[m, C]`` float64."""
+        return np.asarray(apply_head(self.spec, self.params, h), np.float64)
+
+    def gradients(self, h: Any, y: Any) -> np.ndarray:
+        """Per-example gradients of CE at labels (or targets) y, ``[m, p]`` in the dtype of h (no l2 term)."""
+        return np.asarray(compute_per_example_grads(self.spec, self.unravel, self.theta, h, y))
+
+    def matvec(
+        self,
+        h: Any,
+        y: Any,
+        *,
+        l2: float,
+        curvature: str = "ggn",
+        batch_size: int | Literal["auto"] | None = "auto",
+    ) -> MatVec:
+        """v -> (C + l2 I) v over the rows (h, y) (`make_head_matvec`), damping not included."""
+        return make_head_matvec(
+            self.spec, self.unravel, self.theta, h, y, l2=l2, curvature=curvature, batch_size=batch_size
+        )
