@@ -50,6 +50,7 @@ from store import (
     save_manifest,
 )
 from store.arrays import replace_array
+from store.vectors import check_ids
 
 from .context import BuildContext
 from .errors import TaskError
@@ -120,19 +121,6 @@ def _open(run: str | Path, fingerprint: str | None = None) -> OpenedRun:
     return r
 
 
-def _check_ids(ids: Any, name: str) -> np.ndarray:
-    arr = np.asarray(ids)
-    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-        raise ValueError(f"{name}: must be a 1-D sequence of int ids, got {ids!r}")
-    arr = arr.astype(np.int64)
-    if arr.size and arr.min() < 0:
-        raise ValueError(f"{name}: must be >= 0, got {arr[arr < 0][:10].tolist()}")
-    uniq, counts = np.unique(arr, return_counts=True)
-    if (counts > 1).any():
-        raise ValueError(f"{name}: must be unique, duplicated {uniq[counts > 1][:10].tolist()}")
-    return arr
-
-
 def add_examples(
     task: Task,
     run: str | Path,
@@ -172,7 +160,7 @@ def add_examples(
             start = int(max(old_ids.max(initial=-1), retired.max(initial=-1))) + 1
             new_ids = np.arange(start, start + m, dtype=np.int64)
         else:
-            new_ids = _check_ids(ids, "ids")
+            new_ids = check_ids(ids, "ids")
             if len(new_ids) != m:
                 raise ValueError(f"ids: must have one id per new example ({m}), got {len(new_ids)}")
             used = np.intersect1d(new_ids, np.concatenate([old_ids, retired]))
@@ -238,7 +226,7 @@ def delete_examples(run: str | Path, ids: Any, *, refresh_curvature: bool = True
     """
     t0 = time.perf_counter()
     with _open(run) as r:
-        del_ids = _check_ids(ids, "ids")
+        del_ids = check_ids(ids, "ids")
         if del_ids.size == 0:
             raise ValueError("ids: nothing to delete")
         old_ids = r.train.ids

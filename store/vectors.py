@@ -112,15 +112,15 @@ def check_vectors(x: Any, name: str, dim: int) -> np.ndarray:
     return arr
 
 
-def check_ids(ids: Any, name: str, n: int) -> np.ndarray:
-    """Validates ``n`` unique non-negative integer ids and returns them as C-contiguous int64."""
+def check_ids(ids: Any, name: str, n: int | None = None) -> np.ndarray:
+    """Validates ``n`` (None: any number of) unique non-negative integer ids; returns them as C-contiguous int64."""
     arr = np.asarray(ids)
     if arr.ndim != 1:
         raise ValueError(f"{name}: must be 1-D, got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{name}: must be integers (int64), got dtype {arr.dtype}")
     arr = np.ascontiguousarray(arr, dtype=np.int64)
-    if arr.shape[0] != n:
+    if n is not None and arr.shape[0] != n:
         raise ValueError(f"{name}: must have {n} entries (one per vector), got {arr.shape[0]}")
     if arr.size and arr.min() < 0:
         raise ValueError(f"{name}: must be >= 0, got {arr[arr < 0][:10].tolist()}")
