@@ -334,6 +334,9 @@ def dump(
     out: Annotated[Path, typer.Option("--out", help="Parquet file to write")],
     k: Annotated[int, typer.Option(help="proponents and opponents kept per query")] = 100,
     method: Annotated[str, typer.Option(help=METHODS_HELP)] = "lissa",
+    targets: Annotated[
+        str | None, typer.Option(help="'label': score each query at its true label (default: its prediction)")
+    ] = None,
     dense: Annotated[bool, typer.Option(help="also write every score to <stem>.dense.npy")] = False,
     aggregates: Annotated[
         bool, typer.Option(help="also write per-training-example sums and counts to <stem>.aggregates.parquet")
@@ -345,7 +348,9 @@ def dump(
     from api.dump import dump_paths
 
     with open_index(run) as idx:
-        path = idx.dump(out, k=k, method=method, dense=dense, aggregates=aggregates, block_size=block_size)
+        path = idx.dump(
+            out, k=k, method=method, targets=targets, dense=dense, aggregates=aggregates, block_size=block_size
+        )
     typer.echo(f"wrote {path}")
     extra = dump_paths(path)
     for name in ("aggregates", "dense", "dense_ids"):

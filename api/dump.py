@@ -98,7 +98,9 @@ def topk_columns(
     }
 
 
-def _fingerprint(engine: Engine, ids: np.ndarray, k: int, method: str, block_size: int, dense: bool) -> str:
+def _fingerprint(
+    engine: Engine, ids: np.ndarray, k: int, method: str, block_size: int, dense: bool, targets: str | None
+) -> str:
     """What makes two dumps the same: the run (path, model, build time, training ids), the queries and options."""
     h = hashlib.sha256()
     run = engine.run
@@ -115,6 +117,8 @@ def _fingerprint(engine: Engine, ids: np.ndarray, k: int, method: str, block_siz
         "dense": dense,
         "lissa": repr(engine.lissa_config),
     }
+    if targets is not None:  # absent for the default, so a dump started before the option existed resumes
+        desc["targets"] = targets
     h.update(json.dumps(desc, sort_keys=True).encode())
     h.update(np.ascontiguousarray(ids, np.int64).tobytes())
     h.update(np.ascontiguousarray(run.train.ids, np.int64).tobytes())
@@ -147,6 +151,7 @@ def dump(
     *,
     k: int = 100,
     method: str = "lissa",
+    targets: str | None = None,
     block_size: int = 256,
     progress: bool = True,
     dense: bool = False,
@@ -161,6 +166,8 @@ def dump(
         test_ids: Stored test ids to dump; None = every stored test example.
         k: Proponents and opponents kept per query (rows with score <= 0 / >= 0 are dropped from each kind).
         method: One of `api.METHODS`.
+        targets: The class each query is scored at: None = the model's prediction ("why this prediction"),
+            "label" = the stored true label ("which training examples hurt the correct label").
         block_size: Queries per block (memory and checkpoint granularity).
         progress: Show a progress bar.
         dense: Also write every score into `<stem>.dense.npy` `[n_queries, n_train]` (a memmap on disk).
@@ -174,6 +181,8 @@ def dump(
 
     method = check_method(method)
     k = check_k(k)
+    if targets not in (None, "label"):
+        raise ValueError(f"targets must be None (the predictions) or 'label' (the true labels), got {targets!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int | np.integer) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     block_size = int(block_size)
@@ -190,7 +199,7 @@ def dump(
     train = engine.run.train
     n_train = len(train)
     work = DumpWork(path)
-    fingerprint = _fingerprint(engine, ids, k, method, block_size, dense)
+    fingerprint = _fingerprint(engine, ids, k, method, block_size, dense, targets)
     resumed = work.resume(fingerprint, n_train)
     if resumed is None:
         spec = {"fingerprint": fingerprint, "k": k, "method": method, "block_size": block_size, "n": len(ids)}
@@ -219,7 +228,8 @@ def dump(
     for b in range(done, n_blocks):
         block = ids[b * block_size : (b + 1) * block_size]
         # stored test rows: LiSSA reads the build's query cache, a last-block run its stored query gradients
-        queries = engine.prepare(list(block), None, None)
+        labels = None if targets is None else engine.run.test.labels[engine.test_rows(block)]
+        queries = engine.prepare(list(block), None, labels)
         q, _ = scorer.query_vectors(queries)
         q = np.ascontiguousarray(q, np.float32)
         mis = queries.predictions != np.asarray(queries.labels)

@@ -84,6 +84,23 @@ def test_dump_equals_pairwise_scores(digits_logreg_run, tmp_path, method):
     index.close()
 
 
+@pytest.mark.parametrize("method", ["lissa", "representer"])
+def test_dump_at_the_true_labels_equals_pairwise_scores_at_them(digits_logreg_run, tmp_path, method):
+    """`dump(targets="label")` scores each query at its stored label, as `pairwise_scores(targets=labels)`."""
+    with open_index(digits_logreg_run) as index:
+        test_ids = [0, 3, 21, 48, 11, 12, 19, 74]
+        labels = index.run.test.labels[index.run.test.rows(test_ids)]
+        path = index.dump(
+            tmp_path / "truth.parquet", test_ids, k=5, method=method, targets="label", block_size=3, progress=False
+        )
+        at_labels = index.pairwise_scores(test_ids, method=method, targets=labels)
+        at_predictions = index.pairwise_scores(test_ids, method=method)
+        mis = index.engine.logits(np.asarray(index.run.test.features[index.run.test.rows(test_ids)])).argmax(1)
+        mis = mis != labels
+        assert mis.any() and not np.allclose(at_labels[mis], at_predictions[mis])  # the option matters here
+        _check_against_dense(path, at_labels, test_ids, index.train_ids, index.run.train.labels, 5, mis)
+
+
 @pytest.fixture(scope="module")
 def projected_run(tmp_path_factory, digits_logreg_task):
     path = tmp_path_factory.mktemp("runs") / "digits-projected"
@@ -214,6 +231,7 @@ def test_a_changed_argument_restarts_instead_of_mixing(digits_logreg_run, tmp_pa
         ({"method": "nope"}, "nope"),
         ({"block_size": 0}, "block_size"),
         ({"on_block": 3}, "on_block"),
+        ({"targets": "truth"}, "targets"),
     ],
 )
 def test_bad_dump_input_writes_nothing(digits_logreg_run, tmp_path, kwargs, message):
