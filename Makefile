@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets tweets-noise tweets-lastblock bench-lastblock scale scale-dump scale-update bench-service clean
+.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets tweets-noise tweets-lastblock bench-lastblock scale scale-dump scale-update bench-service model-scale clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -126,6 +126,17 @@ bench-lastblock: $(STAMP) $(PEERS)/.hf $(PEERS)/.lastblock $(TWEETS_FEATURES)
 # scope="head" and scope="last-block", LDS of both against 32 half-subset retrains (~15 min on 2 shared cores).
 tweets-lastblock: $(STAMP) $(PEERS)/.hf $(TWEETS_FEATURES)
 	$(BIN)/python -m experiments.tweets_lastblock
+
+# Model scale (issue 14): the Fashion-MNIST MLP (whole 101,770-parameter head) side by side with kronfluence in one
+# run: LDS against 50 half-subset retrains (cached in experiments/cache/model_scale/), build / pairwise / explain
+# costs, our LiSSA damping sweep. kronfluence lives in $(PEERS)/kronfluence (torch comes from the venv, pinned by
+# constraints.txt; accelerate needs psutil), never in the project's dependencies. `--quick` for a smoke test.
+$(PEERS)/.kronfluence: $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt --no-deps --target $(PEERS)/kronfluence kronfluence==1.0.1 accelerate einops einconv opt-einsum safetensors psutil
+	touch $@
+
+model-scale: $(STAMP) $(PEERS)/.kronfluence data
+	$(BIN)/python -m experiments.model_scale
 
 # HTTP service under load (issue 7): 5,000 POST /explain at concurrency 16 against a Fashion-MNIST index.
 bench-service: $(STAMP) data
