@@ -159,6 +159,30 @@ class Engine:
             eigen=self.eigen_solver,
         )
 
+    @cached_property
+    def _kronecker(self) -> dict[str, inf.KroneckerCurvature]:
+        record = self.run.extra.get("kronecker")
+        if record is None:
+            return {}
+        bases = np.asarray(self.run.array("kronecker_bases"))
+        return {
+            kind: inf.KroneckerCurvature.from_arrays(
+                {"eigenvalues": np.asarray(self.run.array(f"{kind}_eigenvalues")), "bases": bases},
+                {**record, "kind": kind, "damping": self.damping},
+            )
+            for kind in inf.KRONECKER_KINDS
+        }
+
+    def kronecker(self, kind: str) -> inf.KroneckerCurvature:
+        """The run's K-FAC or EK-FAC approximation of C (`influence.kfac`, build stage "kronecker"), with this
+        Engine's damping."""
+        if kind not in self._kronecker:
+            raise ValueError(
+                f"method {kind!r} needs the run's Kronecker factors (build stage 'kronecker'), which "
+                f"{self.run.root} was built without: run build_index / `influence index` on it again to add them"
+            )
+        return self._kronecker[kind]
+
     def require_exact(self) -> None:
         """Raises a ValueError naming the limit when the run has no dense eigendecomposition."""
         if self.eigen_solver is None:

@@ -19,6 +19,7 @@ The order and the names are those of every run directory written so far ("comple
 | grad | train features, labels, ids | grad_vectors, spaces grad / grad-unit | yes |
 | representer | train and test features, train labels, ids | train_phi, representer_alpha / _theta, space | no |
 | curvature | train features, labels | curvature_(top_)eigenvalues / eigenvectors | no |
+| kronecker | train features | kronecker_bases, kfac_eigenvalues, ekfac_eigenvalues | no |
 | tracin | task, train features, labels | tracin_self_influence | yes |
 | queries | train and test arrays, curvature arrays | query_solutions / targets / residuals / depths | no |
 | block | task, labels, logits, ids | block_* arrays, spaces block / block-unit | no |
@@ -36,7 +37,7 @@ from .block import block_stage, is_last_block
 from .context import BuildContext, ManifestPatch
 from .examples import features_stage, grad_stage, has_checkpoints, metadata_stage, tracin_stage
 from .queries import has_query_cache, queries_stage
-from .training_set import curvature_stage, representer_stage
+from .training_set import curvature_stage, kronecker_stage, representer_stage
 
 TASK = "task"
 """Pseudo-input: the Task itself (model, datasets); stages that read it run only when one is given."""
@@ -92,6 +93,8 @@ CURVATURE_ARRAYS = (
     "curvature_eigenvectors",
 )
 
+KRONECKER_ARRAYS = ("kronecker_bases", "kfac_eigenvalues", "ekfac_eigenvalues")
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "features",
@@ -127,6 +130,13 @@ STAGES: tuple[Stage, ...] = (
         writes=CURVATURE_ARRAYS,
         per_example=False,
         run=curvature_stage,
+    ),
+    Stage(
+        "kronecker",
+        reads=("train_features",),
+        writes=KRONECKER_ARRAYS,
+        per_example=False,
+        run=kronecker_stage,
     ),
     Stage(
         "tracin",

@@ -7,6 +7,9 @@ Adding or deleting one training example changes every output of these stages, so
   + lambda ||Theta||^2 over the augmented penultimate features phi_i = [f(h_i), 1], started from the model's
   last linear layer (a rerun: from the stored Theta*); alpha_i = -(softmax(Theta* phi_i) - onehot(y_i)) /
   (2 lambda n) and the FAISS space of vec(alpha_i phi_i^T). lambda is `influence.resolve_representer_lambda`.
+- "kronecker": the K-FAC factors of every linear layer of the head and the EK-FAC eigenvalue correction
+  (`influence.kfac`; Martens & Grosse 2015, George et al. 2018), two passes over the training features in chunks:
+  the methods "kfac" / "ekfac" and the preconditioner of the exact-target solve.
 - "curvature": C + l2 I, C the GGN (or Hessian) of the mean training cross-entropy of the head: its top
   eigenpairs (deflated in LiSSA), the dense eigendecomposition of small heads (method "exact"), and the
   automatic damping, computed once here and stored (`extra["damping"]`): `influence.compute_damping` of
@@ -15,9 +18,11 @@ Adding or deleting one training example changes every output of these stages, so
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 import influence as inf
 from store import build_vector_index, load_array, save_array
@@ -113,3 +118,57 @@ def curvature_stage(ctx: BuildContext) -> ManifestPatch:
         inf.reference_eigenvalue(extra["top_eigenvalue"], deflation_eigenvalues), ctx.l2
     )
     return ManifestPatch(extra=extra, drop=drop)
+
+
+#: training rows per chunk of the Kronecker sums (padded to one shape, so each pass compiles once)
+KRONECKER_ROWS = 1024
+
+
+def _padded_chunks(h: np.ndarray, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(chunk [rows, ...], weights [rows]) over h; the last chunk padded with zero rows of weight 0."""
+    size = min(rows, len(h))
+    for start in range(0, len(h), size):
+        chunk = np.asarray(h[start : start + size])
+        w = np.ones(len(chunk), chunk.dtype)
+        if len(chunk) < size:
+            pad = size - len(chunk)
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            w = np.concatenate([w, np.zeros(pad, chunk.dtype)])
+        yield chunk, w
+
+
+def _sum_chunks(h: np.ndarray, compute: Callable[[np.ndarray, np.ndarray], Any], desc: str, progress: bool) -> Any:
+    total = None
+    n_chunks = -(-len(h) // min(KRONECKER_ROWS, len(h)))
+    for chunk, w in tqdm(
+        _padded_chunks(h, KRONECKER_ROWS), total=n_chunks, desc=desc, unit="chunk", disable=not progress
+    ):
+        part = compute(chunk, w)
+        total = part if total is None else total + part
+    return total
+
+
+def kronecker_stage(ctx: BuildContext) -> ManifestPatch:
+    """K-FAC factors A_l, G_l of the head's GGN (one pass), their eigenbases, and the EK-FAC eigenvalue correction
+    in those bases (a second pass): arrays "kronecker_bases", "kfac_eigenvalues", "ekfac_eigenvalues" and the
+    block layout in the manifest (`extra["kronecker"]`); `influence.KroneckerCurvature.from_arrays` reads them."""
+    paths = ctx.paths
+    h, _ = ctx.split("train")
+    spec, params = ctx.spec, ctx.params
+    sums = _sum_chunks(
+        h, lambda x, w: inf.compute_factor_sums(spec, params, x, weights=w), "kronecker factors", ctx.progress
+    )
+    kfac = inf.KroneckerCurvature.from_factors(inf.compute_kronecker_factors(spec, sums), l2=ctx.l2)
+    correction = _sum_chunks(
+        h,
+        lambda x, w: inf.compute_correction_sums(spec, params, x, kfac, weights=w),
+        "ekfac correction",
+        ctx.progress,
+    )
+    ekfac = kfac.with_correction(correction)
+    (kfac_arrays, description), (ekfac_arrays, _) = kfac.to_arrays(), ekfac.to_arrays()
+    save_array(paths.array("kronecker_bases"), kfac_arrays["bases"])
+    save_array(paths.array("kfac_eigenvalues"), kfac_arrays["eigenvalues"])
+    save_array(paths.array("ekfac_eigenvalues"), ekfac_arrays["eigenvalues"])
+    record = {k: v for k, v in description.items() if k not in ("kind", "damping")}
+    return ManifestPatch(extra={"kronecker": record})

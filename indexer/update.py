@@ -92,17 +92,22 @@ class UpdateReport:
         return dataclasses.asdict(self)
 
 
+#: the stages that estimate the curvature of the training loss (kept together by refresh_curvature=False)
+CURVATURE_STAGES = ("curvature", "kronecker")
+
+
 def stages_to_rerun(ctx: BuildContext, *, refresh_curvature: bool) -> tuple[list[Stage], list[Stage]]:
     """(stages to re-run, stages kept stale) among those that depend on the whole training set and apply.
 
-    "curvature" is kept when refresh_curvature is False, and so is every stage that reads what a kept stage
-    wrote (the query cache solves against the curvature arrays).
+    The curvature stages ("curvature", "kronecker") are kept when refresh_curvature is False, and so is every
+    stage that reads what a kept stage wrote (the query cache solves against the curvature arrays). Stages the
+    run's build did not record (a run built before the stage existed) are not added by an update.
     """
     rerun, kept, stale_outputs = [], [], set()
     for st in STAGES:
-        if st.per_example or not st.applies(ctx):
+        if st.per_example or not st.applies(ctx) or st.name not in ctx.manifest.stages:
             continue
-        if (st.name == "curvature" and not refresh_curvature) or stale_outputs & set(st.reads):
+        if (st.name in CURVATURE_STAGES and not refresh_curvature) or stale_outputs & set(st.reads):
             kept.append(st)
             stale_outputs |= set(st.writes)
         else:

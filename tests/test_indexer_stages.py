@@ -15,7 +15,9 @@ from store import ARRAYS, SPACES, Manifest, RunPaths, load_array, load_manifest,
 
 def test_stage_names_and_order_are_those_of_existing_runs():
     names = [s.name for s in STAGES]
-    assert names == ["features", "metadata", "grad", "representer", "curvature", "tracin", "queries", "block"]
+    existing = ["features", "metadata", "grad", "representer", "curvature", "tracin", "queries", "block"]
+    assert [n for n in names if n in existing] == existing  # runs written before a new stage resume in order
+    assert names == [*existing[:5], "kronecker", *existing[5:]]
 
 
 def test_each_stage_writes_what_the_run_layout_says_it_does():
@@ -87,19 +89,28 @@ def test_stages_that_read_the_task_need_one(tmp_path):
 @pytest.mark.parametrize(
     ("cache_queries", "refresh", "rerun", "kept"),
     [
-        (True, True, ["representer", "curvature", "queries"], []),
-        (True, False, ["representer"], ["curvature", "queries"]),
-        (False, True, ["representer", "curvature"], []),
-        (False, False, ["representer"], ["curvature"]),
+        (True, True, ["representer", "curvature", "kronecker", "queries"], []),
+        (True, False, ["representer"], ["curvature", "kronecker", "queries"]),
+        (False, True, ["representer", "curvature", "kronecker"], []),
+        (False, False, ["representer"], ["curvature", "kronecker"]),
     ],
 )
 def test_updates_rerun_the_training_set_stages_and_keep_what_reads_a_stale_one(
     tmp_path, cache_queries, refresh, rerun, kept
 ):
-    ctx = context(tmp_path, rerun=True, task={"l2": 0.1, "n_test": 5})
+    recorded = tuple(s.name for s in STAGES)
+    ctx = context(tmp_path, rerun=True, task={"l2": 0.1, "n_test": 5}, stages=recorded)
     ctx.config = IndexConfig(cache_queries=cache_queries)
     again, stale = stages_to_rerun(ctx, refresh_curvature=refresh)
     assert [s.name for s in again] == rerun and [s.name for s in stale] == kept
+
+
+def test_an_update_does_not_add_a_stage_the_build_did_not_record(tmp_path):
+    """A run built before the "kronecker" stage existed: its updates re-run what it has, and add nothing."""
+    recorded = tuple(s.name for s in STAGES if s.name != "kronecker")
+    ctx = context(tmp_path, rerun=True, task={"l2": 0.1, "n_test": 5}, stages=recorded)
+    again, stale = stages_to_rerun(ctx, refresh_curvature=True)
+    assert [s.name for s in again] == ["representer", "curvature"] and stale == []
 
 
 def test_a_rerun_rewrites_a_chunked_array_whole(tmp_path):

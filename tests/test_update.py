@@ -51,7 +51,7 @@ def test_adds_and_deletes_equal_a_fresh_build(updated_and_fresh):
     a, b = open_index(updated), open_index(fresh)
     assert np.array_equal(a.train_ids, final) and np.array_equal(b.train_ids, final)
     test_ids = list(range(12))
-    for method in ("exact", "grad-dot", "grad-cos", "representer"):
+    for method in ("exact", "grad-dot", "grad-cos", "representer", "ekfac", "kfac"):
         sa, sb = a.pairwise_scores(test_ids, method=method), b.pairwise_scores(test_ids, method=method)
         np.testing.assert_allclose(sa, sb, rtol=2e-4, atol=2e-5 * np.abs(sb).max(), err_msg=method)
         ea, eb = a.explain(test_ids=test_ids, k=8, method=method), b.explain(test_ids=test_ids, k=8, method=method)

@@ -1,0 +1,39 @@
+"""Influence with Kronecker-factored curvature of the head: score_i = g_q^T (K + (l2 + d) I)^-1 g_i.
+
+K is the block-diagonal K-FAC approximation of the GGN C (Martens & Grosse 2015, arXiv:1503.05671), per linear
+layer A_l (x) G_l from the layer's inputs and output gradients, or its EK-FAC refinement (George et al. 2018,
+arXiv:1806.03884; Grosse et al. 2023, arXiv:2308.03296): the same eigenbasis with the eigenvalues replaced by the
+diagonal of C in it. The query side is one application of the inverse (`influence.KroneckerCurvature.solve`): no
+iteration, so a query costs a gradient and a few small matrix products. Train side: the head gradients g_i
+(space "grad", re-scored exactly where the run projects them), as for the other head methods.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from api.scorers.base import register
+from api.scorers.head import HeadGradient
+
+if TYPE_CHECKING:
+    from api.engine import Queries
+
+
+class KroneckerInfluence(HeadGradient):
+    method = "ekfac"
+
+    def query_vectors(self, queries: Queries) -> tuple[np.ndarray, dict[str, float]]:
+        curvature = self.engine.kronecker(self.method)
+        return curvature.solve(self.gradients(queries)), {"damping": curvature.damping}
+
+
+@register("ekfac", scope="head", help="influence with the EK-FAC approximation of the curvature")
+class EKFAC(KroneckerInfluence):
+    method = "ekfac"
+
+
+@register("kfac", scope="head", help="influence with the K-FAC approximation of the curvature")
+class KFAC(KroneckerInfluence):
+    method = "kfac"
