@@ -149,7 +149,8 @@ class Engine:
 
     @cached_property
     def curvature(self) -> inf.HeadCurvature:
-        """The curvature operator of the head scope, with this Engine's damping."""
+        """The curvature operator of the head scope, with this Engine's damping (and EK-FAC as the preconditioner
+        of "lissa"'s iterative solve where the run has it)."""
         return inf.HeadCurvature(
             matvec=self.matvec,
             l2=self.run.l2,
@@ -157,21 +158,15 @@ class Engine:
             damping=self.damping,
             deflation=self.deflation,
             eigen=self.eigen_solver,
+            # EK-FAC approximates the GGN: it preconditions the iterative solve of GGN runs only
+            preconditioner=self._kronecker.get("ekfac") if self.run.config["curvature"] == "ggn" else None,
         )
 
     @cached_property
     def _kronecker(self) -> dict[str, inf.KroneckerCurvature]:
-        record = self.run.extra.get("kronecker")
-        if record is None:
-            return {}
-        bases = np.asarray(self.run.array("kronecker_bases"))
-        return {
-            kind: inf.KroneckerCurvature.from_arrays(
-                {"eigenvalues": np.asarray(self.run.array(f"{kind}_eigenvalues")), "bases": bases},
-                {**record, "kind": kind, "damping": self.damping},
-            )
-            for kind in inf.KRONECKER_KINDS
-        }
+        from indexer.training_set import load_kronecker
+
+        return load_kronecker(self.run.paths, self.run.extra, damping=self.damping)
 
     def kronecker(self, kind: str) -> inf.KroneckerCurvature:
         """The run's K-FAC or EK-FAC approximation of C (`influence.kfac`, build stage "kronecker"), with this

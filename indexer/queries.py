@@ -49,6 +49,7 @@ import influence as inf
 from store import RunPaths, load_array, save_array
 
 from .context import BuildContext, ManifestPatch
+from .training_set import load_kronecker
 
 BLOCK_ROWS = 256
 """Test examples per block (and per resumable chunk): right-hand sides solved together."""
@@ -144,6 +145,16 @@ def queries_stage(ctx: BuildContext) -> ManifestPatch:
         damping = inf.compute_damping(inf.reference_eigenvalue(top_eigenvalue, lam_defl), ctx.l2)
     config = dataclasses.replace(inf.LissaConfig(), damping=float(damping))
     operator, matvec = lissa_operator(paths, ctx.head, h_train, y_train, l2=ctx.l2, curvature=ctx.config.curvature)
+    # the query path's operator (`api.engine.Engine.curvature`): the same solver, so cached = solved answers
+    ekfac = load_kronecker(paths, ctx.manifest.extra, damping=float(damping)).get("ekfac")
+    curvature = inf.HeadCurvature(
+        matvec=matvec,
+        l2=ctx.l2,
+        top_eigenvalue=top_eigenvalue,
+        damping=float(damping),
+        deflation=deflation,
+        preconditioner=ekfac if ctx.config.curvature == "ggn" else None,
+    )
     p = ctx.n_params
     solutions = ctx.chunked(paths.array("query_solutions"), shape=(n_test, p), dtype=np.float32, chunk_rows=BLOCK_ROWS)
     # per-row diagnostics, written before the solutions chunk whose done-mask commits the block
@@ -152,15 +163,7 @@ def queries_stage(ctx: BuildContext) -> ManifestPatch:
     for chunk in tqdm(solutions.missing_chunks(), desc="query cache", unit="block", disable=not ctx.progress):
         sl = solutions.chunk_slice(chunk)
         g = ctx.head.gradients(np.asarray(h_test[sl]), targets[sl])
-        result = inf.solve_lissa(
-            matvec,
-            np.asarray(g),
-            config=config,
-            l2=ctx.l2,
-            top_eigenvalue=top_eigenvalue,
-            min_eigenvalue_floor=ctx.l2 + config.damping,
-            deflation=deflation,
-        )
+        result = curvature.run_iterative(np.asarray(g), lissa=config)
         residuals.write_chunk(chunk, np.asarray(result.residual, np.float64))
         depths.write_chunk(chunk, np.full(sl.stop - sl.start, result.depth, np.int64))
         solutions.write_chunk(chunk, np.asarray(result.x, np.float32))

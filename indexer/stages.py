@@ -148,7 +148,15 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "queries",
-        reads=("train_features", "train_labels", "train_ids", "test_features", "test_logits", *CURVATURE_ARRAYS),
+        reads=(
+            "train_features",
+            "train_labels",
+            "train_ids",
+            "test_features",
+            "test_logits",
+            *CURVATURE_ARRAYS,
+            *KRONECKER_ARRAYS,
+        ),
         writes=("query_solutions", "query_targets", "query_residuals", "query_depths"),
         per_example=False,
         run=queries_stage,

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import influence as inf
-from store import build_vector_index, load_array, save_array
+from store import RunPaths, build_vector_index, load_array, save_array
 
 from .context import BuildContext, ManifestPatch
 
@@ -172,3 +172,18 @@ def kronecker_stage(ctx: BuildContext) -> ManifestPatch:
     save_array(paths.array("ekfac_eigenvalues"), ekfac_arrays["eigenvalues"])
     record = {k: v for k, v in description.items() if k not in ("kind", "damping")}
     return ManifestPatch(extra={"kronecker": record})
+
+
+def load_kronecker(paths: RunPaths, extra: dict[str, Any], *, damping: float) -> dict[str, inf.KroneckerCurvature]:
+    """The stored K-FAC and EK-FAC curvatures of a run ({} when its build has no "kronecker" stage)."""
+    record = extra.get("kronecker")
+    if record is None:
+        return {}
+    bases = np.asarray(load_array(paths.array("kronecker_bases")))
+    return {
+        kind: inf.KroneckerCurvature.from_arrays(
+            {"eigenvalues": np.asarray(load_array(paths.array(f"{kind}_eigenvalues"))), "bases": bases},
+            {**record, "kind": kind, "damping": damping},
+        )
+        for kind in inf.KRONECKER_KINDS
+    }

@@ -4,7 +4,10 @@ Head scope (``HeadCurvature``): A = C + l2 I over the training set of the head, 
 mean cross-entropy (``influence.hvp.make_head_matvec``), solved as
 
     x = (A + d I)^-1 g        "exact": Q diag(1 / (lambda + d)) Q^T g   (dense eigendecomposition, small heads)
-                              "lissa": deflated LiSSA on the matvec     (``influence.solvers.solve_lissa``)
+                              "lissa": the iterative solve on the matvec: conjugate gradients preconditioned
+                                       by EK-FAC (``influence.kfac.solve_pcg``) when the operator has that
+                                       preconditioner (a GGN head whose build fitted it), else deflated LiSSA
+                                       (``influence.solvers.solve_lissa``); both stop at the same residual
 
 Last-block scope (``ProjectedCurvature``): the Galerkin projection onto span(S), S [p, d] a random projection
 (``indexer.block``), with phi = S^T g:
@@ -37,6 +40,7 @@ import scipy.linalg
 from jax.tree_util import Partial
 
 from influence.hvp import MatVec
+from influence.kfac import KroneckerCurvature, solve_pcg
 from influence.solvers import EigenSolver, LissaConfig, SolveResult, compute_damping, solve_lissa
 
 __all__ = [
@@ -49,6 +53,10 @@ __all__ = [
 ]
 
 SOLVE_METHODS = ("exact", "lissa")
+#: the preconditioned CG stops at this fraction of LiSSA's target error (``LissaConfig.tol``), on the residual
+PCG_TOL_FACTOR = 0.1
+#: most curvature products of one preconditioned CG solve
+PCG_MAX_ITER = 200
 
 
 def _is_real(value: Any) -> bool:
@@ -68,12 +76,11 @@ def _check_method(method: Any) -> str:
 
 
 def _lissa_diagnostics(damping: float, result: SolveResult) -> dict[str, float]:
-    return {
-        "damping": damping,
-        "scale": result.scale,
-        "depth": float(result.depth),
-        "residual_max": float(np.max(result.residual)),
-    }
+    """Solver diagnostics: damping, depth (recursion steps or CG iterations), max residual; LiSSA's scale."""
+    diag = {"damping": damping, "depth": float(result.depth), "residual_max": float(np.max(result.residual))}
+    if math.isfinite(result.scale):
+        diag["scale"] = result.scale
+    return diag
 
 
 def reference_eigenvalue(top_eigenvalue: float, deflation_eigenvalues: np.ndarray | None) -> float:
@@ -139,6 +146,8 @@ class HeadCurvature:
         damping: d, added on top of the matvec by every solver (``compute_damping``, or an explicit value).
         deflation: the top eigenpairs of C + l2 I (eigenvalues [r], eigenvectors [p, r]) deflated in LiSSA.
         eigen: the dense eigendecomposition of C + l2 I (heads small enough to have one), for "exact".
+        preconditioner: an EK-FAC (or K-FAC) approximation of C (``influence.kfac``): "lissa" then solves by
+            preconditioned CG, in a handful of products instead of hundreds.
     """
 
     matvec: MatVec
@@ -147,6 +156,7 @@ class HeadCurvature:
     damping: float
     deflation: tuple[np.ndarray, np.ndarray] | None = None
     eigen: EigenSolver | None = None
+    preconditioner: KroneckerCurvature | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.matvec):
@@ -159,6 +169,10 @@ class HeadCurvature:
             raise ValueError("deflation must be a tuple (eigenvalues [r], eigenvectors [p, r]) or None")
         if self.eigen is not None and not isinstance(self.eigen, EigenSolver):
             raise ValueError(f"eigen must be an EigenSolver or None, got {type(self.eigen).__name__}")
+        if self.preconditioner is not None and not isinstance(self.preconditioner, KroneckerCurvature):
+            raise ValueError(
+                f"preconditioner must be a KroneckerCurvature or None, got {type(self.preconditioner).__name__}"
+            )
 
     @classmethod
     def create(
@@ -188,12 +202,23 @@ class HeadCurvature:
         """lambda_ref of the damping rule for this operator (``reference_eigenvalue``)."""
         return reference_eigenvalue(self.top_eigenvalue, None if self.deflation is None else self.deflation[0])
 
-    def run_lissa(self, g: np.ndarray, *, lissa: LissaConfig | None = None) -> SolveResult:
-        """The full LiSSA result (per-row residuals, depth, scale) of (C + l2 I + d I) x = g for every row of g.
+    def run_iterative(self, g: np.ndarray, *, lissa: LissaConfig | None = None) -> SolveResult:
+        """The full result (per-row residuals, depth) of the iterative solve of (C + l2 I + d I) x = g per row of g.
 
-        The floor of the automatic depth is l2 + d, the smallest eigenvalue C + l2 I + d I can have (C PSD).
+        With a preconditioner: CG preconditioned by it, stopped at a relative residual of PCG_TOL_FACTOR x
+        ``lissa.tol``. Without: deflated LiSSA, whose automatic depth is floored at l2 + d, the smallest eigenvalue
+        C + l2 I + d I can have (C PSD).
         """
         config = LissaConfig() if lissa is None else lissa
+        if self.preconditioner is not None:
+            return solve_pcg(
+                self.matvec,
+                g,
+                precondition=self.preconditioner,
+                damping=self.damping,
+                tol=PCG_TOL_FACTOR * config.tol,
+                max_iter=PCG_MAX_ITER,
+            )
         return solve_lissa(
             self.matvec,
             g,
@@ -225,7 +250,7 @@ class HeadCurvature:
                 )
             x = self.eigen.solve(np.asarray(g).astype(np.float64), damping=self.damping)
             return np.asarray(x), {"damping": self.damping}
-        result = self.run_lissa(g, lissa=lissa)
+        result = self.run_iterative(g, lissa=lissa)
         return np.asarray(result.x), _lissa_diagnostics(result.damping, result)
 
 

@@ -156,7 +156,7 @@ def test_other_lissa_options_or_a_changed_run_fall_back(cached_runs):
 @pytest.mark.slow
 def test_the_stage_resumes_after_an_interruption(digits_logreg_task, tmp_path, monkeypatch, cached_runs):
     calls = {"n": 0}
-    solve = inf.solve_lissa
+    solve = inf.HeadCurvature.run_iterative  # one call per block of right-hand sides
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -164,7 +164,7 @@ def test_the_stage_resumes_after_an_interruption(digits_logreg_task, tmp_path, m
             raise KeyboardInterrupt("killed during the second block")
         return solve(*args, **kwargs)
 
-    monkeypatch.setattr(queries.inf, "solve_lissa", interrupted)
+    monkeypatch.setattr(inf.HeadCurvature, "run_iterative", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(digits_logreg_task, tmp_path / "run")
     manifest = json.loads((tmp_path / "run/manifest.json").read_text())
