@@ -149,8 +149,8 @@ class Engine:
 
     @cached_property
     def curvature(self) -> inf.HeadCurvature:
-        """The curvature operator of the head scope, with this Engine's damping (and EK-FAC as the preconditioner
-        of "lissa"'s iterative solve where the run has it)."""
+        """The curvature operator of the head scope, with this Engine's damping; "lissa" solves a GGN run by
+        conjugate gradients preconditioned by the stored top eigenpairs, a Hessian run by deflated LiSSA."""
         return inf.HeadCurvature(
             matvec=self.matvec,
             l2=self.run.l2,
@@ -158,8 +158,8 @@ class Engine:
             damping=self.damping,
             deflation=self.deflation,
             eigen=self.eigen_solver,
-            # EK-FAC approximates the GGN: it preconditions the iterative solve of GGN runs only
-            preconditioner=self._kronecker.get("ekfac") if self.run.config["curvature"] == "ggn" else None,
+            # the GGN is positive definite: conjugate gradients, preconditioned by the deflated eigenpairs
+            iterative="cg" if self.run.config["curvature"] == "ggn" else "lissa",
         )
 
     @cached_property

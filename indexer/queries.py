@@ -49,7 +49,6 @@ import influence as inf
 from store import RunPaths, load_array, save_array
 
 from .context import BuildContext, ManifestPatch
-from .training_set import load_kronecker
 
 BLOCK_ROWS = 256
 """Test examples per block (and per resumable chunk): right-hand sides solved together."""
@@ -145,15 +144,14 @@ def queries_stage(ctx: BuildContext) -> ManifestPatch:
         damping = inf.compute_damping(inf.reference_eigenvalue(top_eigenvalue, lam_defl), ctx.l2)
     config = dataclasses.replace(inf.LissaConfig(), damping=float(damping))
     operator, matvec = lissa_operator(paths, ctx.head, h_train, y_train, l2=ctx.l2, curvature=ctx.config.curvature)
-    # the query path's operator (`api.engine.Engine.curvature`): the same solver, so cached = solved answers
-    ekfac = load_kronecker(paths, ctx.manifest.extra, damping=float(damping)).get("ekfac")
+    # the query path's operator and solver (`api.engine.Engine.curvature`), so cached = solved answers
     curvature = inf.HeadCurvature(
         matvec=matvec,
         l2=ctx.l2,
         top_eigenvalue=top_eigenvalue,
         damping=float(damping),
         deflation=deflation,
-        preconditioner=ekfac if ctx.config.curvature == "ggn" else None,
+        iterative="cg" if ctx.config.curvature == "ggn" else "lissa",
     )
     p = ctx.n_params
     solutions = ctx.chunked(paths.array("query_solutions"), shape=(n_test, p), dtype=np.float32, chunk_rows=BLOCK_ROWS)

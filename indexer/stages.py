@@ -155,7 +155,6 @@ STAGES: tuple[Stage, ...] = (
             "test_features",
             "test_logits",
             *CURVATURE_ARRAYS,
-            *KRONECKER_ARRAYS,
         ),
         writes=("query_solutions", "query_targets", "query_residuals", "query_depths"),
         per_example=False,

@@ -4,10 +4,10 @@ Head scope (``HeadCurvature``): A = C + l2 I over the training set of the head, 
 mean cross-entropy (``influence.hvp.make_head_matvec``), solved as
 
     x = (A + d I)^-1 g        "exact": Q diag(1 / (lambda + d)) Q^T g   (dense eigendecomposition, small heads)
-                              "lissa": the iterative solve on the matvec: conjugate gradients preconditioned
-                                       by EK-FAC (``influence.kfac.solve_pcg``) when the operator has that
-                                       preconditioner (a GGN head whose build fitted it), else deflated LiSSA
-                                       (``influence.solvers.solve_lissa``); both stop at the same residual
+                              "lissa": the iterative solve on the matvec: for a positive definite operator
+                                       (GGN) conjugate gradients preconditioned by the deflated eigenpairs
+                                       (``deflation_preconditioner``, ``influence.kfac.solve_pcg``), else
+                                       deflated LiSSA (``influence.solvers.solve_lissa``)
 
 Last-block scope (``ProjectedCurvature``): the Galerkin projection onto span(S), S [p, d] a random projection
 (``indexer.block``), with phi = S^T g:
@@ -34,29 +34,61 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 from jax.tree_util import Partial
 
 from influence.hvp import MatVec
-from influence.kfac import KroneckerCurvature, solve_pcg
+from influence.kfac import solve_pcg
 from influence.solvers import EigenSolver, LissaConfig, SolveResult, compute_damping, solve_lissa
 
 __all__ = [
     "HeadCurvature",
     "ProjectedCurvature",
     "compute_damping",
+    "deflation_preconditioner",
     "pencil_eigenvalues",
     "pencil_eigh",
     "reference_eigenvalue",
 ]
 
 SOLVE_METHODS = ("exact", "lissa")
+ITERATIVE_SOLVERS = ("lissa", "cg")
 #: the preconditioned CG stops at this fraction of LiSSA's target error (``LissaConfig.tol``), on the residual
 PCG_TOL_FACTOR = 0.1
 #: most curvature products of one preconditioned CG solve
-PCG_MAX_ITER = 200
+PCG_MAX_ITER = 500
+
+
+def _deflation_apply(U: jax.Array, inv_top: jax.Array, inv_rest: jax.Array, R: jax.Array) -> jax.Array:
+    C = R @ U.astype(R.dtype)
+    return (C * inv_top.astype(R.dtype)) @ U.T.astype(R.dtype) + (R - C @ U.T.astype(R.dtype)) * inv_rest.astype(
+        R.dtype
+    )
+
+
+def deflation_preconditioner(eigenvalues: np.ndarray, eigenvectors: np.ndarray, damping: float) -> Partial:
+    """M^-1 R = U diag(1 / (lambda + d)) U^T R + (I - U U^T) R / (lambda_r + d), rows of R [m, p].
+
+    U [p, r] the top eigenvectors of A = C + l2 I with eigenvalues lambda (descending, lambda_r the smallest),
+    d the damping. M^-1 (A + d I) maps the deflated subspace to 1 and the rest of the spectrum into
+    [(l2 + d) / (lambda_r + d), 1], so preconditioned CG converges in ~ sqrt((lambda_r + d) / (l2 + d)) ln(2 / tol)
+    products where LiSSA needs ~ (lambda_r + d) / (l2 + d) ln(1 / tol). M^-1 keeps every eigenvector of A outside
+    span(U) an eigenvector (unlike a layer-wise preconditioner such as EK-FAC, which mixes in the exact null
+    directions of ReLU rescaling and was measured ~3x slower than plain CG on a Fashion-MNIST MLP).
+
+    Reference: spectral deflation preconditioners, Carpentieri, Duff & Giraud 2003 (SIAM J. Matrix Anal. Appl.
+    25(3)); Frank & Vuik 2001, "On the construction of deflation-based preconditioners" (SIAM J. Sci. Comput.).
+    """
+    lam = np.asarray(eigenvalues, np.float64)
+    return Partial(
+        _deflation_apply,
+        jnp.asarray(eigenvectors),
+        jnp.asarray(1.0 / (lam + damping)),
+        jnp.asarray(1.0 / (float(lam.min()) + damping)),
+    )
 
 
 def _is_real(value: Any) -> bool:
@@ -146,8 +178,8 @@ class HeadCurvature:
         damping: d, added on top of the matvec by every solver (``compute_damping``, or an explicit value).
         deflation: the top eigenpairs of C + l2 I (eigenvalues [r], eigenvectors [p, r]) deflated in LiSSA.
         eigen: the dense eigendecomposition of C + l2 I (heads small enough to have one), for "exact".
-        preconditioner: an EK-FAC (or K-FAC) approximation of C (``influence.kfac``): "lissa" then solves by
-            preconditioned CG, in a handful of products instead of hundreds.
+        iterative: how "lissa" solves: "lissa" (deflated LiSSA) or "cg" (conjugate gradients preconditioned by
+            the deflation, ``deflation_preconditioner``; the operator must be positive definite, e.g. the GGN).
     """
 
     matvec: MatVec
@@ -156,7 +188,7 @@ class HeadCurvature:
     damping: float
     deflation: tuple[np.ndarray, np.ndarray] | None = None
     eigen: EigenSolver | None = None
-    preconditioner: KroneckerCurvature | None = None
+    iterative: str = "lissa"
 
     def __post_init__(self) -> None:
         if not callable(self.matvec):
@@ -169,10 +201,8 @@ class HeadCurvature:
             raise ValueError("deflation must be a tuple (eigenvalues [r], eigenvectors [p, r]) or None")
         if self.eigen is not None and not isinstance(self.eigen, EigenSolver):
             raise ValueError(f"eigen must be an EigenSolver or None, got {type(self.eigen).__name__}")
-        if self.preconditioner is not None and not isinstance(self.preconditioner, KroneckerCurvature):
-            raise ValueError(
-                f"preconditioner must be a KroneckerCurvature or None, got {type(self.preconditioner).__name__}"
-            )
+        if self.iterative not in ITERATIVE_SOLVERS:
+            raise ValueError(f"iterative must be one of {ITERATIVE_SOLVERS}, got {self.iterative!r}")
 
     @classmethod
     def create(
@@ -205,16 +235,17 @@ class HeadCurvature:
     def run_iterative(self, g: np.ndarray, *, lissa: LissaConfig | None = None) -> SolveResult:
         """The full result (per-row residuals, depth) of the iterative solve of (C + l2 I + d I) x = g per row of g.
 
-        With a preconditioner: CG preconditioned by it, stopped at a relative residual of PCG_TOL_FACTOR x
-        ``lissa.tol``. Without: deflated LiSSA, whose automatic depth is floored at l2 + d, the smallest eigenvalue
-        C + l2 I + d I can have (C PSD).
+        iterative="cg": conjugate gradients preconditioned by the deflated eigenpairs (plain CG without them),
+        stopped at a relative residual of PCG_TOL_FACTOR x ``lissa.tol``. iterative="lissa": deflated LiSSA, whose
+        automatic depth is floored at l2 + d, the smallest eigenvalue C + l2 I + d I can have (C PSD).
         """
         config = LissaConfig() if lissa is None else lissa
-        if self.preconditioner is not None:
+        if self.iterative == "cg":
+            pre = None if self.deflation is None else deflation_preconditioner(*self.deflation, self.damping)
             return solve_pcg(
                 self.matvec,
                 g,
-                precondition=self.preconditioner,
+                precondition=pre,
                 damping=self.damping,
                 tol=PCG_TOL_FACTOR * config.tol,
                 max_iter=PCG_MAX_ITER,
