@@ -76,6 +76,8 @@ class Engine:
     min_candidates: int = 1000
     #: read LiSSA vectors of stored test examples from the build's query cache when valid (False: always solve)
     use_query_cache: bool = True
+    #: take candidates of projected runs from the whitened space "grad-whitened" where the run has one
+    use_whitened_space: bool = True
 
     def __init__(self, run: OpenedRun, *, task: Any = None, lissa: inf.LissaConfig | None = None) -> None:
         self.run = run
@@ -177,6 +179,17 @@ class Engine:
                 f"{self.run.root} was built without: run build_index / `influence index` on it again to add them"
             )
         return self._kronecker[kind]
+
+    @cached_property
+    def whitening_half(self) -> Any | None:
+        """v -> M^1/2 v for rows of v, M the spectral model of the curvature the build whitened the projected
+        space "grad-whitened" with (`indexer.training_set.whitened_stage`); None when the run has no such space."""
+        record = self.run.extra.get("whitened")
+        if record is None or "grad-whitened" not in self.run.manifest.spaces:
+            return None
+        eigenvalues = np.asarray(self.run.array("curvature_top_eigenvalues"), np.float64)
+        vectors = self.run.array("curvature_top_eigenvectors")
+        return inf.deflation_power(eigenvalues, vectors, float(record["damping"]), 0.5)
 
     def require_exact(self) -> None:
         """Raises a ValueError naming the limit when the run has no dense eigendecomposition."""

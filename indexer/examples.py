@@ -152,11 +152,12 @@ def example_records(
         )
 
 
-def head_gradients(ctx: BuildContext, h: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Per-example head gradients g_i [m, d] float32 at labels y, projected when the run projects them."""
+def head_gradients(ctx: BuildContext, h: np.ndarray, y: np.ndarray, *, project: bool = True) -> np.ndarray:
+    """Per-example head gradients g_i [m, d] float32 at labels y, projected when the run projects them (and
+    `project`)."""
     g = ctx.head.gradients(np.asarray(h), y)
     proj = ctx.manifest.projection
-    if proj:
+    if proj and project:
         g = inf.project(g, seed=proj.seed, d=proj.dim)
     return np.asarray(g, np.float32)
 

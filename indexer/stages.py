@@ -19,6 +19,7 @@ The order and the names are those of every run directory written so far ("comple
 | grad | train features, labels, ids | grad_vectors, spaces grad / grad-unit | yes |
 | representer | train and test features, train labels, ids | train_phi, representer_alpha / _theta, space | no |
 | curvature | train features, labels | curvature_(top_)eigenvalues / eigenvectors | no |
+| whitened | train features, labels, ids, curvature top eigenpairs | whitened_vectors, space grad-whitened | no |
 | kronecker | train features | kronecker_bases, kfac_eigenvalues, ekfac_eigenvalues | no |
 | tracin | task, train features, labels | tracin_self_influence | yes |
 | queries | train and test arrays, curvature arrays | query_solutions / targets / residuals / depths | no |
@@ -37,7 +38,13 @@ from .block import block_stage, is_last_block
 from .context import BuildContext, ManifestPatch
 from .examples import features_stage, grad_stage, has_checkpoints, metadata_stage, tracin_stage
 from .queries import has_query_cache, queries_stage
-from .training_set import curvature_stage, kronecker_stage, representer_stage
+from .training_set import (
+    curvature_stage,
+    has_projected_deflation,
+    kronecker_stage,
+    representer_stage,
+    whitened_stage,
+)
 
 TASK = "task"
 """Pseudo-input: the Task itself (model, datasets); stages that read it run only when one is given."""
@@ -130,6 +137,20 @@ STAGES: tuple[Stage, ...] = (
         writes=CURVATURE_ARRAYS,
         per_example=False,
         run=curvature_stage,
+    ),
+    Stage(
+        "whitened",
+        reads=(
+            "train_features",
+            "train_labels",
+            "train_ids",
+            "curvature_top_eigenvalues",
+            "curvature_top_eigenvectors",
+        ),
+        writes=("whitened_vectors", "grad-whitened"),
+        per_example=False,
+        run=whitened_stage,
+        applies=has_projected_deflation,
     ),
     Stage(
         "kronecker",

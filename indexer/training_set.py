@@ -7,6 +7,12 @@ Adding or deleting one training example changes every output of these stages, so
   + lambda ||Theta||^2 over the augmented penultimate features phi_i = [f(h_i), 1], started from the model's
   last linear layer (a rerun: from the stored Theta*); alpha_i = -(softmax(Theta* phi_i) - onehot(y_i)) /
   (2 lambda n) and the FAISS space of vec(alpha_i phi_i^T). lambda is `influence.resolve_representer_lambda`.
+- "whitened" (projected heads only): the head gradients whitened by the spectral model of the curvature,
+  M^-1/2 g_i (`influence.curvature.deflation_power`: the stored top eigenpairs kept, the rest of the spectrum
+  flattened to the smallest of them), projected with the run's seed -> FAISS space "grad-whitened". A query
+  vector s is searched as P M^1/2 s: in full space (M^1/2 s) . (M^-1/2 g_i) = s . g_i is the exact score, so the
+  projection only adds Johnson-Lindenstrauss noise, on vectors whose curvature-dominated directions no longer
+  drown the rest (raw projected gradients rank by those few directions).
 - "kronecker": the K-FAC factors of every linear layer of the head and the EK-FAC eigenvalue correction
   (`influence.kfac`; Martens & Grosse 2015, George et al. 2018), two passes over the training features in chunks:
   the methods "kfac" / "ekfac" and the preconditioner of the exact-target solve.
@@ -21,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -187,3 +194,33 @@ def load_kronecker(paths: RunPaths, extra: dict[str, Any], *, damping: float) ->
         )
         for kind in inf.KRONECKER_KINDS
     }
+
+
+def has_projected_deflation(ctx: BuildContext) -> bool:
+    """Whether the run projects its head gradients and has top eigenpairs to whiten them with."""
+    return ctx.manifest.projection is not None and ctx.paths.array("curvature_top_eigenvalues").exists()
+
+
+def whitened_stage(ctx: BuildContext) -> ManifestPatch:
+    """P M^-1/2 g_i of every training example -> FAISS space "grad-whitened" (see the module docstring)."""
+    from .examples import head_gradients
+
+    paths, proj = ctx.paths, ctx.manifest.projection
+    assert proj is not None  # applies() checked it
+    damping = float(ctx.manifest.extra["damping"])
+    eigenvalues = np.asarray(load_array(paths.array("curvature_top_eigenvalues")), np.float64)
+    half = inf.deflation_power(eigenvalues, load_array(paths.array("curvature_top_eigenvectors")), damping, -0.5)
+    h, y = ctx.split("train")
+    vectors = ctx.chunked(paths.array("whitened_vectors"), shape=(len(h), proj.dim), dtype=np.float32, chunk_rows=256)
+    for chunk in tqdm(vectors.missing_chunks(), desc="whitened gradients", unit="chunk", disable=not ctx.progress):
+        sl = vectors.chunk_slice(chunk)
+        g = head_gradients(ctx, h[sl], y[sl], project=False)
+        whitened = np.asarray(half(jnp.asarray(g)), np.float32)
+        vectors.write_chunk(chunk, np.asarray(inf.project(whitened, seed=proj.seed, d=proj.dim), np.float32))
+    vecs = np.ascontiguousarray(vectors.array())
+    vectors.close()
+    index, space = build_vector_index(vecs, ctx.ids("train"), factory=ctx.config.factory)
+    index.save(paths.vector("grad-whitened"))
+    return ManifestPatch(
+        spaces={"grad-whitened": space}, extra={"whitened": {"damping": damping, "rank": len(eigenvalues)}}
+    )

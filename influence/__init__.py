@@ -17,6 +17,7 @@ jax.config.update("jax_enable_x64", True)
 from influence.curvature import (  # noqa: E402
     HeadCurvature,
     ProjectedCurvature,
+    deflation_power,
     pencil_eigenvalues,
     pencil_eigh,
     reference_eigenvalue,
@@ -120,6 +121,7 @@ __all__ = [
     "compute_representer_queries",
     "compute_top_eigenpairs",
     "cross_entropy",
+    "deflation_power",
     "eigenpair_residuals",
     "estimate_top_eigenvalue",
     "fit_kronecker_curvature",

@@ -65,6 +65,7 @@ ARRAYS: dict[str, Artifact] = _catalogue(
     Artifact("curvature_top_eigenvectors", "curvature", "their eigenvectors [p, r]"),
     Artifact("curvature_eigenvalues", "curvature", "every eigenvalue of C + l2 I (small heads) [p] float64"),
     Artifact("curvature_eigenvectors", "curvature", "every eigenvector of C + l2 I (small heads) [p, p] float64"),
+    Artifact("whitened_vectors", "whitened", "projected whitened head gradients P M^-1/2 g_i [n_train, d] float32"),
     Artifact("kronecker_bases", "kronecker", "K-FAC eigenbases Q_A [k, k], Q_G [out, out] per linear layer, raveled"),
     Artifact("kfac_eigenvalues", "kronecker", "K-FAC eigenvalues lambda_G lambda_A^T per block, raveled [p] float64"),
     Artifact("ekfac_eigenvalues", "kronecker", "EK-FAC corrected eigenvalues per block, raveled [p] float64"),
@@ -90,6 +91,7 @@ SPACES: dict[str, Artifact] = _catalogue(
     Artifact("grad", "grad", "head gradients g_i (projected when the head is large)"),
     Artifact("grad-unit", "grad", "g_i / |g_i|"),
     Artifact("representer", "representer", "vec(alpha_i phi_i^T)"),
+    Artifact("grad-whitened", "whitened", "P M^-1/2 g_i: projected gradients whitened by the curvature's spectrum"),
     Artifact("block", "block", "projected last-block gradients S^T g_i"),
     Artifact("block-unit", "block", "S^T g_i / |S^T g_i|"),
 )

@@ -247,3 +247,22 @@ def test_cg_preconditioned_by_the_deflation_solves_in_far_fewer_products_than_li
     assert diag["depth"] < diag_lissa["depth"] / 5, (diag["depth"], diag_lissa["depth"])
     with pytest.raises(ValueError, match="iterative"):
         dataclasses.replace(lissa, iterative="sgd")
+
+
+def test_deflation_powers_compose_and_invert(head) -> None:
+    """M^1/2 M^-1/2 = I, M^-1/2 M^-1/2 = M^-1 = the preconditioner, and M^-1 (A + d I) = I on the deflated subspace."""
+    from influence import deflation_power
+    from influence.curvature import deflation_preconditioner
+
+    _, dense, _, (lam, U), g = head
+    d = 1e-3
+    half, inv_half = deflation_power(lam, U, d, 0.5), deflation_power(lam, U, d, -0.5)
+    np.testing.assert_allclose(np.asarray(half(inv_half(g))), g, rtol=1e-8, atol=1e-10)
+    inv = np.asarray(deflation_preconditioner(lam, U, d)(g))
+    np.testing.assert_allclose(np.asarray(inv_half(inv_half(g))), inv, rtol=1e-8, atol=1e-12)
+    top = np.asarray(U)[:, :1].T  # a deflated direction: M^-1 (A + d I) u = u up to the eigenpair's accuracy
+    np.testing.assert_allclose(
+        np.asarray(deflation_preconditioner(lam, U, d)(top @ (dense + d * np.eye(len(dense))))), top, atol=1e-4
+    )
+    with pytest.raises(ValueError, match="eigenvalues"):
+        deflation_power(np.array([-1.0]), np.ones((3, 1)), 0.0, 0.5)

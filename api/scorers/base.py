@@ -83,15 +83,22 @@ def search(engine: Engine, scorer: Scorer, q: np.ndarray, k: int) -> tuple[list[
 
     An exact space answers from FAISS directly; a projected one proposes max(20 k, `engine.min_candidates`)
     candidates per sign, which are re-scored exactly and ranked with `influence.topk_both_signs` (ties: smaller
-    id first).
+    id first). Candidates for scores against raw gradients come from the whitened space where the run has one:
+    P M^1/2 q against P M^-1/2 g_i (`indexer.training_set.whitened_stage`), whose inner product estimates q . g_i.
     """
-    index = engine.run.space(scorer.space)
     if not scorer.projected:
+        index = engine.run.space(scorer.space)
         pos, neg = search_both_signs(index, np.ascontiguousarray(q, np.float32), k)
         return [(h.ids, h.scores) for h in pos], [(h.ids, h.scores) for h in neg]
     proj = engine.run.projection
     assert proj is not None  # a projected space implies a projected run
-    qp = np.asarray(inf.project(q.astype(np.float32), seed=proj.seed, d=proj.dim), np.float32)
+    space, half = scorer.space, engine.whitening_half
+    if space == "grad" and half is not None and engine.use_whitened_space:
+        space, q_search = "grad-whitened", np.asarray(half(np.asarray(q, np.float32)))
+    else:
+        q_search = q
+    index = engine.run.space(space)
+    qp = np.asarray(inf.project(q_search.astype(np.float32), seed=proj.seed, d=proj.dim), np.float32)
     n_cand = min(index.ntotal, max(20 * k, engine.min_candidates))
     pos_hits, neg_hits = search_both_signs(index, np.ascontiguousarray(qp), n_cand)
     out_pos, out_neg = [], []
