@@ -40,6 +40,7 @@ import numpy as np
 import scipy.linalg
 from jax.tree_util import Partial
 
+from influence.checks import check_nonnegative, is_real
 from influence.hvp import MatVec
 from influence.kfac import solve_pcg
 from influence.solvers import EigenSolver, LissaConfig, SolveResult, compute_damping, solve_lissa
@@ -99,16 +100,6 @@ def deflation_preconditioner(eigenvalues: np.ndarray, eigenvectors: np.ndarray, 
     directions of ReLU rescaling and was measured ~3x slower than plain CG on a Fashion-MNIST MLP).
     """
     return deflation_power(eigenvalues, eigenvectors, damping, -1.0)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-
-
-def _check_nonnegative(name: str, value: Any) -> float:
-    if not _is_real(value) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
-    return float(value)
 
 
 def _check_method(method: Any) -> str:
@@ -203,9 +194,9 @@ class HeadCurvature:
     def __post_init__(self) -> None:
         if not callable(self.matvec):
             raise ValueError(f"matvec must be callable v -> (C + l2 I) v, got {type(self.matvec).__name__}")
-        _check_nonnegative("l2", self.l2)
-        _check_nonnegative("damping", self.damping)
-        if not _is_real(self.top_eigenvalue) or not math.isfinite(self.top_eigenvalue):
+        check_nonnegative("l2", self.l2)
+        check_nonnegative("damping", self.damping)
+        if not is_real(self.top_eigenvalue) or not math.isfinite(self.top_eigenvalue):
             raise ValueError(f"top_eigenvalue must be a finite float, got {self.top_eigenvalue!r}")
         if self.deflation is not None and (not isinstance(self.deflation, tuple) or len(self.deflation) != 2):
             raise ValueError("deflation must be a tuple (eigenvalues [r], eigenvectors [p, r]) or None")
@@ -324,14 +315,10 @@ class ProjectedCurvature:
         A, B = _check_pencil(self.A, self.B)
         object.__setattr__(self, "A", A)
         object.__setattr__(self, "B", B)
-        if (
-            not _is_real(self.full_space_scale)
-            or not math.isfinite(self.full_space_scale)
-            or self.full_space_scale <= 0
-        ):
+        if not is_real(self.full_space_scale) or not math.isfinite(self.full_space_scale) or self.full_space_scale <= 0:
             raise ValueError(f"full_space_scale must be a finite float > 0, got {self.full_space_scale!r}")
-        _check_nonnegative("l2", self.l2)
-        _check_nonnegative("damping", self.damping)
+        check_nonnegative("l2", self.l2)
+        check_nonnegative("damping", self.damping)
         r = self.deflation_rank
         if isinstance(r, bool) or not isinstance(r, int | np.integer) or not 0 <= r < A.shape[0]:
             raise ValueError(f"deflation_rank must be an int in [0, {A.shape[0]}), got {r!r}")

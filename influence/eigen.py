@@ -26,7 +26,7 @@ and 5.3; Saad 2011, "Numerical Methods for Large Eigenvalue Problems", ch. 5 (su
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -36,13 +36,10 @@ import scipy.sparse.linalg
 from jax.tree_util import Partial
 from jax.typing import DTypeLike
 
+from influence.checks import is_int
 from influence.hvp import MatVec, as_matvec_pytree
 
 EIGEN_ALGORITHMS = ("subspace", "lanczos")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def compute_top_eigenpairs(
@@ -86,15 +83,15 @@ def compute_top_eigenpairs(
         (eigenvalues [rank] descending, eigenvectors [p, rank] with orthonormal columns), numpy arrays in dtype
         ("subspace") or float64 ("lanczos").
     """
-    if not _is_int(p) or p <= 0:
+    if not is_int(p) or p <= 0:
         raise ValueError(f"p must be a positive int, got {p!r}")
-    if not _is_int(rank) or not 0 <= rank <= p:
+    if not is_int(rank) or not 0 <= rank <= p:
         raise ValueError(f"rank must be an int in [0, p={p}], got {rank!r}")
-    if not _is_int(iters) or iters < 0:
+    if not is_int(iters) or iters < 0:
         raise ValueError(f"iters must be an int >= 0, got {iters!r}")
-    if oversample is not None and (not _is_int(oversample) or oversample < 0):
+    if oversample is not None and (not is_int(oversample) or oversample < 0):
         raise ValueError(f"oversample must be an int >= 0 or None, got {oversample!r}")
-    if not _is_int(seed):
+    if not is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):

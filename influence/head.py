@@ -29,6 +29,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
+from influence.checks import is_int
+
 HeadSpec = Sequence[Mapping[str, Any]]
 HeadParams = Sequence[Mapping[str, ArrayLike]]
 
@@ -37,10 +39,6 @@ HEAD_LAYER_KINDS: frozenset[str] = frozenset(
 )
 
 _GELU_APPROXIMATIONS = frozenset({"none", "tanh"})
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _layer_error(index: int, kind: Any, message: str) -> ValueError:
@@ -78,7 +76,7 @@ def _validate_layer(index: int, layer: Any, width: int | None) -> int | None:
             not isinstance(shape, Sequence)
             or isinstance(shape, str)
             or len(shape) == 0
-            or not all(_is_int(s) and s > 0 for s in shape)
+            or not all(is_int(s) and s > 0 for s in shape)
         ):
             raise _layer_error(
                 index, kind, f"normalized_shape must be a non-empty list of positive ints, got {shape!r}"

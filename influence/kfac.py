@@ -62,6 +62,7 @@ import numpy as np
 from jax.tree_util import Partial
 from jax.typing import ArrayLike
 
+from influence.checks import check_nonnegative, check_rows, is_int, is_real
 from influence.head import HeadParams, HeadSpec, apply_head, validate_head_params, validate_head_spec
 from influence.hvp import MatVec, as_matvec_pytree
 from influence.objective import spec_key
@@ -84,20 +85,6 @@ __all__ = [
 
 KRONECKER_KINDS = ("kfac", "ekfac")
 SUM_KINDS = ("factors", "correction")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-
-
-def _check_nonnegative(name: str, value: Any) -> float:
-    if not _is_real(value) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
-    return float(value)
 
 
 # ----------------------------------------------------------------------------------------------- layout of theta
@@ -410,7 +397,7 @@ class KroneckerSums:
     def __post_init__(self) -> None:
         if self.kind not in SUM_KINDS:
             raise ValueError(f"kind must be one of {SUM_KINDS}, got {self.kind!r}")
-        if not _is_int(self.n) or self.n < 0:
+        if not is_int(self.n) or self.n < 0:
             raise ValueError(f"n must be an int >= 0, got {self.n!r}")
 
     def __add__(self, other: KroneckerSums) -> KroneckerSums:
@@ -654,8 +641,8 @@ class KroneckerCurvature:
     def __post_init__(self) -> None:
         if self.kind not in KRONECKER_KINDS:
             raise ValueError(f"kind must be one of {KRONECKER_KINDS}, got {self.kind!r}")
-        _check_nonnegative("l2", self.l2)
-        _check_nonnegative("damping", self.damping)
+        check_nonnegative("l2", self.l2)
+        check_nonnegative("damping", self.damping)
         if not (len(self.blocks) == len(self.q_a) == len(self.q_g) == len(self.eigenvalues)) or not self.blocks:
             raise ValueError(
                 f"blocks, q_a, q_g and eigenvalues must have one entry per block, got lengths {len(self.blocks)}, "
@@ -748,7 +735,7 @@ class KroneckerCurvature:
         return replace(self, kind="ekfac", eigenvalues=eigenvalues)
 
     def _shift(self, damping: float | None) -> float:
-        d = self.damping if damping is None else _check_nonnegative("damping", damping)
+        d = self.damping if damping is None else check_nonnegative("damping", damping)
         shift = self.l2 + d
         low = min(float(np.min(lam)) for lam in self.eigenvalues)
         if low + shift <= 0:
@@ -874,10 +861,10 @@ def fit_kronecker_curvature(
     """
     if kind not in KRONECKER_KINDS:
         raise ValueError(f"kind must be one of {KRONECKER_KINDS}, got {kind!r}")
-    if not _is_int(batch_size) or batch_size <= 0:
+    if not is_int(batch_size) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    _check_nonnegative("l2", l2)
-    _check_nonnegative("damping", damping)
+    check_nonnegative("l2", l2)
+    check_nonnegative("damping", damping)
     h_arr, _ = _check_features(spec, params, h, None)
 
     def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -998,18 +985,12 @@ def solve_pcg(
         a SolveResult with method "pcg" (preconditioned) or "cg", x [m, p] in B's dtype, the residual per row,
         depth = the iterations run (the slowest row's).
     """
-    damping = _check_nonnegative("damping", damping)
-    if not _is_real(tol) or not 0 < tol < 1:
+    damping = check_nonnegative("damping", damping)
+    if not is_real(tol) or not 0 < tol < 1:
         raise ValueError(f"tol must be a float in (0, 1), got {tol!r}")
-    if not _is_int(max_iter) or max_iter < 1:
+    if not is_int(max_iter) or max_iter < 1:
         raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
-    B_arr = jnp.asarray(B)
-    if B_arr.ndim != 2:
-        raise ValueError(f"B must have shape [m, p], got shape {B_arr.shape}")
-    if not jnp.issubdtype(B_arr.dtype, jnp.floating):
-        raise ValueError(f"B must be a floating array, got dtype {B_arr.dtype}")
-    if not bool(jnp.all(jnp.isfinite(B_arr))):
-        raise ValueError("B must be finite, got NaN or inf entries")
+    B_arr = check_rows(B, "B")
     if isinstance(precondition, KroneckerCurvature):
         if precondition.n_params != B_arr.shape[1]:
             raise ValueError(f"precondition covers {precondition.n_params} parameters, B has shape {B_arr.shape}")

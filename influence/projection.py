@@ -22,11 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
+from influence.checks import is_int
+
 DEFAULT_BLOCK_SIZE = 4096
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _projection_rows(key: jax.Array, start: jax.Array, block: int, d: int, dtype: jnp.dtype) -> jax.Array:
@@ -68,11 +66,11 @@ class GaussianProjection:
     seed: int
 
     def __post_init__(self) -> None:
-        if not _is_int(self.p) or self.p <= 0:
+        if not is_int(self.p) or self.p <= 0:
             raise ValueError(f"p must be a positive int, got {self.p!r}")
-        if not _is_int(self.d) or self.d <= 0:
+        if not is_int(self.d) or self.d <= 0:
             raise ValueError(f"d must be a positive int, got {self.d!r}")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+        if not is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
 
     def project(self, G: np.ndarray, *, block_size: int = DEFAULT_BLOCK_SIZE) -> np.ndarray:
@@ -82,7 +80,7 @@ class GaussianProjection:
             G: [m, p] (or [p]).
             block_size: rows of P per step (does not change the result).
         """
-        if not _is_int(block_size) or block_size <= 0:
+        if not is_int(block_size) or block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         G = np.asarray(G)
         single = G.ndim == 1
@@ -106,7 +104,7 @@ class GaussianProjection:
 
     def matrix(self, *, dtype: DTypeLike = np.float64, block_size: int = DEFAULT_BLOCK_SIZE) -> np.ndarray:
         """Returns the dense P [p, d] (for tests and small p only)."""
-        if not _is_int(block_size) or block_size <= 0:
+        if not is_int(block_size) or block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         dtype = np.dtype(dtype)
         block = min(block_size, self.p)

@@ -28,6 +28,7 @@ import numpy as np
 import scipy.optimize
 import scipy.sparse.linalg
 
+from influence.checks import is_real
 from influence.objective import cross_entropy
 
 _NEWTON_STEPS = 8
@@ -50,16 +51,12 @@ def resolve_representer_lambda(l2: float, override: float | None = None) -> floa
         override: an explicit lambda (> 0), or None.
     """
     if override is not None:
-        if not _is_real(override) or not math.isfinite(override) or override <= 0:
+        if not is_real(override) or not math.isfinite(override) or override <= 0:
             raise ValueError(f"override must be a finite float > 0 or None, got {override!r}")
         return float(override)
-    if not _is_real(l2) or not math.isfinite(l2) or l2 < 0:
+    if not is_real(l2) or not math.isfinite(l2) or l2 < 0:
         raise ValueError(f"l2 must be a finite float >= 0, got {l2!r}")
     return float(l2) / 2 if l2 > 0 else DEFAULT_LAMBDA_WITHOUT_L2
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
 def augment_features(phi: np.ndarray) -> np.ndarray:

@@ -49,6 +49,7 @@ import numpy as np
 from jax.tree_util import Partial
 from jax.typing import ArrayLike, DTypeLike
 
+from influence.checks import check_rows, is_int, is_real
 from influence.hvp import MatVec, as_matvec_pytree
 
 AUTO_DAMPING_RATIO = 1e-3
@@ -59,14 +60,6 @@ MAX_SCALE_DOUBLINGS = 5
 
 class LissaDivergenceError(RuntimeError):
     """LiSSA stayed non-finite or worse than x = 0 after the scale was doubled MAX_SCALE_DOUBLINGS times."""
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,25 +91,25 @@ class LissaConfig:
     scale_factor: float = 1.5
 
     def __post_init__(self) -> None:
-        if self.depth is not None and (not _is_int(self.depth) or self.depth <= 0):
+        if self.depth is not None and (not is_int(self.depth) or self.depth <= 0):
             raise ValueError(f"depth must be a positive int or None, got {self.depth!r}")
-        if self.scale is not None and (not _is_real(self.scale) or not math.isfinite(self.scale) or self.scale <= 0):
+        if self.scale is not None and (not is_real(self.scale) or not math.isfinite(self.scale) or self.scale <= 0):
             raise ValueError(f"scale must be a finite float > 0 or None, got {self.scale!r}")
         if self.damping is not None and (
-            not _is_real(self.damping) or not math.isfinite(self.damping) or self.damping < 0
+            not is_real(self.damping) or not math.isfinite(self.damping) or self.damping < 0
         ):
             raise ValueError(f"damping must be a finite float >= 0 or None, got {self.damping!r}")
-        if not _is_int(self.repeats) or self.repeats < 1:
+        if not is_int(self.repeats) or self.repeats < 1:
             raise ValueError(f"repeats must be an int >= 1, got {self.repeats!r}")
-        if not _is_int(self.max_depth) or self.max_depth < 1:
+        if not is_int(self.max_depth) or self.max_depth < 1:
             raise ValueError(f"max_depth must be an int >= 1, got {self.max_depth!r}")
-        if not _is_int(self.power_iters) or self.power_iters < 1:
+        if not is_int(self.power_iters) or self.power_iters < 1:
             raise ValueError(f"power_iters must be an int >= 1, got {self.power_iters!r}")
-        if not _is_real(self.tol) or not 0 < self.tol < 1:
+        if not is_real(self.tol) or not 0 < self.tol < 1:
             raise ValueError(f"tol must be a float in (0, 1), got {self.tol!r}")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
-        if not _is_real(self.scale_factor) or not math.isfinite(self.scale_factor) or self.scale_factor <= 0.5:
+        if not is_real(self.scale_factor) or not math.isfinite(self.scale_factor) or self.scale_factor <= 0.5:
             raise ValueError(f"scale_factor must be a finite float > 0.5, got {self.scale_factor!r}")
 
 
@@ -165,9 +158,9 @@ def estimate_top_eigenvalue(
     Returns:
         the eigenvalue estimate (a float; <= the true value for PSD A).
     """
-    if not _is_int(p) or p <= 0:
+    if not is_int(p) or p <= 0:
         raise ValueError(f"p must be a positive int, got {p!r}")
-    if not _is_int(iters) or iters < 1:
+    if not is_int(iters) or iters < 1:
         raise ValueError(f"iters must be an int >= 1, got {iters!r}")
     u = jax.random.normal(jax.random.PRNGKey(seed), (p,), dtype=dtype)
     u = u / jnp.linalg.norm(u)
@@ -232,10 +225,10 @@ def compute_damping(reference_eigenvalue: float, l2: float, override: float | No
         override: an explicit damping (>= 0), or None for automatic.
     """
     if override is not None:
-        if not _is_real(override) or not math.isfinite(override) or override < 0:
+        if not is_real(override) or not math.isfinite(override) or override < 0:
             raise ValueError(f"damping must be a finite float >= 0 or None, got {override!r}")
         return float(override)
-    if not _is_real(reference_eigenvalue) or not math.isfinite(reference_eigenvalue):
+    if not is_real(reference_eigenvalue) or not math.isfinite(reference_eigenvalue):
         raise ValueError(f"top_eigenvalue must be finite, got {reference_eigenvalue!r}")
     return max(0.0, AUTO_DAMPING_RATIO * float(reference_eigenvalue) - float(l2))
 
@@ -260,17 +253,6 @@ def _residuals(batched_matvec: MatVec, x: jax.Array, v: jax.Array, damping: floa
     zero = v_norm == 0
     out = np.where(zero, 0.0, r_norm / np.where(zero, 1.0, v_norm))
     return np.where(np.isfinite(out), out, np.inf)
-
-
-def _check_rhs(V: Any) -> jax.Array:
-    V = jnp.asarray(V)
-    if V.ndim != 2:
-        raise ValueError(f"V must have shape [m, p], got shape {V.shape}")
-    if not jnp.issubdtype(V.dtype, jnp.floating):
-        raise ValueError(f"V must be a floating array, got dtype {V.dtype}")
-    if not bool(jnp.all(jnp.isfinite(V))):
-        raise ValueError("V must be finite, got NaN or inf entries")
-    return V
 
 
 @jax.jit
@@ -385,15 +367,15 @@ def solve_lissa(
     """
     if not isinstance(config, LissaConfig):
         raise ValueError(f"config must be a LissaConfig, got {type(config).__name__}")
-    if not _is_real(l2) or not math.isfinite(l2) or l2 < 0:
+    if not is_real(l2) or not math.isfinite(l2) or l2 < 0:
         raise ValueError(f"l2 must be a finite float >= 0, got {l2!r}")
-    if min_eigenvalue_floor is not None and (not _is_real(min_eigenvalue_floor) or min_eigenvalue_floor < 0):
+    if min_eigenvalue_floor is not None and (not is_real(min_eigenvalue_floor) or min_eigenvalue_floor < 0):
         raise ValueError(f"min_eigenvalue_floor must be a float >= 0 or None, got {min_eigenvalue_floor!r}")
     if deflated_top_eigenvalue is not None and (
-        not _is_real(deflated_top_eigenvalue) or not math.isfinite(deflated_top_eigenvalue)
+        not is_real(deflated_top_eigenvalue) or not math.isfinite(deflated_top_eigenvalue)
     ):
         raise ValueError(f"deflated_top_eigenvalue must be a finite float or None, got {deflated_top_eigenvalue!r}")
-    V = _check_rhs(V)
+    V = check_rows(V, "V")
     p = V.shape[1]
     if deflation is None:
         eigenvalues, U = np.zeros(0, np.float64), np.zeros((p, 0), np.float64)
@@ -522,7 +504,7 @@ class EigenSolver:
         Raises:
             ValueError: if some lambda + damping <= 0 (up to rounding): the system is singular or indefinite.
         """
-        if not _is_real(damping) or not math.isfinite(damping):
+        if not is_real(damping) or not math.isfinite(damping):
             raise ValueError(f"damping must be a finite float, got {damping!r}")
         V_arr = np.asarray(V)
         p = self.eigenvalues.shape[0]
