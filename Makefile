@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets tweets-noise tweets-lastblock bench-lastblock scale scale-dump scale-update bench-service model-scale clean
+.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets tweets-noise tweets-lastblock bench-lastblock scale scale-dump scale-update bench-service model-scale solver-speed projected-recall clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -137,6 +137,14 @@ $(PEERS)/.kronfluence: $(STAMP)
 
 model-scale: $(STAMP) $(PEERS)/.kronfluence data
 	$(BIN)/python -m experiments.model_scale
+
+# The default method's solve at model scale: LiSSA, CG, deflation- and EK-FAC-preconditioned CG (~5 min).
+solver-speed: $(STAMP) data
+	$(BIN)/python -m experiments.solver_speed
+
+# Explain's top-10 on a projected head against the exact one, raw and whitened candidates (~20 min at 20k).
+projected-recall: $(STAMP) data
+	$(BIN)/python -m experiments.projected_recall --n-train 20000 --queries 40
 
 # HTTP service under load (issue 7): 5,000 POST /explain at concurrency 16 against a Fashion-MNIST index.
 bench-service: $(STAMP) data
