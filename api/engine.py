@@ -180,6 +180,29 @@ class Engine:
             )
         return self._kronecker[kind]
 
+    #: the projection matrix of a projected run is kept in memory for queries when it is at most this large
+    #: (101,770 x 1,024 float32: 417 MB); larger ones are regenerated block by block for every query batch
+    max_projection_bytes: int = 1 << 30
+
+    @cached_property
+    def _projection_matrix(self) -> np.ndarray | None:
+        proj = self.run.projection
+        if proj is None or proj.n_params * proj.dim * 4 > self.max_projection_bytes:
+            return None
+        return inf.make_projection(proj.n_params, proj.dim, seed=proj.seed).matrix(dtype=np.float32)
+
+    def project(self, q: np.ndarray) -> np.ndarray:
+        """P q of query rows [m, p] -> [m, d] float32 with the run's seeded projection (`influence.project`);
+        from the matrix kept in memory when it fits (`max_projection_bytes`), which turns a query's projection from
+        generating p x d Gaussians into one matrix product."""
+        proj = self.run.projection
+        if proj is None:
+            raise ValueError(f"run {self.run.root} does not project its gradients")
+        P = self._projection_matrix
+        if P is None:
+            return np.asarray(inf.project(np.asarray(q, np.float32), seed=proj.seed, d=proj.dim), np.float32)
+        return np.asarray(q, np.float32) @ P
+
     @cached_property
     def whitening_half(self) -> Any | None:
         """v -> M^1/2 v for rows of v, M the spectral model of the curvature the build whitened the projected

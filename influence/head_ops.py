@@ -4,6 +4,7 @@ With f(h; theta) the head's logits and CE the cross-entropy:
 
     logits(h)          = f(h; theta)                                      [m, C]
     gradients(h, y)    = g_i = grad_theta CE(f(h_i; theta), y_i)          [m, p]
+    gradient_products(h, y, V) = V g_i^T = d/de CE(f(h_i; theta + e v_j), y_i)  [k, m]  (forward mode, no [m, p])
     matvec(h, y, l2)   = v -> (C + l2 I) v, C the GGN (or Hessian) of the mean CE over the rows   [p] -> [p]
 
 One object instead of the (spec, unravel, theta) triple every caller used to thread through.
@@ -18,11 +19,12 @@ from functools import cached_property
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from influence.head import HeadParams, HeadSpec, apply_head, flatten_params
 from influence.hvp import MatVec, make_head_matvec
-from influence.objective import compute_per_example_grads
+from influence.objective import compute_per_example_grads, make_loss_fn
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,6 +60,34 @@ class Head:
     def gradients(self, h: Any, y: Any) -> np.ndarray:
         """Per-example gradients of CE at labels (or targets) y, ``[m, p]`` in the dtype of h (no l2 term)."""
         return np.asarray(compute_per_example_grads(self.spec, self.unravel, self.theta, h, y))
+
+    def gradient_products(self, h: Any, y: Any, V: Any) -> np.ndarray:
+        """v_j . g_i for every row v_j of V [k, p] and every example (h_i, y_i): ``[k, m]`` float64.
+
+        Each row is one forward-mode directional derivative of the per-example losses along v_j (``jax.jvp``),
+        so no [m, p] gradient is formed: re-scoring m candidates costs k forward passes over them.
+        """
+        V = jnp.asarray(np.atleast_2d(np.asarray(V)), self.theta.dtype)
+        h, y = np.asarray(h), np.asarray(y)
+        m = len(h)
+        size = max(64, 1 << (m - 1).bit_length())  # padded to a power of two: one compilation per size class
+        h_pad = np.concatenate([h, np.zeros((size - m, *h.shape[1:]), h.dtype)])
+        y_pad = np.concatenate([y, np.zeros(size - m, y.dtype)])
+        out = self._products(self.theta, jnp.asarray(h_pad), jnp.asarray(y_pad), V)
+        return np.asarray(out, np.float64)[:, :m]
+
+    @cached_property
+    def _products(self) -> Any:
+        loss_fn = make_loss_fn(self.spec, self.unravel)
+
+        @jax.jit
+        def products(theta: jax.Array, h: jax.Array, y: jax.Array, V: jax.Array) -> jax.Array:
+            def along(v: jax.Array) -> jax.Array:
+                return jax.jvp(lambda t: loss_fn(t, h, y), (theta,), (v,))[1]
+
+            return jax.vmap(along)(V)
+
+        return products
 
     def matvec(
         self,

@@ -161,3 +161,16 @@ def test_the_head_object_gives_the_hessian_its_gradients_and_logits() -> None:
     )
     np.testing.assert_allclose(head.gradients(h[:3], y[:3]), per_row, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(head.logits(h), np.asarray(apply_head(MLP, params, h)), rtol=1e-12)
+
+
+def test_gradient_products_are_directional_derivatives_without_gradients() -> None:
+    """`Head.gradient_products(h, y, V)` = V g_i^T from forward-mode JVPs, for any number of rows (padding)."""
+    from influence import Head
+
+    rng = np.random.default_rng(5)
+    head = Head(MLP, _params(MLP, rng))
+    h, y = rng.normal(size=(37, 4)), rng.integers(0, 3, size=37)
+    V = rng.normal(size=(3, int(head.theta.shape[0])))
+    want = V @ head.gradients(h, y).T
+    np.testing.assert_allclose(head.gradient_products(h, y, V), want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(head.gradient_products(h[:5], y[:5], V[0]), want[:1, :5], rtol=1e-9, atol=1e-12)

@@ -34,6 +34,11 @@ class Scorer(Protocol):
         """Train-side vectors of training rows ``[c, d]``: score = query_vector . train_vector."""
         ...
 
+    def scores(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact scores of query vectors q [m, d] against training rows, ``[m, len(rows)]`` (the re-scoring of
+        projected candidates)."""
+        ...
+
 
 #: scope -> method -> scorer class (constructed as `cls(engine)`)
 METHODS_BY_SCOPE: dict[str, dict[str, Callable[[Engine], Scorer]]] = {}
@@ -90,21 +95,19 @@ def search(engine: Engine, scorer: Scorer, q: np.ndarray, k: int) -> tuple[list[
         index = engine.run.space(scorer.space)
         pos, neg = search_both_signs(index, np.ascontiguousarray(q, np.float32), k)
         return [(h.ids, h.scores) for h in pos], [(h.ids, h.scores) for h in neg]
-    proj = engine.run.projection
-    assert proj is not None  # a projected space implies a projected run
     space, half = scorer.space, engine.whitening_half
     if space == "grad" and half is not None and engine.use_whitened_space:
         space, q_search = "grad-whitened", np.asarray(half(np.asarray(q, np.float32)))
     else:
         q_search = q
     index = engine.run.space(space)
-    qp = np.asarray(inf.project(q_search.astype(np.float32), seed=proj.seed, d=proj.dim), np.float32)
+    qp = engine.project(q_search)
     n_cand = min(index.ntotal, max(20 * k, engine.min_candidates))
     pos_hits, neg_hits = search_both_signs(index, np.ascontiguousarray(qp), n_cand)
     out_pos, out_neg = [], []
     for j in range(len(q)):
         cand = np.union1d(pos_hits[j].ids, neg_hits[j].ids)
-        s = q[j : j + 1] @ scorer.train_vectors(engine.run.train.rows(cand)).T
+        s = scorer.scores(q[j : j + 1], engine.run.train.rows(cand))
         (ps, pid), (ns, nid) = inf.topk_both_signs(s, cand, k)
         out_pos.append((pid[0], ps[0]))
         out_neg.append((nid[0], ns[0]))

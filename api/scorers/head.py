@@ -40,6 +40,15 @@ class HeadGradient:
             g = np.asarray(self.engine.run.array("grad_vectors")[rows])
         return np.asarray(inf.normalize_rows(g)) if self.unit else g
 
+    def scores(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact scores q . g_i [m, len(rows)] of training rows; where the space is projected, by forward-mode
+        directional derivatives of the rows' losses along q (`influence.Head.gradient_products`): no gradient of a
+        candidate is formed."""
+        if not self.projected or self.unit:
+            return q @ self.train_vectors(rows).T
+        train = self.engine.run.train
+        return self.engine.head.gradient_products(np.asarray(train.features[rows]), train.labels[rows], q)
+
     def gradients(self, queries: Queries) -> np.ndarray:
         return self.engine.gradients(queries.h, queries.targets)
 

@@ -36,6 +36,9 @@ class BlockGradient:
         phi = self.engine.block_gradients(queries)
         return (np.asarray(inf.normalize_rows(phi)) if self.unit else phi), {}
 
+    def scores(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return q @ self.train_vectors(rows).T
+
 
 @register("grad-dot", scope="last-block", help="gradient inner product g_q . g_i (no curvature)")
 class BlockGradDot(BlockGradient):

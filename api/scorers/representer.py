@@ -39,3 +39,6 @@ class Representer:
         return np.asarray(
             inf.compute_representer_embeddings(alpha, np.asarray(run.array("train_phi")[rows], np.float64))
         )
+
+    def scores(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return q @ self.train_vectors(rows).T
