@@ -46,16 +46,33 @@ METHODS_BY_SCOPE: dict[str, dict[str, Callable[[Engine], Scorer]]] = {}
 METHOD_HELP: dict[str, str] = {}
 
 
-def register(method: str, *, scope: str | tuple[str, ...], help: str) -> Callable[[type], type]:
-    """Class decorator: registers a scorer class (constructed as `cls(engine)`) for `method` in `scope`(s)."""
+def register(method: str, *, scope: str | tuple[str, ...], help: str | None = None) -> Callable[[type], type]:
+    """Class decorator: registers a scorer class (constructed as `cls(engine)`) for `method` in `scope`(s).
+
+    `help` (one line for the CLI) is given once, where the method is first registered; the same method on another
+    scope omits it.
+    """
+    if help is None and method not in METHOD_HELP:
+        raise ValueError(f"register: method {method!r} is new, so it needs help=")
 
     def wrap(cls: type) -> type:
         for s in (scope,) if isinstance(scope, str) else scope:
             METHODS_BY_SCOPE.setdefault(s, {})[method] = cls
-        METHOD_HELP.setdefault(method, help)
+        if help is not None:
+            METHOD_HELP.setdefault(method, help)
         return cls
 
     return wrap
+
+
+class StoredTrainSide:
+    """Base of scorers whose train-side vectors are cheap to read: exact scores are q . train_vectors(rows)."""
+
+    def train_vectors(self, rows: slice | np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def scores(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return q @ self.train_vectors(rows).T
 
 
 def methods_help() -> str:

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import influence as inf
-from api.scorers.base import register
+from api.scorers.base import StoredTrainSide, register
 
 if TYPE_CHECKING:
     from api.engine import Engine, Queries
 
 
-class HeadGradient:
+class HeadGradient(StoredTrainSide):
     """Base of the head-scope gradient scorers: train-side vectors g_i (stored, or recomputed where projected)."""
 
     method = "grad-dot"
@@ -45,7 +45,7 @@ class HeadGradient:
         directional derivatives of the rows' losses along q (`influence.Head.gradient_products`): no gradient of a
         candidate is formed."""
         if not self.projected or self.unit:
-            return q @ self.train_vectors(rows).T
+            return super().scores(q, rows)
         train = self.engine.run.train
         return self.engine.head.gradient_products(np.asarray(train.features[rows]), train.labels[rows], q)
 
@@ -57,7 +57,11 @@ class HeadGradient:
         return (np.asarray(inf.normalize_rows(g)) if self.unit else g), {}
 
 
-@register("lissa", scope="head", help="influence with LiSSA inverse-HVPs (default)")
+@register(
+    "lissa",
+    scope="head",
+    help="influence by an iterative solve of the exact curvature (default; CG on Gauss-Newton runs, else LiSSA)",
+)
 class Lissa(HeadGradient):
     """Influence by LiSSA; stored test examples at their cached target read the build's query cache."""
 

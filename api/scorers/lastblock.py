@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import influence as inf
-from api.scorers.base import register
+from api.scorers.base import StoredTrainSide, register
 
 if TYPE_CHECKING:
     from api.engine import Engine, Queries
 
 
-class BlockGradient:
+class BlockGradient(StoredTrainSide):
     method = "grad-dot"
     space = "block"
     projected = False
@@ -36,16 +36,13 @@ class BlockGradient:
         phi = self.engine.block_gradients(queries)
         return (np.asarray(inf.normalize_rows(phi)) if self.unit else phi), {}
 
-    def scores(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        return q @ self.train_vectors(rows).T
 
-
-@register("grad-dot", scope="last-block", help="gradient inner product g_q . g_i (no curvature)")
+@register("grad-dot", scope="last-block")
 class BlockGradDot(BlockGradient):
     pass
 
 
-@register("grad-cos", scope="last-block", help="gradient cosine similarity")
+@register("grad-cos", scope="last-block")
 class BlockGradCos(BlockGradient):
     method = "grad-cos"
     space = "block-unit"
@@ -58,11 +55,11 @@ class BlockInfluence(BlockGradient):
         return self.engine.block_curvature.solve(phi, method=self.method, lissa=self.engine.lissa_config)
 
 
-@register("exact", scope="last-block", help="influence with the dense eigendecomposition of the curvature")
+@register("exact", scope="last-block")
 class BlockExact(BlockInfluence):
     method = "exact"
 
 
-@register("lissa", scope="last-block", help="influence with LiSSA inverse-HVPs (default)")
+@register("lissa", scope="last-block")
 class BlockLissa(BlockInfluence):
     method = "lissa"

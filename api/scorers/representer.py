@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import influence as inf
-from api.scorers.base import register
+from api.scorers.base import StoredTrainSide, register
 
 if TYPE_CHECKING:
     from api.engine import Engine, Queries
 
 
 @register("representer", scope=("head", "last-block"), help="representer points of the last linear layer")
-class Representer:
+class Representer(StoredTrainSide):
     method = "representer"
     space = "representer"
     projected = False
@@ -39,6 +39,3 @@ class Representer:
         return np.asarray(
             inf.compute_representer_embeddings(alpha, np.asarray(run.array("train_phi")[rows], np.float64))
         )
-
-    def scores(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        return q @ self.train_vectors(rows).T
