@@ -33,6 +33,11 @@ class IndexConfig:
             ones such as "IVF,Flat", "IVF,PQ32", "IVF,SQfp16" (IVF list count chosen from n when omitted),
             "HNSW32", "SQfp16"; their search breadth is tuned to recall@10 >= 0.95 against exact search and
             the measured recall recorded per space in the manifest.
+        damping_subsets: subsets of the training set the head is refit on to calibrate the damping
+            (`indexer.calibration`: the damping whose influence best ranks the refits' test margins, recorded
+            with its evidence in the manifest); 0 = the eigenvalue rule only (`influence.compute_damping`).
+            Heads with one linear layer are convex and never calibrated.
+        damping_queries: stored test examples the calibration scores (a seeded sample when there are more).
         cache_queries: solve LiSSA once at build time for every stored test example (at its predicted class)
             and store the vectors, so that `explain(test_ids=..., method="lissa")` skips the solve; see
             `indexer.queries` (cheap when the head has a dense eigendecomposition, else n_test x depth
@@ -51,6 +56,8 @@ class IndexConfig:
     chunk_rows: int = 2048
     factory: str = "Flat"
     cache_queries: bool = False
+    damping_subsets: int = 16
+    damping_queries: int = 256
 
     def __post_init__(self) -> None:
         if self.curvature not in ("ggn", "hessian"):
@@ -69,6 +76,18 @@ class IndexConfig:
             raise ValueError(f"factory must be a non-empty FAISS factory string, got {self.factory!r}")
         if not (math.isfinite(self.logit_tolerance) and self.logit_tolerance > 0):
             raise ValueError(f"logit_tolerance must be > 0, got {self.logit_tolerance!r}")
+        if (
+            isinstance(self.damping_subsets, bool)
+            or not isinstance(self.damping_subsets, int)
+            or (self.damping_subsets != 0 and self.damping_subsets < 3)
+        ):
+            raise ValueError(f"damping_subsets must be 0 or an int >= 3, got {self.damping_subsets!r}")
+        if (
+            isinstance(self.damping_queries, bool)
+            or not isinstance(self.damping_queries, int)
+            or self.damping_queries < 1
+        ):
+            raise ValueError(f"damping_queries must be a positive int, got {self.damping_queries!r}")
         if not isinstance(self.cache_queries, bool):
             raise ValueError(f"cache_queries must be a bool, got {self.cache_queries!r}")
 

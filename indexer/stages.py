@@ -19,6 +19,7 @@ The order and the names are those of every run directory written so far ("comple
 | grad | train features, labels, ids | grad_vectors, spaces grad / grad-unit | yes |
 | representer | train and test features, train labels, ids | train_phi, representer_alpha / _theta, space | no |
 | curvature | train features, labels | curvature_(top_)eigenvalues / eigenvectors | no |
+| damping | train and test features, labels, curvature arrays | the calibrated damping (manifest) | no |
 | whitened | train features, labels, ids, curvature top eigenpairs | whitened_vectors, space grad-whitened | no |
 | kronecker | train features | kronecker_bases, kfac_eigenvalues, ekfac_eigenvalues | no |
 | tracin | task, train features, labels | tracin_self_influence | yes |
@@ -35,6 +36,7 @@ from collections.abc import Callable, Sequence
 from store import ARRAYS, SPACES, Manifest, save_manifest
 
 from .block import block_stage, is_last_block
+from .calibration import damping_stage
 from .context import BuildContext, ManifestPatch
 from .examples import features_stage, grad_stage, has_checkpoints, metadata_stage, tracin_stage
 from .queries import has_query_cache, queries_stage
@@ -137,6 +139,13 @@ STAGES: tuple[Stage, ...] = (
         writes=CURVATURE_ARRAYS,
         per_example=False,
         run=curvature_stage,
+    ),
+    Stage(
+        "damping",
+        reads=("train_features", "train_labels", "test_features", "test_labels", *CURVATURE_ARRAYS),
+        writes=(),
+        per_example=False,
+        run=damping_stage,
     ),
     Stage(
         "whitened",

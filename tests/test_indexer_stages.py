@@ -17,7 +17,7 @@ def test_stage_names_and_order_are_those_of_existing_runs():
     names = [s.name for s in STAGES]
     existing = ["features", "metadata", "grad", "representer", "curvature", "tracin", "queries", "block"]
     assert [n for n in names if n in existing] == existing  # runs written before a new stage resume in order
-    assert names == [*existing[:5], "whitened", "kronecker", *existing[5:]]
+    assert names == [*existing[:5], "damping", "whitened", "kronecker", *existing[5:]]
 
 
 def test_each_stage_writes_what_the_run_layout_says_it_does():
@@ -89,10 +89,10 @@ def test_stages_that_read_the_task_need_one(tmp_path):
 @pytest.mark.parametrize(
     ("cache_queries", "refresh", "rerun", "kept"),
     [
-        (True, True, ["representer", "curvature", "kronecker", "queries"], []),
-        (True, False, ["representer"], ["curvature", "kronecker", "queries"]),
-        (False, True, ["representer", "curvature", "kronecker"], []),
-        (False, False, ["representer"], ["curvature", "kronecker"]),
+        (True, True, ["representer", "curvature", "damping", "kronecker", "queries"], []),
+        (True, False, ["representer"], ["curvature", "damping", "kronecker", "queries"]),
+        (False, True, ["representer", "curvature", "damping", "kronecker"], []),
+        (False, False, ["representer"], ["curvature", "damping", "kronecker"]),
     ],
 )
 def test_updates_rerun_the_training_set_stages_and_keep_what_reads_a_stale_one(
@@ -106,8 +106,9 @@ def test_updates_rerun_the_training_set_stages_and_keep_what_reads_a_stale_one(
 
 
 def test_an_update_does_not_add_a_stage_the_build_did_not_record(tmp_path):
-    """A run built before the "kronecker" stage existed: its updates re-run what it has, and add nothing."""
-    recorded = tuple(s.name for s in STAGES if s.name != "kronecker")
+    """A run built before the "damping" and "kronecker" stages existed: its updates re-run what it has, and add
+    nothing (its damping stays the rule's)."""
+    recorded = tuple(s.name for s in STAGES if s.name not in ("damping", "kronecker"))
     ctx = context(tmp_path, rerun=True, task={"l2": 0.1, "n_test": 5}, stages=recorded)
     again, stale = stages_to_rerun(ctx, refresh_curvature=True)
     assert [s.name for s in again] == ["representer", "curvature"] and stale == []
