@@ -168,11 +168,21 @@ class Engine:
     def _kronecker(self) -> dict[str, inf.KroneckerCurvature]:
         from indexer.training_set import load_kronecker
 
-        return load_kronecker(self.run.paths, self.run.extra, damping=self.damping)
+        return load_kronecker(self.run.paths, self.run.extra, damping=self.kronecker_damping)
+
+    @property
+    def kronecker_damping(self) -> float:
+        """The damping of the K-FAC / EK-FAC models: the LissaConfig's when set, else the eigenvalue rule's. The
+        build's calibrated damping (`indexer.calibration`) is measured for the exact operator; on the Kronecker
+        models it lowered LDS (Fashion-MNIST MLP: EK-FAC 0.496 at the rule's 0, 0.427 at the calibrated 0.0148)."""
+        if self.lissa_config.damping is not None:
+            return float(self.lissa_config.damping)
+        record = self.run.extra.get("damping_calibration") or {}
+        return float(record.get("rule_damping", self.damping))
 
     def kronecker(self, kind: str) -> inf.KroneckerCurvature:
-        """The run's K-FAC or EK-FAC approximation of C (`influence.kfac`, build stage "kronecker"), with this
-        Engine's damping."""
+        """The run's K-FAC or EK-FAC approximation of C (`influence.kfac`, build stage "kronecker"), with
+        `kronecker_damping`."""
         if kind not in self._kronecker:
             raise ValueError(
                 f"method {kind!r} needs the run's Kronecker factors (build stage 'kronecker'), which "

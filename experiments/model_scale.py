@@ -270,6 +270,7 @@ def run_ours(task, run: Path, q: dict, masks, truth, explain_calls: int, resume:
     index, rec = build_ours(task, run, resume)
     rec["n_params"] = int(index.run.n_params)
     rec["default_damping"] = float(index.engine.damping)
+    rec["damping_calibration"] = index.run.extra.get("damping_calibration")
     rec["default_method"] = api.METHODS[0]
     rec["methods_registered"] = list(api.METHODS)
     index.close()

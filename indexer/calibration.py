@@ -40,6 +40,8 @@ from .context import BuildContext, ManifestPatch
 SUBSET_FRACTION = 0.5
 #: the calibration's seed (subsets, query sample, the refits' one initialisation)
 CALIBRATION_SEED = 0
+#: the calibration's solves: ranking subsets needs ~1e-2 relative residuals, not the query path's 1e-3
+CALIBRATION_SOLVE = inf.LissaConfig(tol=0.1)
 #: the least training rows / test queries a calibration runs with
 MIN_TRAIN_ROWS, MIN_QUERIES = 40, 10
 
@@ -125,7 +127,7 @@ def damping_stage(ctx: BuildContext) -> ManifestPatch:
     solves = tqdm(total=len(grid), desc="damping: solves", unit="damping", disable=not ctx.progress)
 
     def predictions(d: float) -> np.ndarray:
-        x, _ = dataclasses.replace(op, damping=d).solve(G, method=method)
+        x, _ = dataclasses.replace(op, damping=d).solve(G, method=method, lissa=CALIBRATION_SOLVE)
         solves.update(1)
         return ctx.head.gradient_products(hq, yq, np.asarray(x, np.float32)).T  # [m, K]
 
