@@ -148,17 +148,21 @@ def test_another_model_is_refused(digits_mlp_run, digits_logreg_task):
 
 
 def test_runs_built_before_the_damping_was_stored_open_with_the_same_damping(digits_mlp_run, tmp_path):
-    """Runs written before the build stored its damping (`extra["damping"]`) get it from the same rule."""
+    """Runs written before the build stored its damping (`extra["damping"]`, and its calibration) get the
+    eigenvalue rule's, the value the calibration record keeps as `rule_damping`."""
     import json
     import shutil
+
+    from influence import LissaConfig
 
     old = tmp_path / "old"
     shutil.copytree(digits_mlp_run, old)
     manifest = json.loads((old / "manifest.json").read_text())
-    stored = manifest["extra"].pop("damping")
+    manifest["extra"].pop("damping")
+    rule = manifest["extra"].pop("damping_calibration")["rule_damping"]
     (old / "manifest.json").write_text(json.dumps(manifest))
-    with open_index(digits_mlp_run) as new_run, open_index(old) as old_run:
-        assert old_run.engine.damping == new_run.engine.damping == stored
+    with open_index(digits_mlp_run, lissa=LissaConfig(damping=rule)) as new_run, open_index(old) as old_run:
+        assert old_run.engine.damping == new_run.engine.damping == rule
         a = old_run.explain(test_ids=[3, 5], k=5, method="lissa")
         b = new_run.explain(test_ids=[3, 5], k=5, method="lissa")
         assert [[p.example_id for p in e.proponents] for e in a] == [[p.example_id for p in e.proponents] for e in b]
