@@ -19,7 +19,7 @@ def test_stored_kronecker_curvature_equals_the_in_memory_fit(digits_mlp_run, kin
     with open_index(digits_mlp_run) as index:
         run, engine = index.run, index.engine
         fitted = inf.fit_kronecker_curvature(
-            run.spec, run.params, np.asarray(run.train.features), kind=kind, l2=run.l2, damping=engine.damping
+            run.spec, run.params, np.asarray(run.train.features), kind=kind, l2=run.l2, damping=engine.kronecker_damping
         )
         test_ids = [0, 4, 17, 33]
         test = run.test
