@@ -118,7 +118,7 @@ class Builder:
         """The max abs difference of the torch and JAX head logits on up to 256 training examples (refused
         above `logit_tolerance`)."""
         n = min(len(self.task.train), 256)
-        x, _, _ = next(iterate(self.task.train, range(n), n))
+        x, _, _ = next(iterate(self.task.train, range(n), n, name="train dataset"))
         h = self.task.features(x)
         bad = ~np.isfinite(h.reshape(len(h), -1)).all(1)
         if bad.any():

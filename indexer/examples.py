@@ -37,14 +37,46 @@ LOGIT_ROWS = 4096
 """Examples per head forward of the "metadata" stage."""
 
 
-def iterate(ds: Any, indices: range, batch_size: int) -> Iterator[tuple[Any, torch.Tensor, list[Any]]]:
-    """Batches `(x, y, raw_items)` of the examples at `indices` (texts stay a list of str for a text body)."""
+def label_of(value: Any, position: int, name: str) -> int:
+    """One example's label as an int class id: an int, or a float / 0-d tensor / array holding a whole number.
+
+    Raises:
+        TaskError: The label is not a whole number (a float label such as 0.9 is never truncated), not one
+            value, or not a number; the message names the dataset, the example's position and the value.
+    """
+    v = value
+    if isinstance(v, torch.Tensor | np.ndarray):
+        if (v.size if isinstance(v, np.ndarray) else v.numel()) != 1:
+            raise TaskError(f"{name}: example {position} has a label of shape {tuple(v.shape)}; labels are class ids")
+        v = v.item()
+    if isinstance(v, bool | np.bool_):
+        return int(v)
+    if isinstance(v, int | np.integer):
+        return int(v)
+    if isinstance(v, float | np.floating) and math.isfinite(v) and float(v).is_integer():
+        return int(v)
+    shown = f"{v:.6g}" if isinstance(v, float | np.floating) else repr(v)
+    raise TaskError(
+        f"{name}: example {position} has label {shown}; labels must be integer class ids (float labels are "
+        "refused, not truncated)"
+    )
+
+
+def iterate(
+    ds: Any, indices: range, batch_size: int, *, name: str = "dataset"
+) -> Iterator[tuple[Any, torch.Tensor, list[Any]]]:
+    """Batches `(x, y, raw_items)` of the examples at `indices` (texts stay a list of str for a text body).
+
+    Labels are checked one by one (`label_of`); `name` is how errors name the dataset.
+    """
     loader = DataLoader(Subset(ds, list(indices)), batch_size=batch_size, shuffle=False, collate_fn=lambda b: b)
+    position = indices.start
     for items in loader:
         xs = [item[0] for item in items]
-        ys = [item[1] for item in items]
+        ys = [label_of(item[1], position + j, name) for j, item in enumerate(items)]
+        position += len(items)
         x = xs if all(isinstance(v, str) for v in xs) else torch.stack([torch.as_tensor(v) for v in xs])
-        y = torch.as_tensor([int(v) for v in ys], dtype=torch.int64)
+        y = torch.as_tensor(ys, dtype=torch.int64)
         yield x, y, xs
 
 
@@ -98,15 +130,20 @@ def forward_examples(
     """
     hs, ys, hashes, previews = [], [], [], []
     done = 0
-    for x, y, raw in iterate(ds, rows, task.batch_size):
+    for x, y, raw in iterate(ds, rows, task.batch_size, name=name):
         h = np.asarray(task.features(x), np.float32)
         if feature_shape is not None and tuple(h.shape[1:]) != feature_shape:
             raise TaskError(f"{name}: examples give features {tuple(h.shape[1:])}, the run has {feature_shape}")
         if not np.isfinite(h).all():
             first = rows.start + done + int(np.argmax(~np.isfinite(h).reshape(len(h), -1).all(1)))
             raise TaskError(f"{name}: example {first} gives non-finite features (NaN/inf)")
-        if (y < 0).any() or (y >= n_classes).any():
-            raise TaskError(f"{name}: labels must be in [0, {n_classes}), got {y.min().item()}..{y.max().item()}")
+        outside = (y < 0) | (y >= n_classes)
+        if outside.any():
+            j = int(torch.argmax(outside.to(torch.int8)))
+            raise TaskError(
+                f"{name}: example {rows.start + done + j} has label {int(y[j])}, outside the model's classes "
+                f"[0, {n_classes})"
+            )
         hs.append(h)
         ys.append(y.numpy())
         hashes.extend(example_hash(v) for v in raw)
@@ -168,7 +205,7 @@ def features_stage(ctx: BuildContext) -> ManifestPatch:
     task, paths, rows = ctx.task, ctx.paths, ctx.config.chunk_rows
     for split, ds in task_splits(task):
         n = len(ds)
-        x0, _, _ = next(iterate(ds, range(1), 1))
+        x0, _, _ = next(iterate(ds, range(1), 1, name=f"{split} dataset"))
         fshape = tuple(task.features(x0).shape[1:])
         feats = ctx.chunked(paths.split_array(split, "features"), shape=(n, *fshape), dtype=np.float32, chunk_rows=rows)
         labels = ctx.chunked(paths.split_array(split, "labels"), shape=(n,), dtype=np.int64, chunk_rows=rows)

@@ -16,6 +16,9 @@ from torch import nn
 
 from .errors import HeadMismatchError, UnsupportedLayerError
 
+SUPPORTED = "Linear, ReLU, GELU, Tanh, Sigmoid, LayerNorm, Dropout (eval), Identity, Flatten, Sequential"
+"""The torch layers a head may hold (what `translate_layer` translates)."""
+
 _ACTIVATIONS: dict[type[nn.Module], str] = {
     nn.ReLU: "relu",
     nn.Tanh: "tanh",
@@ -94,9 +97,8 @@ def translate_layer(layer: nn.Module, index: int) -> tuple[dict[str, Any], dict[
             )
         return {"kind": "flatten"}, {}
     raise UnsupportedLayerError(
-        f"head layer {index} ({type(layer).__name__}) has no JAX translation; supported: Linear, ReLU, GELU, "
-        "Tanh, Sigmoid, LayerNorm, Dropout (eval), Identity, Flatten, Sequential. Pass head_layers= or "
-        "body=/head= to move it into the body."
+        f"head layer {index} ({type(layer).__name__}) has no JAX translation; supported: {SUPPORTED}. Pass "
+        "head_layers= or body=/head= to move it into the body."
     )
 
 
@@ -106,6 +108,11 @@ def is_translatable(layer: nn.Module) -> bool:
     except UnsupportedLayerError:
         return False
     return True
+
+
+def layer_names(layers: list[nn.Module]) -> str:
+    """`Linear, ReLU, Sine`: the class names of some layers, for error messages."""
+    return ", ".join(type(layer).__name__ for layer in layers) or "no layers"
 
 
 def translate_head(layers: list[nn.Module]) -> TranslatedHead:
@@ -119,9 +126,15 @@ def translate_head(layers: list[nn.Module]) -> TranslatedHead:
         params.append(p)
     linear = [i for i, s in enumerate(spec) if s["kind"] == "linear"]
     if not linear:
-        raise UnsupportedLayerError("head has no Linear layer: the classifier must be part of the head")
-    if any(params[i] for i in range(linear[-1] + 1, len(spec))):
-        raise UnsupportedLayerError("head: layers after the last Linear must have no parameters")
+        raise UnsupportedLayerError(
+            f"head ({layer_names(layers)}) has no Linear layer: the classifier must be part of the head"
+        )
+    after = [i for i in range(linear[-1] + 1, len(spec)) if params[i]]
+    if after:
+        raise UnsupportedLayerError(
+            f"head layer {after[0]} ({type(layers[after[0]]).__name__}) has parameters after the last Linear "
+            f"(layer {linear[-1]}); the classifier must be the head's last layer with parameters"
+        )
     return TranslatedHead(spec=spec, params=params)
 
 
@@ -142,6 +155,18 @@ def split_sequential(model: nn.Module, head_layers: int | None = None) -> tuple[
             start -= 1
         # The head starts at a layer the body would otherwise end with only if that helps: keep a leading
         # parameter-free layer in the head (e.g. Flatten) since it costs nothing.
+        if not any(isinstance(layer, nn.Linear) for layer in layers[start:]):
+            stop = layers[start - 1] if start > 0 else None
+            raise UnsupportedLayerError(
+                f"model Sequential({layer_names(layers)}): no head found, "
+                + (
+                    f"layer {start - 1} ({type(stop).__name__}) has no JAX translation and no Linear layer follows "
+                    f"it; the head is the trailing layers that translate ({SUPPORTED}) and must end with the "
+                    "classifier (a Linear). Pass body=/head= for another split."
+                    if stop is not None
+                    else "it has no Linear layer (the classifier must be part of the head)"
+                )
+            )
     else:
         if not 1 <= head_layers <= len(layers):
             raise ValueError(f"head_layers must be in [1, {len(layers)}], got {head_layers}")

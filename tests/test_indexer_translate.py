@@ -81,6 +81,66 @@ def test_conv_body_is_split_off_and_unsupported_head_layer_is_named():
         translate_head([nn.ReLU()])
 
 
+class Sine(nn.Module):
+    """An activation with no JAX translation (a user's own layer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x)
+
+
+@pytest.mark.parametrize(
+    ("model", "head_layers", "named"),
+    [
+        (nn.Sequential(nn.Linear(3, 2), Sine()), None, r"layer 1 \(Sine\)"),
+        (nn.Sequential(nn.Linear(3, 4), Sine(), nn.ReLU()), None, r"layer 1 \(Sine\)"),
+        (nn.Sequential(nn.Linear(3, 4), Sine(), nn.Linear(4, 2)), 3, r"layer 1 \(Sine\)"),
+        (nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2), nn.LayerNorm(2)), None, r"layer 2 \(LayerNorm\)"),
+        (nn.Sequential(nn.ReLU(), nn.Tanh()), None, r"Sequential\(ReLU, Tanh\).*no Linear"),
+    ],
+)
+def test_every_message_that_refuses_a_head_names_the_layer(model, head_layers, named):
+    """`Sequential(Linear, Sine)` names `Sine` (it used to say "head is empty"), at Task() or at translation."""
+    ds = torch.utils.data.TensorDataset(torch.zeros(4, 3), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(UnsupportedLayerError, match=named) as err:
+        Task(model=model, train=ds, head_layers=head_layers).translated_head()
+    assert "head is empty" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("label", "expected"),
+    [(3, 3), (np.int64(2), 2), (torch.tensor(1), 1), (torch.tensor([4]), 4), (2.0, 2), (torch.tensor(1.0), 1)],
+)
+def test_whole_number_labels_are_class_ids(label, expected):
+    from indexer.examples import label_of
+
+    got = label_of(label, 0, "train dataset")
+    assert got == expected and type(got) is int
+
+
+@pytest.mark.parametrize(
+    ("label", "shown"),
+    [(0.9, "label 0.9;"), (torch.tensor(1.9), "label 1.9;"), (float("nan"), "label nan;"), ("cat", "label 'cat';")],
+)
+def test_non_integer_labels_are_refused_by_dataset_example_and_value(label, shown):
+    from indexer.examples import label_of
+
+    with pytest.raises(TaskError, match=f"test dataset: example 17 has {shown}"):
+        label_of(label, 17, "test dataset")
+
+
+def test_a_float_label_tensor_is_refused_naming_the_first_non_integer_example():
+    """The issue's case: labels 0.9, 1.9, 2.9 as a float tensor were truncated to 0, 1, 2."""
+    from indexer.examples import iterate
+
+    y = torch.tensor([0.0, 1.0, 2.0, 0.9, 1.9, 2.9])
+    ds = torch.utils.data.TensorDataset(torch.zeros(6, 3), y)
+    assert next(iterate(ds, range(3), 2, name="train dataset"))[1].tolist() == [0, 1]
+    with pytest.raises(TaskError, match=r"train dataset: example 3 has label 0\.9"):
+        list(iterate(ds, range(6), 2, name="train dataset"))
+    with pytest.raises(TaskError, match=r"train dataset: example 5 has label 2\.9"):
+        list(iterate(ds, range(5, 6), 2, name="train dataset"))
+
+
 def test_logit_check_refuses_a_mismatch():
     a = np.zeros((3, 2))
     assert check_head_logits(a, a + 1e-7, tolerance=1e-5) <= 1e-7
@@ -119,7 +179,11 @@ def test_task_rejects_bad_arguments(kwargs, match):
 
 @pytest.mark.parametrize(
     ("x_bad", "y_bad", "match"),
-    [((5, float("nan")), None, "example 5 gives non-finite"), (None, (3, 7), "labels must be in \\[0, 2\\)")],
+    [
+        ((5, float("nan")), None, "example 5 gives non-finite"),
+        (None, (3, 7), "train dataset: example 3 has label 7, outside the model's classes \\[0, 2\\)"),
+        (None, (6, 0.9), "train dataset: example 6 has label 0.9; labels must be integer class ids"),
+    ],
 )
 def test_bad_training_data_is_refused_by_the_build(tmp_path, x_bad, y_bad, match):
     from api import build_index
@@ -127,6 +191,8 @@ def test_bad_training_data_is_refused_by_the_build(tmp_path, x_bad, y_bad, match
     from store import CorruptRunError, RunNotFoundError
 
     x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+    if isinstance(y_bad and y_bad[1], float):
+        y = y.float()  # a float label tensor: 0.9 must not become class 0
     if x_bad:
         x[x_bad[0], 0] = x_bad[1]
     if y_bad:
