@@ -5,13 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# every Ray instance the tests and benchmarks start stays on 127.0.0.1 (Ray resolves it to the host's address without)
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 .PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets tweets-noise tweets-lastblock bench-lastblock scale scale-dump scale-update bench-service model-scale solver-speed projected-recall clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,ray]"
 	touch $(STAMP)
 
 # The web page test drives Debian's chromium (Playwright's own browser download fails on these machines).

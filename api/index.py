@@ -20,15 +20,17 @@ from indexer import IndexConfig, Task, build_run
 from store import OpenedRun
 
 from .engine import Engine, check_k
+from .ray_cluster import ray_session
 from .records import Explanation, Influencer, Suspect
 from .scorers import METHODS, scorer_for, search
 
 __all__ = ["METHODS", "Index", "build_index", "open_index"]
 
 
-def build_index(task: Task, out: str | Path, *, config: IndexConfig | None = None, progress: bool = True) -> Index:
-    """Builds (or resumes) the run directory `out` for `task` and opens it."""
-    build_run(task, out, config=config, progress=progress)
+def build_index(task: Task, out: str | Path, *, config: IndexConfig | None = None, progress=True, ray=None) -> Index:
+    """Builds (or resumes) the run directory `out` for `task` and opens it; `ray`: `api.ray_cluster`."""
+    with ray_session(ray) as distributed:  # the value is checked before anything is written
+        build_run(task, out, config=config, progress=progress, distributed=distributed)
     return Index(out, task=task)
 
 
@@ -160,7 +162,7 @@ class Index:
         (1 = strongest within its kind), `example_id`, `score`, `label`, `method`. Memory is bounded by one
         block of queries; resumable after a kill (same arguments); the file appears atomically when complete.
         Options (`k=100`, `method="lissa"`, `block_size=256`, `progress=True`, `dense=False`, `aggregates=True`,
-        `on_block=None`) as in `api.dump.dump`.
+        `on_block=None`, `ray=None`) as in `api.dump.dump`.
         """
         from .dump import dump
 

@@ -58,8 +58,10 @@ def _is_unstarted(paths: RunPaths) -> bool:
 class Builder:
     """Runs the build stages for one Task into one run directory."""
 
-    def __init__(self, task: Task, out: str | Path, config: IndexConfig, progress: bool = True) -> None:
-        self.task, self.config, self.progress = task, config, progress
+    def __init__(
+        self, task: Task, out: str | Path, config: IndexConfig, progress: bool = True, *, distributed: bool = False
+    ) -> None:
+        self.task, self.config, self.progress, self.distributed = task, config, progress, distributed
         self.paths = RunPaths(Path(out))
         self.head = task.translated_head()
         self.fingerprint = task.fingerprint()
@@ -143,6 +145,7 @@ class Builder:
             l2=self.task.l2,
             task=self.task,
             progress=self.progress,
+            distributed=self.distributed,
         )
         manifest = run_stages(ctx)
         if "complete" not in manifest.stages:
@@ -154,8 +157,19 @@ class Builder:
         return manifest
 
 
-def build_run(task: Task, out: str | Path, *, config: IndexConfig | None = None, progress: bool = True) -> Manifest:
-    """Builds (or resumes) the run directory `out` for `task`; returns the final manifest."""
+def build_run(
+    task: Task,
+    out: str | Path,
+    *,
+    config: IndexConfig | None = None,
+    progress: bool = True,
+    distributed: bool = False,
+) -> Manifest:
+    """Builds (or resumes) the run directory `out` for `task`; returns the final manifest.
+
+    With `distributed` the per-example stages run as shards on the connected Ray cluster (`indexer.shards`);
+    the results are the same.
+    """
     if not isinstance(task, Task):
         raise TaskError(f"task must be an indexer.Task, got {type(task).__name__}")
-    return Builder(task, out, config or IndexConfig(), progress=progress).run()
+    return Builder(task, out, config or IndexConfig(), progress=progress, distributed=distributed).run()

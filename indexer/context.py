@@ -66,6 +66,8 @@ class BuildContext:
             training set: everything is recomputed and each array replaced atomically.
         refit_representer: With rerun, whether the representer stage refits Theta* (warm-started from the
             stored one) or keeps it and recomputes every alpha_i in closed form.
+        distributed: The chunked per-example stages run as shards on the connected Ray cluster
+            (`indexer.shards`); False: in this process.
     """
 
     paths: RunPaths
@@ -78,6 +80,7 @@ class BuildContext:
     progress: bool = True
     rerun: bool = False
     refit_representer: bool = True
+    distributed: bool = False
 
     @classmethod
     def for_update(

@@ -16,6 +16,7 @@ Their rows of the examples already stored never change while the model is fixed,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -200,8 +201,22 @@ def head_gradients(ctx: BuildContext, h: np.ndarray, y: np.ndarray, *, project: 
 
 
 # ------------------------------------------------------------------------------------------------ stages
+def _forward_chunk(
+    task: Task, ds: Any, split: str, n: int, chunk_rows: int, n_classes: int, chunk: int
+) -> dict[str, Any]:
+    """One chunk of the "features" stage: features h, labels y, content hashes and previews of its rows."""
+    start = chunk * chunk_rows
+    out = forward_examples(
+        task, ds, range(start, min(start + chunk_rows, n)), n_classes=n_classes, name=f"{split} dataset"
+    )
+    return {"h": out.h, "y": out.y, "hash": out.hashes, "preview": out.previews}
+
+
 def features_stage(ctx: BuildContext) -> ManifestPatch:
-    """Body forward over train and test in resumable chunks: features, labels, hashes, previews."""
+    """Body forward over train and test in resumable chunks (shards on a Ray cluster in a distributed build):
+    features, labels, hashes, previews."""
+    from .shards import run_chunks
+
     task, paths, rows = ctx.task, ctx.paths, ctx.config.chunk_rows
     for split, ds in task_splits(task):
         n = len(ds)
@@ -209,18 +224,17 @@ def features_stage(ctx: BuildContext) -> ManifestPatch:
         fshape = tuple(task.features(x0).shape[1:])
         feats = ctx.chunked(paths.split_array(split, "features"), shape=(n, *fshape), dtype=np.float32, chunk_rows=rows)
         labels = ctx.chunked(paths.split_array(split, "labels"), shape=(n,), dtype=np.int64, chunk_rows=rows)
-        missing = feats.missing_chunks()
-        bar = tqdm(total=n, desc=f"features {split}", unit="ex", disable=not ctx.progress)
-        bar.update(n - sum(feats.chunk_slice(i).stop - feats.chunk_slice(i).start for i in missing))
-        for chunk in missing:
-            sl = feats.chunk_slice(chunk)
-            out = forward_examples(
-                task, ds, range(sl.start, sl.stop), n_classes=ctx.n_classes, name=f"{split} dataset", bar=bar
-            )
-            atomic_write_json(paths.strings(split, chunk), {"hash": out.hashes, "preview": out.previews})
-            labels.write_chunk(chunk, out.y)
-            feats.write_chunk(chunk, out.h)
-        bar.close()
+
+        def commit(
+            chunk: int, out: dict[str, Any], feats: Any = feats, labels: Any = labels, split: str = split
+        ) -> None:
+            strings = {"hash": [str(v) for v in out["hash"]], "preview": [str(v) for v in out["preview"]]}
+            atomic_write_json(paths.strings(split, chunk), strings)
+            labels.write_chunk(chunk, out["y"])
+            feats.write_chunk(chunk, out["h"])
+
+        compute = functools.partial(_forward_chunk, task, ds, split, n, rows, ctx.n_classes)
+        run_chunks(ctx, f"{split}_features", feats.missing_chunks(), compute, commit, desc=f"features {split}")
     return ManifestPatch(extra={"feature_shape": list(fshape)})
 
 
@@ -246,9 +260,19 @@ def metadata_stage(ctx: BuildContext) -> ManifestPatch:
     return ManifestPatch(extra=extra)
 
 
-def grad_stage(ctx: BuildContext) -> ManifestPatch:
-    """Per-example head gradients at the examples' own labels -> FAISS "grad" and "grad-unit"."""
+def _grad_chunk(ctx: BuildContext, chunk_rows: int, chunk: int) -> dict[str, np.ndarray]:
+    """One chunk of the "grad" stage: the head gradients of its rows, from the stored features and labels."""
     h, y = ctx.split("train")
+    sl = slice(chunk * chunk_rows, min((chunk + 1) * chunk_rows, len(y)))
+    return {"g": head_gradients(ctx, h[sl], y[sl])}
+
+
+def grad_stage(ctx: BuildContext) -> ManifestPatch:
+    """Per-example head gradients at the examples' own labels (shards on a Ray cluster in a distributed build)
+    -> FAISS "grad" and "grad-unit"."""
+    from .shards import run_chunks
+
+    h, _ = ctx.split("train")
     proj = ctx.manifest.projection
     dim = proj.dim if proj else ctx.n_params
     vectors = ctx.chunked(
@@ -257,9 +281,15 @@ def grad_stage(ctx: BuildContext) -> ManifestPatch:
         dtype=np.float32,
         chunk_rows=min(ctx.config.chunk_rows, 1024),
     )
-    for chunk in tqdm(vectors.missing_chunks(), desc="gradients", unit="chunk", disable=not ctx.progress):
-        sl = vectors.chunk_slice(chunk)
-        vectors.write_chunk(chunk, head_gradients(ctx, h[sl], y[sl]))
+    remote_ctx = dataclasses.replace(ctx, task=None, progress=False)  # what a worker needs: head, run files
+    run_chunks(
+        ctx,
+        "grad_vectors",
+        vectors.missing_chunks(),
+        functools.partial(_grad_chunk, remote_ctx, min(ctx.config.chunk_rows, 1024)),
+        lambda chunk, out: vectors.write_chunk(chunk, out["g"]),
+        desc="gradients",
+    )
     g_all = np.ascontiguousarray(vectors.array())
     ids = ctx.ids("train")
     spaces = {}

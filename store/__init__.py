@@ -36,6 +36,7 @@ from store.manifest import SCHEMA_VERSION, HeadRecord, Manifest, ProjectionRecor
 from store.metadata import ExampleRecord, MetadataStore
 from store.opened import OpenedRun, Split, head_tensors, params_from_tensors
 from store.run import content_hash, remove_run, verify_run
+from store.shards import ShardFiles
 from store.vectors import (
     FaissVectorIndex,
     Hits,
@@ -71,6 +72,7 @@ __all__ = [
     "RunNotFoundError",
     "RunPaths",
     "SchemaVersionError",
+    "ShardFiles",
     "Split",
     "StoreError",
     "UnknownExampleError",

@@ -11,6 +11,8 @@ that writes it) before any code can use it. Layout of a run directory::
     arrays/<name>.npy             per-example and derived arrays (ARRAYS below)
     arrays/<name>.json            sidecars: the config a job cache was computed with (CACHES)
     arrays/<split>_strings_NNNNN.json   content hashes and previews of one chunk of the features stage
+    shards/<array>/NNNNN.npz      one chunk of a per-example array computed by a worker of a distributed build
+                                  (store.shards; removed once the driver has committed the stage)
     dumps/<job>.json, dumps/<job>.parquet ...   dump jobs of the HTTP service (api.jobs)
     <figure>.png                  figures the CLI draws by default (FIGURES)
 """
@@ -160,6 +162,17 @@ class RunPaths:
     def dumps_dir(self) -> Path:
         """``dumps/`` (dump jobs of the HTTP service)."""
         return self.root / "dumps"
+
+    @property
+    def shards_dir(self) -> Path:
+        """``shards/`` (chunks computed by the workers of a distributed build, `store.shards`)."""
+        return self.root / "shards"
+
+    def shard(self, name: str, chunk: int) -> Path:
+        """``shards/<name>/NNNNN.npz``: chunk ``chunk`` of the declared array ``name`` as a worker computed it."""
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+            raise ValueError(f"chunk: must be an int >= 0, got {chunk!r}")
+        return self.shards_dir / _check(name, ARRAYS, "array") / f"{chunk:05d}.npz"
 
     def vector(self, space: str) -> Path:
         """``vectors/<space>.faiss`` of a declared space."""

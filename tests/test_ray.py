@@ -1,0 +1,87 @@
+"""Jobs on a Ray cluster (issue 16): a two-node cluster on loopback gives the single-process results.
+
+The cluster (`ray_cluster` in conftest.py) is shared by the module; this process is connected to it, so every
+``ray=`` value below runs on it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from api import build_index, open_index
+from api.ray_cluster import RAY_INSTALL, RayNotInstalledError, check_ray, ray_session
+from indexer import IndexConfig
+
+ARRAYS = ("train_features", "train_labels", "train_ids", "train_logits", "test_features", "grad_vectors")
+
+
+@pytest.mark.parametrize("value", ["remote", "", "host:", "host:0", "host:70000", "http://h:1", 7, ["local"]])
+def test_bad_ray_values_are_refused_by_name_before_anything_is_written(value, digits_mlp_task, tmp_path):
+    with pytest.raises(ValueError, match="ray must be"):
+        check_ray(value)
+    with pytest.raises(ValueError, match="ray must be"):
+        build_index(digits_mlp_task, tmp_path / "run", progress=False, ray=value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", [None, "local", "auto", "10.0.0.5:6379", "ray://head.example:10001", "[::1]:6379"])
+def test_good_ray_values_pass(value):
+    assert check_ray(value) == value
+
+
+def test_without_ray_the_error_says_how_to_install_it(monkeypatch, digits_mlp_task, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as when the extra is not installed
+    with pytest.raises(RayNotInstalledError, match=RAY_INSTALL.replace("[", r"\[").replace("]", r"\]")):
+        build_index(digits_mlp_task, tmp_path / "run", progress=False, ray="local")
+    with ray_session(None) as distributed:  # ray=None never imports Ray
+        assert distributed is False
+
+
+def test_every_node_of_the_test_cluster_is_on_loopback(ray_cluster):
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    assert len(nodes) == 2
+    assert all(n["NodeManagerAddress"].startswith("127.") for n in nodes), [n["NodeManagerAddress"] for n in nodes]
+
+
+def _assert_same_run(a, b):
+    """Two built runs hold the same arrays (float32 round-off), FAISS ids and explanations."""
+    for name in ARRAYS:
+        x, y = np.asarray(a.run.array(name)), np.asarray(b.run.array(name))
+        assert x.shape == y.shape, name
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=name)
+    q = np.asarray(a.run.array("grad_vectors"))[:5]
+    for space in ("grad", "grad-unit"):
+        ia, ib = a.run.space(space), b.run.space(space)
+        np.testing.assert_array_equal(ia.ids(), ib.ids())  # FAISS ids in id order
+        for ha, hb in zip(ia.search(q, 10), ib.search(q, 10), strict=True):
+            np.testing.assert_array_equal(ha.ids, hb.ids)
+    for method in ("lissa", "grad-dot", "representer"):
+        ea, eb = a.explain(test_ids=[0, 5], k=5, method=method), b.explain(test_ids=[0, 5], k=5, method=method)
+        for x, y in zip(ea, eb, strict=True):
+            assert [p.example_id for p in x.proponents] == [p.example_id for p in y.proponents], method
+            assert [p.example_id for p in x.opponents] == [p.example_id for p in y.opponents], method
+            np.testing.assert_allclose([p.score for p in x.proponents], [p.score for p in y.proponents], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_build_on_two_nodes_equals_the_single_process_build(ray_cluster, digits_mlp_task, digits_mlp_run, tmp_path):
+    out = tmp_path / "ray-run"
+    config = IndexConfig(chunk_rows=256)  # several shards per stage; chunking never changes the results
+    with build_index(digits_mlp_task, out, config=config, progress=False, ray=ray_cluster.address) as index:
+        assert not (out / "shards").exists()  # the driver committed and removed every shard
+        with open_index(digits_mlp_run) as ref:
+            _assert_same_run(index, ref)
+
+
+@pytest.mark.slow
+def test_a_projected_head_built_on_two_nodes_equals_the_single_process_build(ray_cluster, digits_mlp_task, tmp_path):
+    config = IndexConfig(chunk_rows=300, project_above=1000, projection_dim=128, damping_subsets=0)
+    with build_index(digits_mlp_task, tmp_path / "one", config=config, progress=False) as ref:
+        assert ref.manifest.projection is not None
+        with build_index(digits_mlp_task, tmp_path / "ray", config=config, progress=False, ray="auto") as index:
+            _assert_same_run(index, ref)
