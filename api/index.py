@@ -19,6 +19,7 @@ import influence as inf
 from indexer import IndexConfig, Task, build_run
 from store import OpenedRun
 
+from .decisions import Decisions
 from .engine import Engine, check_k
 from .ray_cluster import ray_session
 from .records import Explanation, Influencer, Suspect
@@ -39,7 +40,7 @@ def open_index(path: str | Path, *, task: Task | None = None, lissa: inf.LissaCo
     return Index(path, task=task, lissa=lissa)
 
 
-class Index:
+class Index(Decisions):
     """A built run directory, ready to answer queries.
 
     Attributes:

@@ -42,6 +42,7 @@ from store import ConfigMismatchError, CorruptRunError, StoreError, UnknownExamp
 
 from .index import Index, open_index
 from .jobs import JOB_ID, DumpJobs, JobNotDoneError, UnknownJobError
+from .routes_decisions import add_decision_routes
 from .scorers import METHODS
 
 MethodName = Literal[METHODS]  # type: ignore[valid-type]  # the scorer registry's methods
@@ -578,6 +579,7 @@ def create_app(
             jobs.file(job, part), media_type="application/vnd.apache.parquet", filename=f"dump-{job}-{part}.parquet"
         )
 
+    add_decision_routes(app, index, lock, auth, errors)
     return app
 
 

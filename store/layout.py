@@ -5,7 +5,7 @@ declared names to paths and refuses undeclared ones, so a new artifact is added 
 that writes it) before any code can use it. Layout of a run directory::
 
     manifest.json                 what the run holds (store.manifest)
-    metadata.sqlite               example metadata, suspects, tombstones (store.metadata)
+    metadata.sqlite               example metadata, suspects, tombstones (store.metadata), decisions (store.decisions)
     head.safetensors              the head's parameters
     vectors/<space>.faiss         one FAISS index per vector space (ids = example ids)
     arrays/<name>.npy             per-example and derived arrays (ARRAYS below)

@@ -34,6 +34,9 @@ OPERATIONS = [
     ("POST", "/dumps"),
     ("GET", "/dumps/{job}"),
     ("GET", "/dumps/{job}/file"),
+    ("POST", "/decisions"),
+    ("GET", "/decisions"),
+    ("GET", "/decisions/file"),
 ]
 
 

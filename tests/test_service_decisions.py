@@ -1,0 +1,125 @@
+"""Decisions through the Python API (Index.decide / decisions) and HTTP (POST|GET /decisions, the file) on a
+real digits run: validation by name, 404 / 422 / 401 never 500, survival across restarts, the export."""
+
+import io
+import shutil
+
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+from fastapi.testclient import TestClient
+
+from api import open_index
+from api.decisions import cleaned_ids
+from api.service import create_app
+from store import UnknownExampleError
+
+pytestmark = pytest.mark.slow
+KEY = "decisions-key"
+H = {"X-API-Key": KEY}
+
+
+@pytest.fixture
+def run(digits_mlp_run, tmp_path):
+    path = tmp_path / "run"
+    shutil.copytree(digits_mlp_run, path, ignore=shutil.ignore_patterns("dumps"))
+    return path
+
+
+def test_index_decide_and_decisions(run):
+    with open_index(run) as index:
+        assert index.decisions() == []
+        n = index.n_classes
+        index.decide(5, "relabel", n - 1, reviewer="ann")
+        index.decide(6, "remove")
+        index.decide(5, "keep")
+        with pytest.raises(UnknownExampleError, match="99999"):
+            index.decide(99999, "keep")
+        with pytest.raises(ValueError, match=f"label: must be a class in \\[0, {n}\\)"):
+            index.decide(5, "relabel", n)
+        with pytest.raises(ValueError, match="decision"):
+            index.decide(5, "fix")
+        assert [(d.example_id, d.decision) for d in index.decisions()] == [(5, "keep"), (6, "remove")]
+        assert len(index.decisions(history=True)) == 3
+        index.decide(7, "relabel", 0)
+        ids, relabels = cleaned_ids(index)
+    assert 6 not in ids and len(ids) == len(index.train_ids) - 1 and relabels == {7: 0}
+    with open_index(run) as reopened:  # stored in the run's SQLite
+        assert [(d.example_id, d.decision) for d in reopened.decisions()] == [
+            (5, "keep"),
+            (6, "remove"),
+            (7, "relabel"),
+        ]
+
+
+def test_http_decisions_round_trip_and_survive_a_restart(run):
+    with TestClient(create_app(run, api_key=KEY)) as client:
+        assert client.get("/decisions", headers=H).json() == []
+        r = client.post("/decisions", json={"example_id": 3, "decision": "relabel", "label": 1}, headers=H)
+        assert r.status_code == 200, r.text
+        assert r.json()["label"] == 1 and r.json()["decided_at"].endswith("+00:00")
+        r = client.post(
+            "/decisions", json={"example_id": 4, "decision": "remove", "label": None}, headers=H | {"X-Reviewer": "bob"}
+        )
+        assert r.status_code == 200 and r.json()["reviewer"] == "bob"
+        assert client.post("/decisions", json={"example_id": 3, "decision": "keep"}, headers=H).status_code == 200
+        assert "/decisions" in client.get("/openapi.json").json()["paths"]
+    with TestClient(create_app(run, api_key=KEY)) as client:
+        got = client.get("/decisions", headers=H).json()
+        assert [(d["example_id"], d["decision"], d["label"], d["reviewer"]) for d in got] == [
+            (3, "keep", None, None),
+            (4, "remove", None, "bob"),
+        ]
+        assert len(client.get("/decisions?history=true", headers=H).json()) == 3
+        csv = client.get("/decisions/file?format=csv", headers=H)
+        assert csv.status_code == 200 and csv.headers["content-type"].startswith("text/csv")
+        table = pcsv.read_csv(io.BytesIO(csv.content))
+        assert table.column("example_id").to_pylist() == [3, 4]
+        assert table.column("decision").to_pylist() == ["keep", "remove"]
+        parquet = client.get("/decisions/file?format=parquet", headers=H)
+        assert pq.read_table(io.BytesIO(parquet.content)).to_pylist() == got
+    with open_index(run) as index:
+        assert [d.to_dict() for d in index.decisions()] == got
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"example_id": 99999, "decision": "keep"}, 404, ["99999"]),
+        ({"example_id": -1, "decision": "keep"}, 404, ["-1"]),
+        ({"example_id": 1, "decision": "delete"}, 422, ["decision"]),
+        ({"example_id": 1, "decision": "relabel"}, 422, ["label"]),
+        ({"example_id": 1, "decision": "relabel", "label": 10}, 422, ["label", "10"]),
+        ({"example_id": 1, "decision": "relabel", "label": -2}, 422, ["label"]),
+        ({"example_id": 1, "decision": "relabel", "label": 1.5}, 422, ["label"]),
+        ({"example_id": 1, "decision": "relabel", "label": "3"}, 422, ["label"]),
+        ({"example_id": 1, "decision": "keep", "label": 2}, 422, ["label", "keep"]),
+        ({"example_id": "1", "decision": "keep"}, 422, ["example_id"]),
+        ({"example_id": True, "decision": "keep"}, 422, ["example_id"]),
+        ({"example_id": 2**70, "decision": "keep"}, 422, ["example_id"]),
+        ({"decision": "keep"}, 422, ["example_id"]),
+        ({"example_id": 1, "decision": "keep", "why": "x"}, 422, ["why"]),
+        ([1], 422, ["body"]),
+    ],
+)
+def test_bad_decisions_get_404_or_422_never_500(run, body, status, words):
+    with TestClient(create_app(run, api_key=KEY)) as client:
+        r = client.post("/decisions", json=body, headers=H)
+        assert r.status_code == status, r.text
+        for w in words:
+            assert w in r.text, (w, r.text)
+        assert client.get("/decisions?history=true", headers=H).json() == []
+
+
+def test_decisions_need_the_key_and_check_their_query(run):
+    with TestClient(create_app(run, api_key=KEY)) as client:
+        assert client.post("/decisions", json={"example_id": 1, "decision": "keep"}).status_code == 401
+        assert client.get("/decisions").status_code == 401
+        assert client.get("/decisions/file").status_code == 401
+        assert client.get("/decisions/file?format=xlsx", headers=H).status_code == 422
+        assert client.get("/decisions?limt=3", headers=H).status_code == 422
+        long = client.post(
+            "/decisions", json={"example_id": 1, "decision": "keep"}, headers=H | {"X-Reviewer": "x" * 65}
+        )
+        assert long.status_code == 422
+        assert client.get("/decisions?history=true", headers=H).json() == []
