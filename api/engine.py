@@ -44,6 +44,8 @@ class Queries:
         labels: Stored labels (None for raw inputs).
         test_rows: Rows of the stored test examples ``[m]``, None for raw inputs.
         texts: The raw texts of a text body's queries, else None.
+        raw: The raw inputs as given (rows of an array, or texts), else None (scope="model" takes gradients of
+            them through the whole model).
     """
 
     h: np.ndarray
@@ -53,6 +55,7 @@ class Queries:
     labels: list[int | None]
     test_rows: np.ndarray | None = None
     texts: list[str] | None = None
+    raw: list[Any] | None = None
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -333,7 +336,7 @@ class Engine:
         """Validates a query (exactly one of stored `test_ids` or raw `inputs`) and prepares it."""
         if (test_ids is None) == (inputs is None):
             raise ValueError("pass exactly one of test_ids= or inputs=")
-        rows, texts = None, None
+        rows, texts, raw = None, None, None
         if test_ids is not None:
             if isinstance(test_ids, int | np.integer):
                 test_ids = [int(test_ids)]
@@ -353,9 +356,10 @@ class Engine:
             labels, qids = [None] * len(h), [None] * len(h)
             if isinstance(inputs, list | tuple) and all(isinstance(t, str) for t in inputs):
                 texts = list(inputs)
+            raw = texts if texts is not None else list(inputs)
         logits = self.logits(h)
         tgt = self.check_targets(targets, len(h)) if targets is not None else logits.argmax(1)
-        return Queries(h, logits, tgt.astype(np.int64), qids, labels, rows, texts)
+        return Queries(h, logits, tgt.astype(np.int64), qids, labels, rows, texts, raw)
 
     def test_rows(self, test_ids: Sequence[int]) -> np.ndarray:
         """Rows of stored test ids, or an UnknownExampleError naming the unknown ones."""

@@ -65,9 +65,9 @@ class Builder:
         self.paths = RunPaths(Path(out))
         self.head = task.translated_head()
         self.fingerprint = task.fingerprint()
-        if task.scope == "last-block" and config.curvature != "ggn":
+        if task.scope_kind != "head" and config.curvature != "ggn":
             raise TaskError(
-                f"curvature={config.curvature!r} is not available for scope='last-block': its projected curvature "
+                f"curvature={config.curvature!r} is not available for scope={task.scope_kind!r}: its projected curvature "
                 "is the Gauss-Newton matrix (indexer.block); use IndexConfig(curvature='ggn')"
             )
 

@@ -17,6 +17,9 @@ class IndexConfig:
         project_above: gradients are randomly projected when the head has more parameters than this.
         projection_dim: dimension of the projected gradient space.
         projection_seed: seed of the Gaussian projection.
+        layer_projection_dim: scope="model": when the scope has more than `project_above` parameters, each side
+            (inputs, output gradients) of each layer larger than this is projected to this many dimensions
+            (LoGra, `indexer.logra`), so a layer's vector has at most this squared entries.
         exact_max_params: heads up to this many parameters get a dense eigendecomposition (method "exact").
         deflation_rank: top eigenpairs of the curvature computed once and deflated in LiSSA (0 = plain LiSSA).
         curvature_rows: the top-eigenpair subspace iterations run over a seeded subsample of this many
@@ -48,6 +51,7 @@ class IndexConfig:
     project_above: int = 16_384
     projection_dim: int = 1024
     projection_seed: int = 0
+    layer_projection_dim: int = 16
     exact_max_params: int = 4096
     deflation_rank: int = 64
     curvature_rows: int = 4096
@@ -62,7 +66,7 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.curvature not in ("ggn", "hessian"):
             raise ValueError(f"curvature must be 'ggn' or 'hessian', got {self.curvature!r}")
-        for name in ("project_above", "projection_dim", "chunk_rows", "curvature_rows"):
+        for name in ("project_above", "projection_dim", "chunk_rows", "curvature_rows", "layer_projection_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -33,7 +33,7 @@ from torch import nn
 from .errors import TaskError, UnsupportedLayerError
 from .translate import flatten_modules
 
-SCOPES = ("head", "last-block")
+SCOPES = ("head", "last-block", "model")
 POOLINGS = ("cls", "mean")
 
 
@@ -193,8 +193,8 @@ def task_kwargs_from_hf(
 ) -> dict[str, Any]:
     """The Task fields for a Hugging Face classifier (see `Task.from_hf`), all but the last-block scope's
     `block`, which `Task.from_hf` adds (`indexer.torch_backend` imports this module, not the reverse)."""
-    if scope not in SCOPES:
-        raise TaskError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if isinstance(scope, str) and scope not in SCOPES:
+        raise TaskError(f"scope must be one of {SCOPES} or a list of module names, got {scope!r}")
     if not isinstance(model, nn.Module):
         raise TaskError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(tokenizer) or not hasattr(tokenizer, "pad"):

@@ -25,6 +25,7 @@ The order and the names are those of every run directory written so far ("comple
 | tracin | task, train features, labels | tracin_self_influence | yes |
 | queries | train and test arrays, curvature arrays | query_solutions / targets / residuals / depths | no |
 | block | task, labels, logits, ids | block_* arrays, spaces block / block-unit | no |
+| model | task, labels, logits, ids | model_* arrays, spaces model / model-unit | no |
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .block import block_stage, is_last_block
 from .calibration import damping_stage
 from .context import BuildContext, ManifestPatch
 from .examples import features_stage, grad_stage, has_checkpoints, metadata_stage, tracin_stage
+from .model_stage import is_model_scope, model_stage
 from .queries import has_query_cache, queries_stage
 from .training_set import (
     curvature_stage,
@@ -206,6 +208,21 @@ STAGES: tuple[Stage, ...] = (
         per_example=False,
         run=block_stage,
         applies=is_last_block,
+    ),
+    Stage(
+        "model",
+        reads=(TASK, "train_labels", "test_logits", "train_ids"),
+        writes=(
+            "model_train_vectors",
+            "model_test_vectors",
+            "model_test_targets",
+            "model_curvature",
+            "model",
+            "model-unit",
+        ),
+        per_example=False,
+        run=model_stage,
+        applies=is_model_scope,
     ),
 )
 """Every build stage, in build order."""

@@ -91,9 +91,14 @@ class Task:
         checkpoints: optional training checkpoints for TracIn, a list of `(state, learning_rate)` with `state`
             a state_dict of `model` (or a path to one saved with torch.save / safetensors) and `learning_rate`
             the step size in effect around it (Pruthi et al. 2020). Used by the label-noise job's "tracin".
-        scope: the parameters influence is taken over: "head" (the translated head, default) or "last-block"
-            (a transformer's last block + head, `Task.from_hf(..., scope="last-block")`, which sets `block`).
+        scope: the parameters influence is taken over: "head" (the translated head, default), "last-block"
+            (a transformer's last block + head, `Task.from_hf(..., scope="last-block")`, which sets `block`),
+            "model" (every layer of the model with parameters, `indexer.layers`) or a list of module names as in
+            `model.named_modules()` (those modules; a container means every layer inside it). Layers with
+            parameters that scope="model" cannot take are refused by name (`indexer.layers.SUPPORTED`).
         block: the `indexer.torch_backend.LastBlockScope` of a "last-block" Task (None otherwise).
+        device: where the model runs (batches are moved there); None = where the model's parameters are. A
+            device given moves the model there.
     """
 
     model: nn.Module
@@ -109,8 +114,10 @@ class Task:
     test_ids: Sequence[int] | None = None
     name: str = "task"
     checkpoints: Sequence[tuple[Any, float]] | None = None
-    scope: str = "head"
+    scope: str | Sequence[str] = "head"
     block: Any = None
+    device: str | torch.device | None = None
+    _model_scope: Any = field(init=False, repr=False, default=None)
     _split: tuple[nn.Module, list[nn.Module]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -145,8 +152,16 @@ class Task:
         else:
             split = split_sequential(self.model, self.head_layers)
         object.__setattr__(self, "_split", split)
-        if self.scope not in ("head", "last-block"):
-            raise TaskError(f"scope must be 'head' or 'last-block', got {self.scope!r}")
+        self._set_device()
+        if isinstance(self.scope, str) and self.scope not in ("head", "last-block", "model"):
+            raise TaskError(
+                f"scope must be 'head', 'last-block', 'model' or a list of module names, got {self.scope!r}"
+            )
+        if self.scope_kind == "model":
+            from .logra import model_scope_of
+
+            object.__setattr__(self, "scope", self.scope if self.scope == "model" else tuple(self.scope))
+            object.__setattr__(self, "_model_scope", model_scope_of(self))
         if (self.scope == "last-block") != (self.block is not None):
             raise TaskError(
                 "scope='last-block' needs block= (a LastBlockScope; Task.from_hf(..., scope='last-block') sets it) "
@@ -155,6 +170,29 @@ class Task:
         if self.checkpoints is not None:
             object.__setattr__(self, "checkpoints", check_checkpoints(self.checkpoints, self.model))
         self.model.eval()
+
+    def _set_device(self) -> None:
+        self.model.eval()
+        first = next(self.model.parameters(), None)
+        if self.device is None:
+            device = first.device if first is not None else torch.device("cpu")
+        else:
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise TaskError(f"device must be a torch device or its name, got {self.device!r}") from err
+            self.model.to(device)
+        object.__setattr__(self, "device", device)
+
+    @property
+    def scope_kind(self) -> str:
+        """ "head", "last-block" or "model" (a list of module names is a "model" scope over those modules)."""
+        return self.scope if isinstance(self.scope, str) and self.scope != "model" else "model"
+
+    @property
+    def model_scope(self) -> Any:
+        """The `indexer.logra.ModelScope` of a scope="model" Task (None otherwise)."""
+        return self._model_scope
 
     @classmethod
     def from_hf(
@@ -204,7 +242,8 @@ class Task:
         return translate_head(self.head_modules)
 
     def head_forward(self, h: torch.Tensor) -> torch.Tensor:
-        out = h
+        first = next((p for m in self.head_modules for p in m.parameters()), None)
+        out = h if first is None or not h.is_floating_point() else h.to(device=first.device, dtype=first.dtype)
         for layer in self.head_modules:
             out = layer(out)
         return out
@@ -213,6 +252,10 @@ class Task:
     def features(self, x: torch.Tensor) -> np.ndarray:
         """Body forward of a batch (no grad) -> cut features as float32 numpy."""
         self.model.eval()
+        if isinstance(x, torch.Tensor):  # batches go where the model is, float inputs in its dtype
+            first = next(self.model.parameters(), None)
+            dtype = first.dtype if first is not None and x.is_floating_point() else x.dtype
+            x = x.to(device=self.device, dtype=dtype)
         h = self.body_module(x)
         return h.detach().cpu().numpy().astype(np.float32, copy=False)
 
@@ -245,5 +288,14 @@ class Task:
             "body": type(self.body_module).__name__,
             **({"checkpoint_learning_rates": [lr for _, lr in self.checkpoints]} if self.checkpoints else {}),
             # runs of the default scope keep the task record they always had (resumes compare it)
-            **({"scope": self.scope, "block_params": self.block.n_params} if self.scope != "head" else {}),
+            **({"scope": self.scope, "block_params": self.block.n_params} if self.scope == "last-block" else {}),
+            **(
+                {
+                    "scope": "model",
+                    "model_layers": self._model_scope.names,
+                    "model_params": self._model_scope.n_params,
+                }
+                if self.scope_kind == "model"
+                else {}
+            ),
         }

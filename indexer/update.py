@@ -121,7 +121,7 @@ def _open(run: str | Path, fingerprint: str | None = None) -> OpenedRun:
         r.close()
         raise ValueError(
             f"run: {r.root} was built with scope={r.scope!r}; incremental adds and deletes cover scope='head' runs "
-            "only (its last-block curvature is over the training set): rebuild"
+            "only (the projected curvature of a 'last-block' or 'model' scope is over the whole training set): rebuild"
         )
     return r
 

@@ -61,7 +61,13 @@ from influence.objective import (  # noqa: E402
     make_loss_fn,
     softmax,
 )
-from influence.projection import GaussianProjection, make_projection, project  # noqa: E402
+from influence.projection import (  # noqa: E402
+    GaussianProjection,
+    compute_projected_ggn,
+    layer_seed,
+    make_projection,
+    project,
+)
 from influence.representer import (  # noqa: E402
     augment_features,
     compute_fidelity,
@@ -115,6 +121,7 @@ __all__ = [
     "compute_margins",
     "compute_objective",
     "compute_per_example_grads",
+    "compute_projected_ggn",
     "compute_representer_alpha",
     "compute_representer_embeddings",
     "compute_representer_logits",
@@ -129,6 +136,7 @@ __all__ = [
     "flatten_params",
     "kronecker_layout",
     "last_linear_index",
+    "layer_seed",
     "lissa",
     "make_head_matvec",
     "make_hvp",

@@ -139,3 +139,26 @@ def project(G: np.ndarray, *, d: int, seed: int, block_size: int = DEFAULT_BLOCK
     if G.ndim not in (1, 2):
         raise ValueError(f"G must have shape [m, p], got shape {G.shape}")
     return make_projection(G.shape[-1], d, seed=seed).project(G, block_size=block_size)
+
+
+def layer_seed(seed: int, layer: int, side: int) -> int:
+    """The seed of one side (0: inputs, 1: output gradients, 2: a norm's vector) of layer `layer`'s projection in
+    scope="model" (LoGra, Choe et al. 2024, arXiv:2405.13954): a pure function of the run's seed, the same on every
+    machine."""
+    if not is_int(seed) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    return int((int(seed) * 1_000_003 + 3 * int(layer) + int(side) + 1) % 2**32)
+
+
+def compute_projected_ggn(phi: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """sum_i sum_c p_ic phi_ic phi_ic^T [d, d] float64: the Gauss-Newton matrix of the cross-entropy (summed over
+    examples) in a projected gradient space, from the projected gradients phi [classes, m, d] of each example's
+    loss at every class c and the class probabilities probs [m, classes] (diag p - p p^T = sum_c p_c (p - e_c)
+    (p - e_c)^T, and phi_ic = S^T J_i^T (p_i - e_c)).
+
+    Reference: Schraudolph 2002 (Gauss-Newton); Choe et al. 2024 (LoGra, arXiv:2405.13954).
+    """
+    phi, probs = np.asarray(phi, np.float64), np.asarray(probs, np.float64)
+    if phi.ndim != 3 or probs.shape != phi.shape[1::-1]:
+        raise ValueError(f"phi [classes, m, d] and probs [m, classes] must agree, got {phi.shape} and {probs.shape}")
+    return np.einsum("cmd,mc,cme->de", phi, probs, phi, optimize=True)

@@ -81,6 +81,12 @@ ARRAYS: dict[str, Artifact] = _catalogue(
     Artifact("block_test_targets", "block", "the class of each stored test vector [n_test] int64"),
     Artifact("block_curvature", "block", "A = S^T C S + l2 S^T S [d, d] float64"),
     Artifact("block_gram", "block", "B = S^T S [d, d] float64"),
+    Artifact(
+        "model_train_vectors", "model", "projected per-layer gradients phi_i = S^T g_i at the labels [n_train, d]"
+    ),
+    Artifact("model_test_vectors", "model", "projected per-layer gradients of the tests at their target [n_test, d]"),
+    Artifact("model_test_targets", "model", "the class of each stored test vector [n_test] int64"),
+    Artifact("model_curvature", "model", "G + l2 I, G the projected Gauss-Newton matrix [d, d] float64"),
     Artifact("noise_self_influence", "noise job", "self-influence of every training example [n_train]"),
     Artifact("noise_oos_probs", "noise job", "out-of-sample class probabilities [n_train, n_classes]"),
 )
@@ -96,6 +102,8 @@ SPACES: dict[str, Artifact] = _catalogue(
     Artifact("grad-whitened", "whitened", "P M^-1/2 g_i: projected gradients whitened by the curvature's spectrum"),
     Artifact("block", "block", "projected last-block gradients S^T g_i"),
     Artifact("block-unit", "block", "S^T g_i / |S^T g_i|"),
+    Artifact("model", "model", "projected per-layer gradients S^T g_i of scope='model'"),
+    Artifact("model-unit", "model", "S^T g_i / |S^T g_i| of scope='model'"),
 )
 
 #: ``<name>.png`` at the top of a run: what the CLI draws by default

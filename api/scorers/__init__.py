@@ -9,7 +9,7 @@ Adding a method: a new module here with a class decorated `@register("name", sco
 implements `Scorer`, imported below. Adding a scope: register the methods it supports under its name.
 """
 
-from api.scorers import head, kronecker, lastblock, representer  # noqa: F401  (each module registers its scorers)
+from api.scorers import head, kronecker, lastblock, model, representer  # noqa: F401  (each module registers its scorers)
 from api.scorers.base import METHOD_HELP, Scorer, check_method, methods_help, register, scorer_for, search
 
 #: every registered method, in registration order ("lissa" first: the default)
