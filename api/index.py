@@ -171,22 +171,7 @@ class Index(Decisions):
 
     def info(self) -> dict[str, Any]:
         """What the run holds, as plain JSON."""
-        m = self.run.manifest
-        return {
-            "path": str(self.run.root),
-            "schema_version": m.schema_version,
-            "model_fingerprint": m.model_fingerprint,
-            "task": m.task,
-            "head": {
-                "n_classes": self.n_classes,
-                "n_params": self.run.n_params,
-                "layers": [s["kind"] for s in self.run.spec],
-            },
-            "projection": m.to_dict()["projection"],
-            "spaces": m.spaces,
-            "stages": list(m.stages),
-            "extra": m.extra,
-        }
+        return self.run.info()
 
     def close(self) -> None:
         self.run.close()

@@ -163,6 +163,21 @@ class OpenedRun:
         """The head's parameters, one dict per layer (`head.safetensors`)."""
         return params_from_tensors(self.spec, load_tensors(self.paths.head))
 
+    def info(self) -> dict[str, Any]:
+        """What the run holds, as plain JSON (`Index.info`, `influence info`)."""
+        m = self.manifest
+        return {
+            "path": str(self.root),
+            "schema_version": m.schema_version,
+            "model_fingerprint": m.model_fingerprint,
+            "task": m.task,
+            "head": {"n_classes": self.n_classes, "n_params": self.n_params, "layers": [s["kind"] for s in self.spec]},
+            "projection": m.to_dict()["projection"],
+            "spaces": m.spaces,
+            "stages": list(m.stages),
+            "extra": m.extra,
+        }
+
     # ---------------------------------------------------------------------------------------- contents
     def has(self, name: str) -> bool:
         """Whether the declared array ``name`` was written by this run's build."""
