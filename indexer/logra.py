@@ -12,7 +12,8 @@ full per-example gradient. The affine norms' [2 D] gradient is projected by one 
 phi of all layers, concatenated in layer order (row-major per layer), is the example's vector [d].
 
 Forward hooks keep each layer's input and output (the output is handed on as a copy, so in-place activations
-downstream do not touch it); the output gradients of one backward of sum_i CE(logits_i, t_i) through the model are
+downstream do not touch it; an output computed once for the whole batch, such as BERT's position embeddings, is
+expanded to one row per example first, so that each example gets its own output gradient); the output gradients of one backward of sum_i CE(logits_i, t_i) through the model are
 the per-example dL_i/dy_i (examples are independent in eval mode), taken by `torch.autograd.grad` with respect to
 the kept outputs, once per target vector (the labels, or each class for the Gauss-Newton matrix).
 """
@@ -114,7 +115,11 @@ class ModelScope:
 
         def hook(i: int) -> Callable:
             def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-                calls.append((i, args[0].detach(), out))
+                x = args[0].detach()
+                if out.shape[0] == 1 and len(xs) > 1:  # shared by the batch (BERT's position embeddings)
+                    x = x.expand(len(xs), *x.shape[1:])
+                    out = out.expand(len(xs), *out.shape[1:])
+                calls.append((i, x, out))
                 return out.clone()
 
             return fn
