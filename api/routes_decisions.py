@@ -13,10 +13,11 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Callable
+from importlib import resources
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Header, Query
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
 from store import DECISIONS, MAX_REVIEWER, write_decisions
@@ -59,6 +60,10 @@ def add_decision_routes(
     reviewer_header = Header(
         None, alias="X-Reviewer", max_length=MAX_REVIEWER, description="who decides (stored with the decision)"
     )
+
+    @app.get("/clean", response_class=HTMLResponse, include_in_schema=False)
+    def clean_page() -> HTMLResponse:
+        return HTMLResponse(resources.files("api").joinpath("web/clean.html").read_text(encoding="utf-8"))
 
     @app.post(
         "/decisions",

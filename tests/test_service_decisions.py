@@ -123,3 +123,11 @@ def test_decisions_need_the_key_and_check_their_query(run):
         )
         assert long.status_code == 422
         assert client.get("/decisions?history=true", headers=H).json() == []
+
+
+def test_the_review_page_is_served_open_like_the_other_page(run):
+    with TestClient(create_app(run, api_key=KEY)) as client:
+        page = client.get("/clean")
+        assert page.status_code == 200 and "/web/clean.js" in page.text and "/web/preview.js" in page.text
+        for name in ("clean.js", "preview.js", "clean.css"):
+            assert client.get(f"/web/{name}").status_code == 200
