@@ -1,4 +1,4 @@
-"""The `influence` command line: demo, index, explain, noise, dump, info."""
+"""The `influence` command line: demo, index, explain, noise, dump, info, decisions, serve."""
 
 from __future__ import annotations
 
@@ -377,6 +377,25 @@ def info(
             typer.echo(json.dumps(out, indent=2, default=str))
             raise typer.Exit(1)
     typer.echo(json.dumps(out, indent=2, default=str))
+
+
+@app.command()
+@friendly_errors
+def decisions(
+    run: Annotated[Path, typer.Argument(help="run directory")],
+    out: Annotated[Path, typer.Option(help="FILE.csv or FILE.parquet")],
+    history: Annotated[bool, typer.Option(help="every decision ever recorded, not only those in force")] = False,
+) -> None:
+    """Export reviewers' decisions (relabel / keep / remove, from the /clean page or POST /decisions)."""
+    from store import MetadataStore, RunPaths, load_decisions, save_decisions_table
+
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        raise ValueError(f"--out must end with .csv or .parquet, got {str(out)!r}")
+    with MetadataStore(RunPaths(run).metadata, create=False) as meta:
+        records = load_decisions(meta, history=history)
+    save_decisions_table(records, out)
+    counts = {d: sum(r.decision == d for r in records) for d in ("relabel", "keep", "remove")}
+    typer.echo(f"wrote {len(records)} decisions ({', '.join(f'{n} {d}' for d, n in counts.items())}) to {out}")
 
 
 @app.command()

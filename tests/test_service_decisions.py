@@ -4,6 +4,7 @@ real digits run: validation by name, 404 / 422 / 401 never 500, survival across 
 import io
 import shutil
 
+import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
@@ -131,3 +132,36 @@ def test_the_review_page_is_served_open_like_the_other_page(run):
         assert page.status_code == 200 and "/web/clean.js" in page.text and "/web/preview.js" in page.text
         for name in ("clean.js", "preview.js", "clean.css"):
             assert client.get(f"/web/{name}").status_code == 200
+
+
+def test_cli_exports_the_decisions_in_force_as_csv_or_parquet(run, tmp_path):
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    with open_index(run) as index:
+        index.decide(10, "relabel", 2, reviewer="ann")
+        index.decide(11, "remove")
+        index.decide(10, "relabel", 3)
+        wanted = [d.to_dict() for d in index.decisions()]
+    runner = CliRunner()
+    for name in ("d.csv", "d.parquet"):
+        result = runner.invoke(app, ["decisions", str(run), "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        assert "wrote 2 decisions (1 relabel, 0 keep, 1 remove)" in result.output
+    as_text = pcsv.ConvertOptions(
+        column_types={"decided_at": pa.string(), "reviewer": pa.string()}, strings_can_be_null=True
+    )
+    assert pcsv.read_csv(tmp_path / "d.csv", convert_options=as_text).to_pylist() == wanted
+    assert pq.read_table(tmp_path / "d.parquet").to_pylist() == wanted
+    result = runner.invoke(app, ["decisions", str(run), "--out", str(tmp_path / "h.csv"), "--history"])
+    assert result.exit_code == 0 and "wrote 3 decisions" in result.output
+    for args, words in [
+        (["--out", str(tmp_path / "d.xlsx")], ["--out", "d.xlsx"]),
+        (["--out", str(tmp_path / "x.csv")], ["nowhere"]),
+    ]:
+        target = str(tmp_path / "nowhere") if "nowhere" in words else str(run)
+        result = runner.invoke(app, ["decisions", target, *args])
+        assert result.exit_code == 2, result.output
+        assert all(w in result.output for w in words), result.output
+    assert not (tmp_path / "d.xlsx").exists() and not (tmp_path / "x.csv").exists()
