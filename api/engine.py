@@ -348,7 +348,7 @@ class Engine:
             labels: list[int | None] = [int(v) for v in test.labels[rows]]
             qids: list[int | None] = [int(v) for v in test.ids[rows]]
         else:
-            from indexer.inputs import features_of_inputs
+            from indexer.inputs import example_rows, features_of_inputs
 
             if self.task is None:
                 raise ValueError("inputs= needs the model: open the index with open_index(path, task=task)")
@@ -356,7 +356,7 @@ class Engine:
             labels, qids = [None] * len(h), [None] * len(h)
             if isinstance(inputs, list | tuple) and all(isinstance(t, str) for t in inputs):
                 texts = list(inputs)
-            raw = texts if texts is not None else list(inputs)
+            raw = example_rows(self.task, inputs)
         logits = self.logits(h)
         tgt = self.check_targets(targets, len(h)) if targets is not None else logits.argmax(1)
         return Queries(h, logits, tgt.astype(np.int64), qids, labels, rows, texts, raw)

@@ -89,3 +89,15 @@ def features_of_inputs(task: Task, inputs: Any, feature_shape: tuple[int, ...]) 
             f"inputs of shape {tuple(x.shape)} give features {tuple(h.shape)}, expected [m, {feature_shape}]"
         )
     return h
+
+
+def example_rows(task: Task, inputs: Any) -> list[Any]:
+    """Validated raw inputs (`features_of_inputs` first) as a list of examples shaped like the training ones:
+    texts as they are, flattened rows reshaped (what scope="model" runs through the whole model)."""
+    kind, example_shape = example_kind(task)
+    if kind == "text":
+        return list(inputs)
+    x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(np.asarray(inputs))
+    if len(example_shape) > 1 and x.ndim == 2 and x.shape[1] == math.prod(example_shape):
+        x = x.reshape(len(x), *example_shape)
+    return list(x)

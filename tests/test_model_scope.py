@@ -240,3 +240,25 @@ def test_unsupported_layers_and_unknown_names_are_refused_by_name():
         Task(model=grouped, train=[(torch.randn(4, 1), 0)], scope="model")
     with pytest.raises(TaskError, match="scope must be"):
         Task(model=model, train=train, scope="everything")
+
+
+def test_the_service_explains_a_model_scope_run(task, runs, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from api.service import create_app
+
+    monkeypatch.delenv("INFLUENCE_API_KEY", raising=False)
+    x = torch.stack([task.test[i][0] for i in (0, 3)]).numpy()
+    with open_index(runs["on"]) as index:
+        want = [e.to_dict() for e in index.explain(test_ids=[0, 3], k=4, method="exact")]
+    with TestClient(create_app(runs["on"], task=task)) as c:
+        got = c.post("/explain", json={"test_ids": [0, 3], "k": 4, "method": "exact"})
+        assert got.status_code == 200, got.text
+        assert [g["proponents"] for g in got.json()] == [w["proponents"] for w in want]
+        raw = c.post("/explain", json={"inputs": x.reshape(2, -1).tolist(), "k": 4, "method": "exact"})
+        assert raw.status_code == 200, raw.text
+        assert [[p["example_id"] for p in e["proponents"]] for e in raw.json()] == [
+            [p["example_id"] for p in w["proponents"]] for w in want
+        ]
+        refused = c.post("/explain", json={"test_ids": [0], "k": 4, "method": "ekfac"})
+        assert refused.status_code == 422 and "scope='model'" in refused.text
