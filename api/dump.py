@@ -45,6 +45,7 @@ from store import (
 )
 
 from .engine import check_k
+from .ray_cluster import ray_session
 from .scorers import check_method, scorer_for
 
 if TYPE_CHECKING:
@@ -157,6 +158,7 @@ def dump(
     dense: bool = False,
     aggregates: bool = True,
     on_block: OnBlock | None = None,
+    ray: str | None = None,
 ) -> Path:
     """Streams the scores of many queries against every training example to disk; see the module docstring.
 
@@ -173,12 +175,12 @@ def dump(
         dense: Also write every score into `<stem>.dense.npy` `[n_queries, n_train]` (a memmap on disk).
         aggregates: Also write per-training-example aggregates to `<stem>.aggregates.parquet`.
         on_block: Called as `on_block(done_queries, total_queries)` after each block is durably written.
+        ray: None (this process), or the Ray cluster (`api.ray_cluster`) whose tasks score the blocks over the
+            run's memory-mapped train-side vectors (the run directory and `path` on storage every node sees).
 
     Returns:
         `path`.
     """
-    from tqdm.auto import tqdm
-
     method = check_method(method)
     k = check_k(k)
     if targets not in (None, "label"):
@@ -195,6 +197,29 @@ def dump(
         raise ValueError(f"path: parent directory of {str(path)!r} does not exist")
     ids = _check_ids(engine, test_ids)  # every id is valid before anything is written
     scorer = scorer_for(engine, method)
+    with ray_session(ray) as distributed:  # `ray` is checked by name before anything is written
+        return _dump(
+            engine,
+            scorer,
+            path,
+            ids,
+            k,
+            method,
+            targets,
+            block_size,
+            progress,
+            dense,
+            aggregates,
+            on_block,
+            distributed,
+        )
+
+
+def _dump(
+    engine, scorer, path, ids, k, method, targets, block_size, progress, dense, aggregates, on_block, distributed
+):
+    """`dump` after its arguments are checked (`distributed`: the blocks run as tasks on the connected cluster)."""
+    from tqdm.auto import tqdm
 
     train = engine.run.train
     n_train = len(train)
@@ -219,46 +244,25 @@ def dump(
     # projected head gradients are recomputed at full size; other train sides are stored, so one row says
     dim = engine.run.n_params if scorer.projected else int(scorer.train_vectors(slice(0, 1)).shape[1])
     chunk_rows = max(1, min(n_train, TILE_SCORES // block_size, (256 << 20) // (4 * max(dim, 1))))
-    tile = np.empty(block_size * chunk_rows, np.float32)  # one reused score buffer: no page faults per tile
     train_labels = np.asarray(train.labels)
     train_ids = np.asarray(train.ids, np.int64)
     bar = tqdm(
         total=len(ids), initial=min(done * block_size, len(ids)), desc="dump", unit="query", disable=not progress
     )
-    for b in range(done, n_blocks):
-        block = ids[b * block_size : (b + 1) * block_size]
-        # stored test rows: LiSSA reads the build's query cache, a last-block run its stored query gradients
-        labels = None if targets is None else engine.run.test.labels[engine.test_rows(block)]
-        queries = engine.prepare(list(block), None, labels)
-        q, _ = scorer.query_vectors(queries)
-        q = np.ascontiguousarray(q, np.float32)
-        mis = queries.predictions != np.asarray(queries.labels)
-        # column sums over the block's queries and over its misclassified ones, as one [2, b] x [b, c] product
-        weights = np.stack([np.ones(len(block)), mis]).astype(np.float32)
-        pos, neg = inf.StreamingTopK(k, largest=True), inf.StreamingTopK(k, largest=False)
-        for start in range(0, n_train, chunk_rows):
-            sl = slice(start, min(start + chunk_rows, n_train))
-            s = tile[: len(block) * (sl.stop - start)].reshape(len(block), -1)
-            np.matmul(q, np.ascontiguousarray(scorer.train_vectors(sl), np.float32).T, out=s)  # [b, c]
-            pos.update(s, sl.start)
-            neg.update(s, sl.start)
-            if dense_mm is not None:
-                dense_mm[b * block_size : b * block_size + len(block), sl] = s
-            if aggregates:  # s is not needed after this: its positive part is taken in place
-                total = weights @ s
-                plus = weights @ np.maximum(s, 0.0, out=s)
-                acc["sum_positive"][sl] += plus[0]
-                acc["sum_negative"][sl] += total[0] - plus[0].astype(np.float64)
-                acc["sum_positive_misclassified"][sl] += plus[1]
-                acc["sum_negative_misclassified"][sl] += total[1] - plus[1].astype(np.float64)
-        top, bottom = pos.result, neg.result  # (scores [b, k], rows [b, k]), best first; ties: smaller row
-        if aggregates:
-            pro_rows = top[1][top[0] > 0]
-            opp_keep = bottom[0] < 0
-            acc["n_top_proponent"] += np.bincount(pro_rows, minlength=n_train)
-            acc["n_top_opponent"] += np.bincount(bottom[1][opp_keep], minlength=n_train)
-            acc["n_top_opponent_misclassified"] += np.bincount(bottom[1][opp_keep & mis[:, None]], minlength=n_train)
-        work.write_block(b, topk_columns(block, top, bottom, train_ids, train_labels, method), dense_mm)
+    blocks = [(b, ids[b * block_size : (b + 1) * block_size]) for b in range(done, n_blocks)]
+    options = {"k": k, "method": method, "targets": targets, "chunk_rows": chunk_rows, "aggregates": aggregates}
+    if distributed:  # each block's part file and dense rows are written by its task; the driver reduces
+        from .distributed import dump_blocks
+
+        dense_shape = (len(ids), n_train) if dense else None
+        scored = dump_blocks(
+            engine, work, blocks, dense_shape=dense_shape, block_size=block_size, score_block=score_block, **options
+        )
+    else:
+        scored = _local_blocks(engine, scorer, work, blocks, dense_mm, block_size, options)
+    for b, block, deltas in scored:
+        for name, delta in deltas.items():
+            acc[name] += delta
         work.save_state(b + 1, acc)  # the commit point of this block
         bar.update(len(block))
         if on_block is not None:
@@ -268,3 +272,75 @@ def dump(
 
     agg = {"example_id": train_ids, "label": train_labels.astype(np.int64), **acc} if aggregates else None
     return work.finish(n_blocks, dense_ids=(ids, train_ids) if dense else None, aggregates=agg)
+
+
+def _local_blocks(
+    engine: Engine, scorer: Any, work: DumpWork, blocks: list, dense_mm: Any, block_size: int, options: dict
+) -> Any:
+    """Scores the blocks in this process, in order: yields (block index, test ids, accumulator deltas) once the
+    block's part file and dense rows are durable."""
+    tile = np.empty(block_size * options["chunk_rows"], np.float32)  # one reused score buffer
+    for b, block in blocks:
+        rows = None if dense_mm is None else dense_mm[b * block_size : b * block_size + len(block)]
+        columns, deltas = score_block(engine, scorer, block, dense_rows=rows, tile=tile, **options)
+        work.write_block(b, columns, dense_mm)
+        yield b, block, deltas
+
+
+def score_block(
+    engine: Engine,
+    scorer: Any,
+    block: np.ndarray,
+    *,
+    k: int,
+    method: str,
+    targets: str | None,
+    chunk_rows: int,
+    aggregates: bool,
+    dense_rows: np.ndarray | None = None,
+    tile: np.ndarray | None = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One block of queries against every training example: (its top-k file columns, its additions to the
+    aggregate accumulators [n_train] each). Writes its dense scores into `dense_rows` [b, n_train] when given.
+
+    The additions are what the block adds to each accumulator row (every training row lies in one train chunk),
+    so adding them to the accumulators in block order gives the same numbers wherever the block was scored.
+    """
+    train = engine.run.train
+    n_train = len(train)
+    train_labels = np.asarray(train.labels)
+    train_ids = np.asarray(train.ids, np.int64)
+    if tile is None or tile.size < len(block) * chunk_rows:
+        tile = np.empty(len(block) * chunk_rows, np.float32)  # one reused score buffer: no page faults per tile
+    # stored test rows: LiSSA reads the build's query cache, a last-block run its stored query gradients
+    labels = None if targets is None else engine.run.test.labels[engine.test_rows(block)]
+    queries = engine.prepare(list(block), None, labels)
+    q, _ = scorer.query_vectors(queries)
+    q = np.ascontiguousarray(q, np.float32)
+    mis = queries.predictions != np.asarray(queries.labels)
+    # column sums over the block's queries and over its misclassified ones, as one [2, b] x [b, c] product
+    weights = np.stack([np.ones(len(block)), mis]).astype(np.float32)
+    pos, neg = inf.StreamingTopK(k, largest=True), inf.StreamingTopK(k, largest=False)
+    deltas = new_accumulators(n_train) if aggregates else {}
+    for start in range(0, n_train, chunk_rows):
+        sl = slice(start, min(start + chunk_rows, n_train))
+        s = tile[: len(block) * (sl.stop - start)].reshape(len(block), -1)
+        np.matmul(q, np.ascontiguousarray(scorer.train_vectors(sl), np.float32).T, out=s)  # [b, c]
+        pos.update(s, sl.start)
+        neg.update(s, sl.start)
+        if dense_rows is not None:
+            dense_rows[:, sl] = s
+        if aggregates:  # s is not needed after this: its positive part is taken in place
+            total = weights @ s
+            plus = weights @ np.maximum(s, 0.0, out=s)
+            deltas["sum_positive"][sl] += plus[0]
+            deltas["sum_negative"][sl] += total[0] - plus[0].astype(np.float64)
+            deltas["sum_positive_misclassified"][sl] += plus[1]
+            deltas["sum_negative_misclassified"][sl] += total[1] - plus[1].astype(np.float64)
+    top, bottom = pos.result, neg.result  # (scores [b, k], rows [b, k]), best first; ties: smaller row
+    if aggregates:
+        opp_keep = bottom[0] < 0
+        deltas["n_top_proponent"] += np.bincount(top[1][top[0] > 0], minlength=n_train)
+        deltas["n_top_opponent"] += np.bincount(bottom[1][opp_keep], minlength=n_train)
+        deltas["n_top_opponent_misclassified"] += np.bincount(bottom[1][opp_keep & mis[:, None]], minlength=n_train)
+    return topk_columns(block, top, bottom, train_ids, train_labels, method), deltas

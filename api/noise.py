@@ -54,6 +54,7 @@ import influence as inf
 from influence import noise as nz
 from store import OpenedRun, atomic_write_json, load_array, save_array
 
+from .ray_cluster import ray_session
 from .records import Suspect
 
 if TYPE_CHECKING:
@@ -243,8 +244,10 @@ def compute_oos_probs(
     refit: str = "auto",
     repeats: int | None = None,
     progress: bool = True,
+    map_folds: Callable[..., Any] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """K-fold out-of-sample probabilities [n, C], averaged over `repeats` K-fold runs (fold seeds seed, seed+1..).
+    """K-fold out-of-sample probabilities [n, C], averaged over `repeats` K-fold runs (fold seeds seed, seed+1..);
+    `map_folds` runs the refits (`influence.noise.kfold_probs`; `api.distributed.ray_map`: as Ray tasks).
 
     refit="last-layer": refits of the last linear layer on the cached penultimate features (for a head with one
     linear layer that is the whole head: exact convex refits). refit="whole-head": for heads with hidden
@@ -271,6 +274,7 @@ def compute_oos_probs(
                 seed=seed,
                 repeats=repeats,
                 on_fold=on_fold,
+                map_folds=map_folds,
             )
             return probs, {"epochs": epochs}
 
@@ -295,6 +299,7 @@ def compute_oos_probs(
             max_iter=max_iter,
             repeats=repeats,
             on_fold=on_fold,
+            map_folds=map_folds,
         )
         return probs, {}
 
@@ -331,6 +336,7 @@ def compute_noise_signals(
     oos_refit: str = "auto",
     oos_repeats: int | None = None,
     progress: bool = True,
+    map_folds: Callable[..., Any] | None = None,
 ) -> NoiseSignals:
     """Computes the named signals (default: all of SIGNALS the run has) plus out-of-sample probabilities and
     suggestions. ``tracin`` exists only for runs built from a Task with checkpoints."""
@@ -362,7 +368,7 @@ def compute_noise_signals(
         alpha = np.asarray(run.array("representer_alpha"), np.float64)
         out["representer"] = alpha[np.arange(n), labels]
     probs, info["confident-learning"] = compute_oos_probs(
-        engine, folds=folds, seed=seed, refit=oos_refit, repeats=oos_repeats, progress=progress
+        engine, folds=folds, seed=seed, refit=oos_refit, repeats=oos_repeats, progress=progress, map_folds=map_folds
     )
     if "confident-learning" in names:
         out["confident-learning"] = nz.confident_learning_scores(probs, labels)
@@ -407,6 +413,7 @@ def find_label_noise(
     oos_refit: str = "auto",
     oos_repeats: int | None = None,
     progress: bool = True,
+    ray: str | None = None,
 ) -> list[Suspect]:
     """Every training example ranked by how likely its label is wrong, most suspicious first.
 
@@ -427,12 +434,25 @@ def find_label_noise(
         oos_repeats: K-fold runs averaged for the out-of-sample probabilities; None = 2 for whole-head refits,
             1 for last-layer refits.
         progress: show progress bars.
+        ray: None (this process), or the Ray cluster (`api.ray_cluster`) whose tasks run the K-fold refits.
     """
     method = _check_method(method)
     run = engine.run
     resolve_oos_refit(oos_refit, oos_repeats, run.spec)  # refuse bad values before any work
-    n = len(run.train)
-    top = _check_top(top, n)
+    top = _check_top(top, len(run.train))
+    with ray_session(ray) as distributed:  # `ray` is checked by name before any work
+        return _find_label_noise(
+            engine, method, top, folds, seed, rank, curvature_rows, oos_refit, oos_repeats, progress, distributed
+        )
+
+
+def _find_label_noise(
+    engine, method, top, folds, seed, rank, curvature_rows, oos_refit, oos_repeats, progress, distributed
+) -> list[Suspect]:
+    """`find_label_noise` after its arguments are checked (`distributed`: the refits as tasks on the cluster)."""
+    from .distributed import ray_map
+
+    run = engine.run
     needed = (*DEFAULT_SIGNALS, *({"fused": FUSED_SIGNALS}.get(method, (method,))))
     names = tuple(s for s in SIGNALS if s in needed)
     result = compute_noise_signals(
@@ -445,6 +465,7 @@ def find_label_noise(
         oos_refit=oos_refit,
         oos_repeats=oos_repeats,
         progress=progress,
+        map_folds=ray_map if distributed else None,
     )
     score = np.asarray(result.score(method), np.float64)
     run.metadata.set_suspects(result.ids, score, result.suggested)

@@ -256,9 +256,10 @@ def compute_out_of_sample_probs(
     max_iter: int = 300,
     repeats: int = 1,
     on_fold: Callable[[int], None] | None = None,
+    map_folds: Callable[..., Sequence[Any]] | None = None,
 ) -> np.ndarray:
     """K-fold out-of-sample class probabilities [n, C]: each fold scored by a softmax regression fit on the rest
-    (averaged over `repeats` K-fold runs, see `kfold_probs`).
+    (averaged over `repeats` K-fold runs, see `kfold_probs`; `map_folds` as there).
 
     Args:
         phi_aug: bias-augmented features [n, d+1].
@@ -278,17 +279,19 @@ def compute_out_of_sample_probs(
         theta = fit_softmax_regression(phi_aug[keep], y[keep], theta0, lam=lam, max_iter=max_iter)
         return softmax(np.asarray(phi_aug[held], np.float64) @ theta.T)
 
-    return kfold_probs(len(y), folds, seed, fit_and_predict, on_fold, repeats=repeats)
+    return kfold_probs(len(y), folds, seed, fit_and_predict, on_fold, repeats=repeats, map_folds=map_folds)
 
 
 def kfold_probs(
     n: int,
     folds: int,
     seed: int,
-    fit_and_predict: Callable[[np.ndarray, np.ndarray, int], np.ndarray],
+    fit_and_predict: Callable[[np.ndarray, np.ndarray, int], Any],
     on_fold: Callable[[int], None] | None = None,
     *,
     repeats: int = 1,
+    map_folds: Callable[[Callable[[tuple[int, int]], Any], list[tuple[int, int]]], Sequence[Any]] | None = None,
+    info: list[Any] | None = None,
 ) -> np.ndarray:
     """[n, C] probabilities, each fold's rows predicted by `fit_and_predict(keep_mask, held_mask, fit_seed)` (a
     model fit on the other folds; fit_seed = the run's fold seed + the fold's index, for refits that draw an
@@ -297,24 +300,37 @@ def kfold_probs(
     With `repeats` = R > 1 the K-fold procedure runs R times with fold seeds seed, ..., seed + R - 1 and the
     probabilities are averaged, p = (1/R) sum_r p^(r) (repeated cross-validation: the fold-to-fold and
     initialisation noise of one run falls as 1/R in variance).
+
+    `map_folds(fn, jobs)`: runs ``fn`` on every (fold seed, fold) job and returns the results in job order
+    (e.g. as tasks on a cluster; None: here, in turn); the sums are taken in the same order either way.
+    `fit_and_predict` may return (probabilities, extra): the extras are appended to `info` in job order.
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int | np.integer) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if isinstance(folds, bool) or not isinstance(folds, int | np.integer) or folds < 1:
+        raise ValueError(f"folds must be >= 1, got {folds!r}")
+
+    def one(job: tuple[int, int]) -> Any:
+        run_seed, f = job
+        held = fold_assignments(n, folds, run_seed) == f
+        return fit_and_predict(~held, held, run_seed + f)
+
+    jobs = [(run_seed, f) for run_seed in range(seed, seed + repeats) for f in range(folds)]
+    results: Any = (one(job) for job in jobs) if map_folds is None else map_folds(one, jobs)
     total: np.ndarray | None = None
-    for run_seed in range(seed, seed + repeats):
-        fold = fold_assignments(n, folds, run_seed)
-        probs: np.ndarray | None = None
-        for f in range(folds):
-            held = fold == f
-            p = fit_and_predict(~held, held, run_seed + f)
-            if probs is None:
-                probs = np.zeros((n, p.shape[1]), np.float64)
-            probs[held] = p
-            if on_fold is not None:
-                on_fold(f)
-        if probs is None:
-            raise ValueError(f"folds must be >= 1, got {folds!r}")
-        total = probs if total is None else total + probs
+    probs = np.zeros((0, 0))
+    for (run_seed, f), p in zip(jobs, results, strict=True):
+        if isinstance(p, tuple):
+            p, extra = p
+            if info is not None:
+                info.append(extra)
+        if f == 0:
+            probs = np.zeros((n, p.shape[1]), np.float64)
+        probs[fold_assignments(n, folds, run_seed) == f] = p
+        if on_fold is not None:
+            on_fold(f)
+        if f == folds - 1:
+            total = probs if total is None else total + probs
     return np.asarray(total) / repeats
 
 
@@ -415,6 +431,7 @@ def compute_out_of_sample_probs_head(
     repeats: int = 1,
     max_epochs: int = 200,
     on_fold: Callable[[int], None] | None = None,
+    map_folds: Callable[..., Sequence[Any]] | None = None,
 ) -> tuple[np.ndarray, list[int]]:
     """K-fold out-of-sample probabilities [n, C] from refits of the *whole* head (`fit_head_adam`), each trained
     on the other folds until it fits them as closely as the model does (mean of `model_losses` over them).
@@ -428,25 +445,23 @@ def compute_out_of_sample_probs_head(
     from influence.head import apply_head
 
     h, y, model_losses = np.asarray(h), np.asarray(y), np.asarray(model_losses, np.float64)
-    epochs: list[int] = []
+    epochs: list[int] = []  # per fold, in job order (`kfold_probs` collects the second item of each result)
 
     def fit_and_predict(keep: np.ndarray, held: np.ndarray, fit_seed: int) -> np.ndarray:
         target = float(model_losses[keep].mean())
         params, done = fit_head_adam(
             spec, h[keep], y[keep], l2=l2, target_loss=target, seed=fit_seed, max_epochs=max_epochs
         )
-        epochs.append(done)
         rows = np.flatnonzero(held)
-        return softmax(
-            np.concatenate(
-                [
-                    np.asarray(apply_head(spec, params, h[rows[s : s + 4096]]), np.float64)
-                    for s in range(0, len(rows), 4096)
-                ]
-            )
-        )
+        logits = [
+            np.asarray(apply_head(spec, params, h[rows[s : s + 4096]]), np.float64) for s in range(0, len(rows), 4096)
+        ]
+        return softmax(np.concatenate(logits)), done
 
-    return kfold_probs(len(y), folds, seed, fit_and_predict, on_fold, repeats=repeats), epochs
+    probs = kfold_probs(
+        len(y), folds, seed, fit_and_predict, on_fold, repeats=repeats, map_folds=map_folds, info=epochs
+    )
+    return probs, epochs
 
 
 # ------------------------------------------------------------------------------------- confident learning

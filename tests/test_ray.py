@@ -85,3 +85,53 @@ def test_a_projected_head_built_on_two_nodes_equals_the_single_process_build(ray
         assert ref.manifest.projection is not None
         with build_index(digits_mlp_task, tmp_path / "ray", config=config, progress=False, ray="auto") as index:
             _assert_same_run(index, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_dump_on_two_nodes_equals_the_single_process_dump(ray_cluster, digits_mlp_run, tmp_path, dense):
+    import pyarrow.parquet as pq
+
+    from api.dump import dump_paths
+
+    with open_index(digits_mlp_run) as index:
+        test_ids = index.test_ids[:70].tolist()
+        options = {"k": 7, "method": "grad-dot" if dense else "lissa", "block_size": 16, "dense": dense}
+        one = index.dump(tmp_path / "one.parquet", test_ids, progress=False, **options)
+        two = index.dump(tmp_path / "two.parquet", test_ids, progress=False, ray="auto", **options)
+    a, b = dump_paths(one), dump_paths(two)
+    _assert_same_table(pq.read_table(one), pq.read_table(two), floats=("score",))
+    sums = ("sum_positive", "sum_negative", "sum_positive_misclassified", "sum_negative_misclassified")
+    _assert_same_table(pq.read_table(a["aggregates"]), pq.read_table(b["aggregates"]), floats=sums)
+    if dense:
+        np.testing.assert_allclose(np.load(a["dense"]), np.load(b["dense"]), rtol=1e-5, atol=1e-6)
+    assert not b["work"].exists()
+
+
+def _assert_same_table(a, b, *, floats):
+    """Equal columns; the `floats` to float32 round-off (a worker's JAX and BLAS may sum in another order)."""
+    assert a.column_names == b.column_names
+    for name in a.column_names:
+        x, y = a.column(name).to_pylist(), b.column(name).to_pylist()
+        if name in floats:  # sums over queries: round-off relative to the column's scale
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5 * float(np.abs(x).max(initial=1e-6)), err_msg=name)
+        else:
+            assert x == y, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("oos_refit", ["last-layer", "whole-head"])
+def test_a_noise_job_on_two_nodes_equals_the_single_process_job(ray_cluster, digits_mlp_run, tmp_path, oos_refit):
+    import shutil
+
+    runs = [tmp_path / "one", tmp_path / "two"]  # two copies: the out-of-sample probabilities are cached per run
+    for run in runs:
+        shutil.copytree(digits_mlp_run, run)
+    options = {"oos_refit": oos_refit, "folds": 3, "oos_repeats": 1, "progress": False}
+    with open_index(runs[0]) as index:
+        one = index.find_label_noise(**options)
+    with open_index(runs[1]) as index:
+        two = index.find_label_noise(ray="auto", **options)
+    assert [s.example_id for s in one] == [s.example_id for s in two]
+    assert [s.suggested_label for s in one] == [s.suggested_label for s in two]
+    np.testing.assert_allclose([s.score for s in one], [s.score for s in two], rtol=1e-6)
