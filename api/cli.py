@@ -1,4 +1,8 @@
-"""The `influence` command line: demo, index, explain, noise, dump, info, decisions, serve."""
+"""The `influence` command line: demo, index, explain, noise, dump, info, decisions, serve, add, delete.
+
+Module-level imports are light (typer, `api.methods`): torch, JAX and FAISS load inside the commands that need
+them, so help and argument errors answer at once (`api.cli_help`).
+"""
 
 from __future__ import annotations
 
@@ -6,38 +10,47 @@ import importlib
 import importlib.util
 import json
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from api.noise import NOISE_METHODS
-from api.scorers import methods_help
+from api.cli_help import VERBOSE, Group, friendly_errors
+from api.methods import METHOD_HELP, NOISE_METHODS
 
-METHODS_HELP = methods_help()
-NOISE_METHODS_HELP = "|".join(NOISE_METHODS)
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-data influence service.")
+app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, help="Training-data influence service.")
 
 
-def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad input ends with one readable line on stderr and exit status 2, never a traceback."""
+def _choices(allowed: tuple[str, ...], what: str) -> Any:
+    """A typer callback refusing a value outside `allowed` at parse time (before any heavy import)."""
 
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from indexer import IndexerError
-        from store import StoreError
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"{value!r} is not {what}; choose one of: {', '.join(allowed)}")
+        return value
 
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, KeyError, FileNotFoundError, StoreError, IndexerError) as err:
-            msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-            typer.echo(f"error: {msg}", err=True)
-            raise typer.Exit(2) from None
+    return check
 
-    return wrapper
+
+METHODS_HELP = "influence method, one of: " + ", ".join(METHOD_HELP)
+
+
+def method_option() -> Any:
+    """The `--method` option of explain, dump and demo."""
+    return typer.Option(help=METHODS_HELP, metavar="METHOD", callback=_choices(tuple(METHOD_HELP), "a method"))
+
+
+NOISE_METHODS_HELP = "label-noise signal, one of: " + ", ".join(NOISE_METHODS)
+
+
+@app.callback()
+def main_options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="errors with the detail of the library beneath them (SQL, C++, URLs)")
+    ] = False,
+) -> None:
+    """Training-data influence service."""
+    VERBOSE["on"] = verbose
 
 
 def load_task(spec: str):
@@ -73,7 +86,12 @@ def render_preview(preview: str) -> list[str]:
     return [preview[:60]]
 
 
-def format_explanation(exp, *, images: bool = True) -> str:
+def format_explanation(exp, *, images: bool = True, for_label: bool = False) -> str:
+    """An explanation as text: a header, then its proponents and opponents (images as character grids).
+
+    for_label: the lists are titled for the class explained (`explain --label N`: "support label N") rather than
+    for the prediction.
+    """
     head = (
         f"test example {exp.test_id}: predicted {exp.prediction} "
         f"(p={max(exp.probabilities):.2f})"
@@ -81,9 +99,10 @@ def format_explanation(exp, *, images: bool = True) -> str:
         + f"  [method {exp.method}, explaining class {exp.target}]"
     )
     lines = [head]
+    target = f"label {exp.target}" if for_label else "the prediction"
     for title, group in (
-        ("proponents (support the prediction)", exp.proponents),
-        ("opponents (push against it)", exp.opponents),
+        (f"proponents (support {target})", exp.proponents),
+        (f"opponents (push against {target})", exp.opponents),
     ):
         lines.append(f"  {title}:")
         if not group:
@@ -112,7 +131,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="run directory to build")] = Path("runs/demo"),
     k: Annotated[int, typer.Option(help="proponents/opponents shown")] = 5,
     n: Annotated[int, typer.Option(help="misclassified test digits explained")] = 3,
-    method: Annotated[str, typer.Option(help=METHODS_HELP)] = "lissa",
+    method: Annotated[str, method_option()] = "lissa",
 ) -> None:
     """Digits MLP with flipped labels: index it and explain misclassified test digits."""
     from api import build_index
@@ -233,7 +252,7 @@ def explain(
     run: Annotated[Path, typer.Argument(help="run directory")],
     test_id: Annotated[list[int], typer.Option("--test-id", help="stored test example id (repeatable)")],
     k: Annotated[int, typer.Option(help="number of proponents and of opponents")] = 10,
-    method: Annotated[str, typer.Option(help=METHODS_HELP)] = "lissa",
+    method: Annotated[str, method_option()] = "lissa",
     label: Annotated[int | None, typer.Option(help="explain this class instead of the prediction")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
@@ -246,7 +265,7 @@ def explain(
     if as_json:
         typer.echo(json.dumps([e.to_dict() for e in exps], indent=2))
     else:
-        typer.echo("\n\n".join(format_explanation(e) for e in exps))
+        typer.echo("\n\n".join(format_explanation(e, for_label=label is not None) for e in exps))
 
 
 @app.command()
@@ -256,15 +275,16 @@ def noise(
     top: Annotated[int, typer.Option(help="suspects shown")] = 20,
     method: Annotated[
         str,
-        typer.Option(help=NOISE_METHODS_HELP),
+        typer.Option(help=NOISE_METHODS_HELP, metavar="METHOD", callback=_choices(NOISE_METHODS, "a noise method")),
     ] = "fused",
     out: Annotated[Path | None, typer.Option(help="write every suspect to .csv, .parquet or .json")] = None,
-    png: Annotated[
-        Path | None, typer.Option(help="PNG of the result (default: <run>/noise.png); 'none' to skip")
-    ] = None,
+    png: Annotated[Path | None, typer.Option(help="also draw the result to this PNG (default: no PNG)")] = None,
     known_wrong: Annotated[
         Path | None,
-        typer.Option(help="text file of example ids known to be mislabeled: the PNG shows found vs checked"),
+        typer.Option(
+            help="text file of example ids known to be mislabeled: prints how many the top suspects hold (and the "
+            "PNG shows found vs checked)"
+        ),
     ] = None,
     oos_refit: Annotated[
         str,
@@ -277,7 +297,6 @@ def noise(
     ] = None,
 ) -> None:
     """Rank training examples by how likely their label is wrong (most suspicious first)."""
-    import store
     from api import open_index
     from api.noise import plot_suspects
 
@@ -293,15 +312,33 @@ def noise(
         suspects = idx.find_label_noise(method=method, oos_refit=oos_refit, oos_repeats=oos_repeats)
     if out is not None:
         write_suspects(suspects, out)
-    if png is None or str(png) != "none":
-        png_path = plot_suspects(suspects, png if png is not None else store.RunPaths(run).figure("noise"), wrong)
-        typer.echo(f"wrote {png_path}")
+    if png is not None:
+        typer.echo(f"wrote {plot_suspects(suspects, png, wrong)}")
     typer.echo(f"{'rank':>4} {'example_id':>10} {'score':>10} {'label':>5} {'suggested':>9}  preview")
     for rank, s in enumerate(suspects[:top], 1):
         preview = s.preview if "/" not in s.preview else "(image)"
         typer.echo(f"{rank:>4} {s.example_id:>10} {s.score:>10.4g} {s.label:>5} {s.suggested_label:>9}  {preview[:50]}")
     if out is not None:
         typer.echo(f"wrote {len(suspects)} suspects to {out}")
+    if wrong is not None:
+        typer.echo(found_line(suspects, wrong, top))
+
+
+def found_line(suspects, wrong: set[int], top: int) -> str:
+    """How many known-wrong labels the ranking puts first: found x of y in the top y suspects (y = the known-wrong
+    ids that are training examples of the run), and in the top `top` shown."""
+    ranked = [s.example_id for s in suspects]
+    known = wrong & set(ranked)
+    if not known:
+        raise ValueError("--known-wrong: none of these ids is a training example of this run")
+    y = len(known)
+    found = len(known & set(ranked[:y]))
+    shown = len(known & set(ranked[:top]))
+    ignored = f"; {len(wrong) - y} ids of the file are not training examples of the run" if len(wrong) > y else ""
+    return (
+        f"known wrong: found {found} of {y} in the top {y} suspects ({100 * found / y:.0f}%), "
+        f"{shown} of {y} in the top {min(top, len(ranked))} shown{ignored}"
+    )
 
 
 def write_suspects(suspects, out: Path) -> None:
@@ -333,7 +370,7 @@ def dump(
     run: Annotated[Path, typer.Argument(help="run directory")],
     out: Annotated[Path, typer.Option("--out", help="Parquet file to write")],
     k: Annotated[int, typer.Option(help="proponents and opponents kept per query")] = 100,
-    method: Annotated[str, typer.Option(help=METHODS_HELP)] = "lissa",
+    method: Annotated[str, method_option()] = "lissa",
     targets: Annotated[
         str | None, typer.Option(help="'label': score each query at its true label (default: its prediction)")
     ] = None,

@@ -54,24 +54,13 @@ import influence as inf
 from influence import noise as nz
 from store import OpenedRun, atomic_write_json, load_array, save_array
 
+from .methods import NOISE_METHODS, SIGNALS
 from .ray_cluster import ray_session
 from .records import Suspect
 
 if TYPE_CHECKING:
     from .engine import Engine
 
-SIGNALS = (
-    "self-influence",
-    "loss",
-    "margin",
-    "representer",
-    "confident-learning",
-    "oos-loss",
-    "loo-loss",
-    "tracin",
-    "grad-cos",
-)
-NOISE_METHODS = (*SIGNALS, "fused")
 FUSED_SIGNALS = ("loss", "oos-loss")
 DEFAULT_SIGNALS = ("loss", "margin", "representer", "confident-learning", "oos-loss")
 #: eigenpair residuals of the low-rank self-influence solver, relative to the top eigenvalue

@@ -109,7 +109,6 @@ SPACES: dict[str, Artifact] = _catalogue(
 #: ``<name>.png`` at the top of a run: what the CLI draws by default
 FIGURES: dict[str, Artifact] = _catalogue(
     Artifact("explanations", "influence demo", "proponents and opponents of misclassified test examples"),
-    Artifact("noise", "influence noise", "the label-noise scores (or found vs checked with --known-wrong)"),
 )
 
 _JOB = re.compile(r"^[0-9a-f]{16}$")

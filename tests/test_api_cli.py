@@ -37,6 +37,20 @@ def test_explain_table_and_info(digits_mlp_run):
     assert json.loads(result.output)["verify"] == "ok"
 
 
+def test_explain_for_a_label_titles_its_lists_for_that_label(digits_mlp_run):
+    [exp] = open_index(digits_mlp_run).explain(test_ids=[3], k=2, method="grad-dot")
+    other = (exp.prediction + 1) % 10
+    result = runner.invoke(
+        app,
+        ["explain", str(digits_mlp_run), "--test-id", "3", "--k", "2", "--method", "grad-dot", "--label", str(other)],
+    )
+    assert result.exit_code == 0, result.output
+    assert f"proponents (support label {other})" in result.output
+    assert f"opponents (push against label {other})" in result.output and "the prediction" not in result.output
+    plain = runner.invoke(app, ["explain", str(digits_mlp_run), "--test-id", "3", "--k", "2", "--method", "grad-dot"])
+    assert "proponents (support the prediction)" in plain.output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -253,6 +253,15 @@ def test_cli_noise_table_csv_and_png(noisy_digits, tmp_path):
     result = CliRunner().invoke(app, [*args, "--known-wrong", str(truth)])
     assert result.exit_code == 0, result.output
     assert "suggested" in result.output and f"wrote {png}" in result.output
+    n_wrong = int(is_flip.sum())
+    ranked = [int(line.split()[1]) for line in result.output.splitlines() if line[:4].strip().isdigit()]
+    assert len(ranked) == 5
+    found = [line for line in result.output.splitlines() if line.startswith("known wrong: found")]
+    assert len(found) == 1 and f" of {n_wrong} in the top {n_wrong} suspects" in found[0], result.output
+    assert int(found[0].split()[3]) == len(
+        set(pacsv.read_csv(out).column("example_id").to_pylist()[:n_wrong]) & {int(i) for i in index.train_ids[is_flip]}
+    )
+    assert not list(index.paths.root.glob("*.png"))  # no PNG in the run directory unless asked for
     table = pacsv.read_csv(out)
     assert table.num_rows == len(index.train_ids) and "signal_loss" in table.column_names
     image = mpimg.imread(png)

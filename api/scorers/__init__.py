@@ -5,8 +5,9 @@ compute the query vectors (`query_vectors`), the train-side vectors of any rows 
 space holds them (`space`) and whether that space is projected, so that FAISS only proposes candidates and the
 scores are recomputed exactly (`projected`). `METHODS`, the HTTP schema and the CLI help come from this registry.
 
-Adding a method: a new module here with a class decorated `@register("name", scope="head", help="...")` that
-implements `Scorer`, imported below. Adding a scope: register the methods it supports under its name.
+Adding a method: its name and help line in `api.methods.METHOD_HELP` (the command line reads them without importing
+this package), and a new module here with a class decorated `@register("name", scope="head")` that implements
+`Scorer`, imported below. Adding a scope: register the methods it supports under its name.
 """
 
 from api.scorers import head, kronecker, lastblock, model, representer  # noqa: F401  (each module registers its scorers)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 import influence as inf
+from api.methods import METHOD_HELP as DECLARED_HELP
 from store import search_both_signs
 
 if TYPE_CHECKING:
@@ -49,11 +50,14 @@ METHOD_HELP: dict[str, str] = {}
 def register(method: str, *, scope: str | tuple[str, ...], help: str | None = None) -> Callable[[type], type]:
     """Class decorator: registers a scorer class (constructed as `cls(engine)`) for `method` in `scope`(s).
 
-    `help` (one line for the CLI) is given once, where the method is first registered; the same method on another
-    scope omits it.
+    A method's help line is declared in `api.methods.METHOD_HELP` (where the command line reads the names without
+    importing this package). A method defined at run time in Python, not declared there, passes `help` (once,
+    where it is first registered); the command line does not offer it.
     """
+    if help is None:
+        help = DECLARED_HELP.get(method)
     if help is None and method not in METHOD_HELP:
-        raise ValueError(f"register: method {method!r} is new, so it needs help=")
+        raise ValueError(f"register: method {method!r} is not declared in api/methods.py, so it needs help=")
 
     def wrap(cls: type) -> type:
         for s in (scope,) if isinstance(scope, str) else scope:

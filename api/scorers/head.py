@@ -57,11 +57,7 @@ class HeadGradient(StoredTrainSide):
         return (np.asarray(inf.normalize_rows(g)) if self.unit else g), {}
 
 
-@register(
-    "lissa",
-    scope="head",
-    help="influence by an iterative solve of the exact curvature (default; CG on Gauss-Newton runs, else LiSSA)",
-)
+@register("lissa", scope="head")
 class Lissa(HeadGradient):
     """Influence by LiSSA; stored test examples at their cached target read the build's query cache."""
 
@@ -86,7 +82,7 @@ class Lissa(HeadGradient):
         return q, diag
 
 
-@register("exact", scope="head", help="influence with the dense eigendecomposition of the curvature (small heads)")
+@register("exact", scope="head")
 class Exact(HeadGradient):
     method = "exact"
 
@@ -95,12 +91,12 @@ class Exact(HeadGradient):
         return self.engine.solve(self.gradients(queries), "exact")
 
 
-@register("grad-dot", scope="head", help="gradient inner product g_q . g_i (no curvature)")
+@register("grad-dot", scope="head")
 class GradDot(HeadGradient):
     pass
 
 
-@register("grad-cos", scope="head", help="gradient cosine similarity")
+@register("grad-cos", scope="head")
 class GradCos(HeadGradient):
     method = "grad-cos"
     space = "grad-unit"

@@ -29,11 +29,11 @@ class KroneckerInfluence(HeadGradient):
         return curvature.solve(self.gradients(queries)), {"damping": curvature.damping}
 
 
-@register("ekfac", scope="head", help="influence with the EK-FAC approximation of the curvature")
+@register("ekfac", scope="head")
 class EKFAC(KroneckerInfluence):
     method = "ekfac"
 
 
-@register("kfac", scope="head", help="influence with the K-FAC approximation of the curvature")
+@register("kfac", scope="head")
 class KFAC(KroneckerInfluence):
     method = "kfac"

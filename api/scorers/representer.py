@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from api.engine import Engine, Queries
 
 
-@register("representer", scope=("head", "last-block", "model"), help="representer points of the last linear layer")
+@register("representer", scope=("head", "last-block", "model"))
 class Representer(StoredTrainSide):
     method = "representer"
     space = "representer"
