@@ -9,8 +9,10 @@ the scores `S = Q G^T` against its train-side vectors G are formed one train chu
   written as one Parquet part file (one row per kept (query, training example) pair);
 - optionally the dense block `S`, written into one on-disk memmap `<stem>.dense.npy` `[n_queries, n_train]`;
 - per-training-example aggregates over the queries: sums of positive and of negative scores, how often the
-  example is a top-k proponent / opponent, and the same restricted to misclassified queries (the "examples
-  that hurt the most predictions" list for data cleaning).
+  example is a top-k proponent / opponent, and the same restricted to misclassified queries. The "examples
+  that hurt the most predictions" list for data cleaning (`read_aggregates(path)`, `store.harmful_column`) is
+  `n_top_proponent_misclassified`: a misclassified query scored at its (wrong) prediction is pushed there by
+  its proponents (with `targets="label"`, by the opponents of its true label: `n_top_opponent_misclassified`).
 
 Resumable: work happens in `<path>.partial/`; after each block its part file (and dense rows) are made durable
 and then the aggregate accumulators are written atomically together with the number of finished blocks, which
@@ -271,7 +273,7 @@ def _dump(
     del dense_mm
 
     agg = {"example_id": train_ids, "label": train_labels.astype(np.int64), **acc} if aggregates else None
-    return work.finish(n_blocks, dense_ids=(ids, train_ids) if dense else None, aggregates=agg)
+    return work.finish(n_blocks, dense_ids=(ids, train_ids) if dense else None, aggregates=agg, targets=targets)
 
 
 def _local_blocks(
@@ -342,5 +344,6 @@ def score_block(
         opp_keep = bottom[0] < 0
         deltas["n_top_proponent"] += np.bincount(top[1][top[0] > 0], minlength=n_train)
         deltas["n_top_opponent"] += np.bincount(bottom[1][opp_keep], minlength=n_train)
+        deltas["n_top_proponent_misclassified"] += np.bincount(top[1][(top[0] > 0) & mis[:, None]], minlength=n_train)
         deltas["n_top_opponent_misclassified"] += np.bincount(bottom[1][opp_keep & mis[:, None]], minlength=n_train)
     return topk_columns(block, top, bottom, train_ids, train_labels, method), deltas

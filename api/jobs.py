@@ -46,6 +46,10 @@ class JobNotDoneError(ValueError):
     """The job's file is asked for before the job finished."""
 
 
+class NoiseNotRunError(JobNotDoneError):
+    """The label-noise job's suspects are asked for before the job has run on this run."""
+
+
 class _Stop(Exception):
     """Raised from the progress callback when the server shuts down mid-dump (the job resumes next time)."""
 

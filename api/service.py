@@ -1,7 +1,8 @@
 """The HTTP service: the same calls as the Python API, over FastAPI.
 
 Routes: `GET /health`, `GET /examples` (a page of stored examples), `GET /examples/{example_id}` (train
-split; `?split=test` for test examples), `POST /explain`, `GET /noise` (paged suspects), `POST /dumps` and
+split; `?split=test` for test examples), `POST /explain`, `GET /noise` (paged suspects; 409 until the
+label-noise job has run), `POST /dumps` and
 `GET /dumps/{job}` (bulk dumps as background jobs, `GET /dumps/{job}/file` for the Parquet file), and a web
 page at `/` ("why this prediction"). The OpenAPI schema is at `/openapi.json`, its viewer at `/docs`.
 
@@ -41,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from store import ConfigMismatchError, CorruptRunError, StoreError, UnknownExampleError
 
 from .index import Index, open_index
-from .jobs import JOB_ID, DumpJobs, JobNotDoneError, UnknownJobError
+from .jobs import JOB_ID, DumpJobs, JobNotDoneError, NoiseNotRunError, UnknownJobError
 from .routes_decisions import add_decision_routes
 from .scorers import METHODS
 
@@ -523,10 +524,17 @@ def create_app(
                 )
         return [e.to_dict() for e in exps]
 
-    @app.get("/noise", response_model=list[SuspectOut], dependencies=auth, responses=errors(422))
+    @app.get("/noise", response_model=list[SuspectOut], dependencies=auth, responses=errors(409, 422))
     def noise(limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**62)) -> list[SuspectOut]:
+        """The label-noise job's suspects, most suspicious first; 409 until the job has run (not `[]`, which
+        would read as "no suspects")."""
         with lock:
             records = index.metadata.top_suspects(limit, offset)
+            if not records and (offset == 0 or not index.metadata.top_suspects(1, 0)):
+                raise NoiseNotRunError(
+                    f"the label-noise job has not run on {index.paths.root.name}: run `influence noise "
+                    f"{index.paths.root}` (or Index.find_label_noise()) first"
+                )
         return [SuspectOut(**{k: v for k, v in r.to_dict().items() if k in SuspectOut.model_fields}) for r in records]
 
     def job_out(rec: Any) -> DumpJobOut:

@@ -47,6 +47,7 @@ AGGREGATE_COLUMNS = (
     "n_top_opponent",
     "sum_positive_misclassified",
     "sum_negative_misclassified",
+    "n_top_proponent_misclassified",
     "n_top_opponent_misclassified",
 )
 ACCUMULATORS = AGGREGATE_COLUMNS[2:]
@@ -100,6 +101,7 @@ def aggregate_schema() -> Any:
             ("n_top_opponent", pa.int64()),
             ("sum_positive_misclassified", pa.float64()),
             ("sum_negative_misclassified", pa.float64()),
+            ("n_top_proponent_misclassified", pa.int64()),
             ("n_top_opponent_misclassified", pa.int64()),
         ]
     )
@@ -195,6 +197,7 @@ class DumpWork:
         *,
         dense_ids: tuple[np.ndarray, np.ndarray] | None = None,
         aggregates: dict[str, np.ndarray] | None = None,
+        targets: str | None = None,
     ) -> Path:
         """Writes the final files and removes the work directory; returns the top-k path.
 
@@ -204,6 +207,8 @@ class DumpWork:
             n_blocks: Blocks of the dump (every part file is on disk).
             dense_ids: (test_ids, train_ids) when the dump is dense: ``dense.npy`` moves to ``<stem>.dense.npy``.
             aggregates: The AGGREGATE_COLUMNS of ``<stem>.aggregates.parquet``, when written.
+            targets: What the queries were scored at (None: the predictions; "label"), recorded in the
+                aggregates file's schema metadata so that `read_aggregates` picks the harmful column.
         """
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -215,8 +220,9 @@ class DumpWork:
                 np.savez(f, test_ids=test_ids, train_ids=train_ids)
             os.replace(self.dense_path, out["dense"])
         if aggregates is not None:
+            schema = aggregate_schema().with_metadata({"targets": targets or "prediction"})
             with atomic_path(out["aggregates"]) as tmp:
-                pq.write_table(pa.table(aggregates, schema=aggregate_schema()), tmp)
+                pq.write_table(pa.table(aggregates, schema=schema), tmp)
         schema = topk_schema()
         with atomic_path(out["topk"]) as tmp, pq.ParquetWriter(tmp, schema) as writer:
             for b in range(n_blocks):
@@ -225,21 +231,39 @@ class DumpWork:
         return out["topk"]
 
 
-def read_aggregates(path: str | os.PathLike[str], *, by: str = "n_top_opponent_misclassified", top: int | None = None):
-    """Reads `<stem>.aggregates.parquet` of a dump at `path` as a pyarrow Table sorted by `by`, descending.
+def harmful_column(targets: str | None) -> str:
+    """The aggregate that ranks "the training examples that hurt the most test predictions" in a dump scored at
+    `targets`.
+
+    A misclassified query predicts a wrong class. Scored at its prediction (`targets=None`), a positive score
+    supports that wrong prediction, so the harmful examples are its top proponents; scored at its true label
+    (`targets="label"`), they oppose the correct class: its top opponents.
+    """
+    return "n_top_opponent_misclassified" if targets == "label" else "n_top_proponent_misclassified"
+
+
+def read_aggregates(path: str | os.PathLike[str], *, by: str | None = None, top: int | None = None):
+    """Reads `<stem>.aggregates.parquet` of a dump at `path` as a pyarrow Table sorted by `by`, largest first.
 
     Args:
         path: The dump's top-k `.parquet` path (or the aggregates file itself).
-        by: An aggregate column; `sum_negative*` columns sort ascending (most harmful first).
+        by: An aggregate column; None = the harmful list (`harmful_column` of the dump's targets, as recorded
+            in the file: `n_top_proponent_misclassified` for a dump at the predictions). `sum_negative*` columns
+            sort ascending (largest magnitude first), the others descending; ties by example id.
         top: Keep only this many rows.
     """
     import pyarrow.parquet as pq
 
     p = Path(path)
     agg = p if p.name.endswith(".aggregates.parquet") else dump_paths(p)["aggregates"]
-    if by not in AGGREGATE_COLUMNS:
-        raise ValueError(f"by must be one of {AGGREGATE_COLUMNS}, got {by!r}")
+    if by is not None and by not in AGGREGATE_COLUMNS:
+        raise ValueError(f"by must be one of {AGGREGATE_COLUMNS} or None (the harmful list), got {by!r}")
     table = pq.read_table(agg)
+    if by is None:
+        targets = (table.schema.metadata or {}).get(b"targets", b"prediction").decode()
+        by = harmful_column("label" if targets == "label" else None)
+    if by not in table.column_names:
+        raise ValueError(f"by: {agg} has no column {by!r} (a dump from an older version): re-run the dump")
     order = "ascending" if by.startswith("sum_negative") else "descending"
     table = table.sort_by([(by, order), ("example_id", "ascending")])
     return table if top is None else table.slice(0, top)

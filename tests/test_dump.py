@@ -40,15 +40,20 @@ def _check_against_dense(path, dense, test_ids, train_ids, train_labels, k, mis)
     np.testing.assert_allclose(agg["sum_positive"], np.maximum(dense, 0).sum(0), atol=1e-5 * scale)
     np.testing.assert_allclose(agg["sum_negative"], np.minimum(dense, 0).sum(0), atol=1e-5 * scale)
     np.testing.assert_allclose(agg["sum_negative_misclassified"], np.minimum(dense[mis], 0).sum(0), atol=1e-5 * scale)
+    np.testing.assert_allclose(agg["sum_positive_misclassified"], np.maximum(dense[mis], 0).sum(0), atol=1e-5 * scale)
     n_opp = np.zeros(len(train_ids), np.int64)
     n_opp_mis = np.zeros(len(train_ids), np.int64)
+    n_pro_mis = np.zeros(len(train_ids), np.int64)
     for j, row in enumerate(dense):
         bottom = np.argsort(row, kind="stable")[:k]
         bottom = bottom[row[bottom] < 0]
         n_opp[bottom] += 1
         n_opp_mis[bottom] += int(mis[j])
+        top = np.argsort(-row, kind="stable")[:k]
+        n_pro_mis[top[row[top] > 0]] += int(mis[j])
     assert agg["n_top_opponent"] == n_opp.tolist()
     assert agg["n_top_opponent_misclassified"] == n_opp_mis.tolist()
+    assert agg["n_top_proponent_misclassified"] == n_pro_mis.tolist()
     assert sum(agg["n_top_proponent"]) == sum(1 for r in rows if r["kind"] == "proponent")
 
 
@@ -99,6 +104,54 @@ def test_dump_at_the_true_labels_equals_pairwise_scores_at_them(digits_logreg_ru
         mis = mis != labels
         assert mis.any() and not np.allclose(at_labels[mis], at_predictions[mis])  # the option matters here
         _check_against_dense(path, at_labels, test_ids, index.train_ids, index.run.train.labels, 5, mis)
+        # at the true labels the harmful examples oppose the correct class: the default list says so
+        harmful = read_aggregates(path).to_pydict()
+        assert harmful == read_aggregates(path, by="n_top_opponent_misclassified").to_pydict()
+
+
+@pytest.fixture(scope="module")
+def systematic_flips_task():
+    """Digits MLP with 40% of the training 3s labelled 5 (planted flips that cause misclassified test 3s)."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from indexer import Task
+    from indexer.demo import load_digits_split, make_mlp, train_classifier
+
+    xtr, ytr, xte, yte = load_digits_split(0)
+    threes = np.flatnonzero(ytr == 3)
+    flipped = np.sort(np.random.default_rng(0).choice(threes, int(0.4 * len(threes)), replace=False))
+    y = ytr.copy()
+    y[flipped] = 5
+    model = make_mlp(seed=0)
+    train_classifier(model, torch.from_numpy(xtr), torch.from_numpy(y), l2=1e-3, epochs=200)
+    train = TensorDataset(torch.from_numpy(xtr), torch.from_numpy(y))
+    test = TensorDataset(torch.from_numpy(xte), torch.from_numpy(yte))
+    return Task(model=model, train=train, test=test, l2=1e-3), flipped
+
+
+@pytest.mark.slow
+def test_planted_flips_rank_at_the_top_of_the_harmful_list(systematic_flips_task, tmp_path):
+    """A misclassified test 3 predicted as 5 is pushed there by the proponents of that wrong prediction: the 3s
+    labelled 5. `read_aggregates(path)` (n_top_proponent_misclassified) puts them at the top; the list it used
+    to default to (n_top_opponent_misclassified: the opponents of the wrong prediction) holds far fewer."""
+    task, flipped = systematic_flips_task
+    with build_index(task, tmp_path / "run", progress=False) as index:
+        path = index.dump(tmp_path / "all.parquet", k=10, method="lissa", progress=False)
+        base_rate = len(flipped) / len(index.train_ids)
+    n = len(flipped)
+
+    def hits(by):
+        return len(set(read_aggregates(path, by=by, top=n).to_pydict()["example_id"]) & set(flipped.tolist()))
+
+    harmful = hits(None)
+    assert (
+        read_aggregates(path, top=n).to_pydict()
+        == read_aggregates(path, by="n_top_proponent_misclassified", top=n).to_pydict()
+    )
+    assert harmful / n >= 5 * base_rate, (harmful, n, base_rate)
+    assert harmful >= 2 * hits("n_top_opponent_misclassified"), (harmful, hits("n_top_opponent_misclassified"))
+    assert hits("sum_positive_misclassified") >= 2 * hits("sum_negative_misclassified")
 
 
 @pytest.fixture(scope="module")

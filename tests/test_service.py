@@ -260,3 +260,21 @@ def test_concurrent_explains_are_batched_and_answer_as_alone(digits_mlp_run):
                 np.testing.assert_allclose(
                     [p.score for p in got.proponents], [p.score for p in want.proponents], rtol=1e-4
                 )
+
+
+def test_noise_says_when_the_job_has_not_run(digits_mlp_run, tmp_path):
+    """`GET /noise` before the label-noise job: 409 saying so (it used to be `[]`, the same as "no suspects")."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_mlp_run, run, ignore=shutil.ignore_patterns("dumps"))
+    with TestClient(create_app(run)) as c:
+        assert_error(c.get("/noise"), 409, "NoiseNotRunError", "has not run", "influence noise")
+        assert_error(c.get("/noise?offset=5"), 409, "has not run")
+        c.app.state.index.find_label_noise(method="loss", progress=False)
+        got = c.get("/noise?limit=5")
+        assert got.status_code == 200, got.text
+        scores = [s["suspect_score"] for s in got.json()]
+        assert len(scores) == 5 and scores == sorted(scores, reverse=True)
+        past_the_end = c.get("/noise", params={"offset": len(c.app.state.index.train_ids)})
+        assert past_the_end.status_code == 200 and past_the_end.json() == []

@@ -127,9 +127,19 @@ function suspectCard(s, rank) {
   return div;
 }
 
+// GET /noise answers 409 NoiseNotRunError until the label-noise job has run: the page then shows no suspects.
+async function noisePage() {
+  try {
+    return await call(`/noise?limit=${PAGE}&offset=${state.offset}`);
+  } catch (err) {
+    if (String(err.message).startsWith("409 NoiseNotRunError")) return [];
+    throw err;
+  }
+}
+
 async function loadPage() {
   const [suspects, decisions] = await Promise.all([
-    call(`/noise?limit=${PAGE}&offset=${state.offset}`),
+    noisePage(),
     call("/decisions"),
   ]);
   state.decisions = new Map(decisions.map((d) => [d.example_id, d]));
