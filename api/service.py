@@ -4,7 +4,8 @@ Routes: `GET /health`, `GET /examples` (a page of stored examples), `GET /exampl
 split; `?split=test` for test examples), `POST /explain`, `GET /noise` (paged suspects; 409 until the
 label-noise job has run), `POST /dumps` and
 `GET /dumps/{job}` (bulk dumps as background jobs, `GET /dumps/{job}/file` for the Parquet file), and a web
-page at `/` ("why this prediction"). The OpenAPI schema is at `/openapi.json`, its viewer at `/docs`.
+page at `/` ("why this prediction"). The OpenAPI schema is at `/openapi.json`, its viewers at `/docs`
+(Swagger UI) and `/redoc`, with their assets served by the service itself (works offline).
 
 Request/response models are separate from the store's records. Every error class maps to one status code,
 with a JSON body `{"error": <class>, "detail": <what was wrong>}`: 401 missing/wrong API key, 404 unknown id
@@ -36,6 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -404,7 +406,9 @@ def create_app(
                 ]
             )
 
-    app = FastAPI(
+    # Swagger UI and ReDoc from the installed fastapi-offline package (served under /static-offline-docs):
+    # /docs works without a network, where FastAPI's default page loads its script and CSS from a CDN.
+    app = FastAPIOffline(
         title="influence-service",
         version="0.1.0",
         description=__doc__,

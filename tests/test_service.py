@@ -278,3 +278,22 @@ def test_noise_says_when_the_job_has_not_run(digits_mlp_run, tmp_path):
         assert len(scores) == 5 and scores == sorted(scores, reverse=True)
         past_the_end = c.get("/noise", params={"offset": len(c.app.state.index.train_ids)})
         assert past_the_end.status_code == 200 and past_the_end.json() == []
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_work_offline(client, page):
+    """The docs pages reference only the service's own assets (no CDN), and each of them answers 200."""
+    import re
+
+    html = client.get(page)
+    assert html.status_code == 200 and "text/html" in html.headers["content-type"]
+    urls = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html.text)
+    urls += re.findall(r"""url:\s*['"]([^'"]+)['"]""", html.text)  # the schema Swagger UI loads
+    urls += re.findall(r"""spec-url=["']([^"']+)["']""", html.text)  # the schema ReDoc loads
+    scripts = [u for u in urls if u.endswith(".js")]
+    assert scripts, html.text
+    assert [u for u in urls if "://" in u or u.startswith("//")] == [], urls
+    for url in set(urls):
+        got = client.get(url)
+        assert got.status_code == 200, (url, got.status_code)
+        assert len(got.content) > 0
