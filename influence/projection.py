@@ -161,4 +161,7 @@ def compute_projected_ggn(phi: np.ndarray, probs: np.ndarray) -> np.ndarray:
     phi, probs = np.asarray(phi, np.float64), np.asarray(probs, np.float64)
     if phi.ndim != 3 or probs.shape != phi.shape[1::-1]:
         raise ValueError(f"phi [classes, m, d] and probs [m, classes] must agree, got {phi.shape} and {probs.shape}")
-    return np.einsum("cmd,mc,cme->de", phi, probs, phi, optimize=True)
+    out = np.zeros((phi.shape[2], phi.shape[2]), np.float64)
+    for c in range(len(phi)):  # one [d, m] x [m, d] product per class: no [classes, m, d, d] intermediate
+        out += (phi[c] * probs[:, c : c + 1]).T @ phi[c]
+    return out
