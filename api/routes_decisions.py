@@ -3,13 +3,16 @@
 `POST /decisions` records one decision (`{"example_id": int, "decision": "relabel"|"keep"|"remove",
 "label": int|null}`), `GET /decisions` lists the decisions in force (`?history=true`: every one, oldest first),
 `GET /decisions/file?format=csv|parquet` downloads them as a file, and `/clean` is the review page (suspects
-of the label-noise job, most suspicious first, with buttons that post decisions). The data routes sit behind
+of the label-noise job, most suspicious first, with buttons that post decisions; a second list from
+`GET /clean/harmful`: the examples that hurt the most test predictions, read from the latest finished dump
+job's per-training-example aggregates). The data routes sit behind
 the API key like every other; an optional `X-Reviewer` header names the person, stored with the decision.
 Errors go through the app's handlers: unknown example 404, bad decision or label 422.
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 import threading
 from collections.abc import Callable
@@ -20,10 +23,12 @@ from fastapi import FastAPI, Header, Query
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
-from store import DECISIONS, MAX_REVIEWER, write_decisions
+from store import AGGREGATE_COLUMNS, DECISIONS, MAX_REVIEWER, read_aggregates, write_decisions
 
 ExampleId = Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
 Label = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
+#: the aggregate `read_aggregates` sorts by when not told: the dump's own "most harmful" ranking
+HARMFUL_DEFAULT = inspect.signature(read_aggregates).parameters["by"].default
 MEDIA = {"csv": "text/csv", "parquet": "application/vnd.apache.parquet"}
 
 
@@ -35,6 +40,21 @@ class DecisionRequest(BaseModel):
     example_id: ExampleId = Field(description="a stored training example id")
     decision: Literal[DECISIONS] = Field(description="relabel (needs label), keep or remove")  # type: ignore[valid-type]
     label: Label | None = Field(None, description="the new class of a relabel; null otherwise")
+
+
+class HarmfulOut(BaseModel):
+    example_id: int
+    label: int
+    prediction: int
+    preview: str
+    suggested_label: int | None
+    aggregates: dict[str, float] = Field(description="the example's per-training-example dump aggregates")
+
+
+class HarmfulPage(BaseModel):
+    job: str | None = Field(description="the latest finished dump job read, null when none has finished")
+    by: str = Field(description="the aggregate the list is sorted by, most harmful first")
+    examples: list[HarmfulOut]
 
 
 class DecisionOut(BaseModel):
@@ -64,6 +84,38 @@ def add_decision_routes(
     @app.get("/clean", response_class=HTMLResponse, include_in_schema=False)
     def clean_page() -> HTMLResponse:
         return HTMLResponse(resources.files("api").joinpath("web/clean.html").read_text(encoding="utf-8"))
+
+    @app.get("/clean/harmful", response_model=HarmfulPage, dependencies=auth, responses=errors(422))
+    def harmful(
+        limit: int = Query(24, ge=1, le=1000),
+        by: Literal[AGGREGATE_COLUMNS[2:]] | None = Query(None, description="default: read_aggregates' own"),  # type: ignore[valid-type]
+    ) -> HarmfulPage:
+        """The examples that hurt the most test predictions, from the latest finished dump job's aggregates."""
+        order = by or HARMFUL_DEFAULT
+        done = [j for j in app.state.jobs.all_jobs() if j.status == "done"]
+        if not done:
+            return HarmfulPage(job=None, by=order, examples=[])
+        job = max(done, key=lambda j: (j.finished or "", j.job))
+        table = read_aggregates(app.state.jobs.file(job.job, "aggregates"), by=order, top=limit).to_pylist()
+        with lock:
+            stored = set(index.metadata.ids("train").tolist())  # examples deleted since the dump are left out
+            table = [r for r in table if r["example_id"] in stored]
+            records = index.metadata.get("train", [r["example_id"] for r in table]) if table else []
+        return HarmfulPage(
+            job=job.job,
+            by=order,
+            examples=[
+                HarmfulOut(
+                    example_id=rec.example_id,
+                    label=rec.label,
+                    prediction=rec.prediction,
+                    preview=rec.preview,
+                    suggested_label=rec.suggested_label,
+                    aggregates={k: float(v) for k, v in row.items() if k in AGGREGATE_COLUMNS[2:]},
+                )
+                for rec, row in zip(records, table, strict=True)
+            ],
+        )
 
     @app.post(
         "/decisions",

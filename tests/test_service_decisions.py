@@ -165,3 +165,31 @@ def test_cli_exports_the_decisions_in_force_as_csv_or_parquet(run, tmp_path):
         assert result.exit_code == 2, result.output
         assert all(w in result.output for w in words), result.output
     assert not (tmp_path / "d.xlsx").exists() and not (tmp_path / "x.csv").exists()
+
+
+def test_the_harmful_list_reads_the_latest_finished_dumps_aggregates(run):
+    import time
+
+    from store import read_aggregates
+
+    with TestClient(create_app(run, api_key=KEY)) as client:
+        empty = client.get("/clean/harmful", headers=H).json()
+        assert empty["job"] is None and empty["examples"] == []
+        started = client.post("/dumps", json={"test_ids": list(range(20)), "k": 5}, headers=H).json()
+        deadline = time.monotonic() + 600
+        while client.get(f"/dumps/{started['job']}", headers=H).json()["status"] != "done":
+            assert time.monotonic() < deadline, "the dump did not finish"
+            time.sleep(0.5)
+        page = client.get("/clean/harmful?limit=5", headers=H).json()
+        agg = read_aggregates(run / "dumps" / f"{started['job']}.parquet", by=page["by"], top=5).to_pylist()
+        assert page["job"] == started["job"]
+        assert [e["example_id"] for e in page["examples"]] == [r["example_id"] for r in agg]
+        assert [e["aggregates"][page["by"]] for e in page["examples"]] == [float(r[page["by"]]) for r in agg]
+        with open_index(run) as index:
+            records = index.metadata.get("train", [r["example_id"] for r in agg])
+        assert [e["preview"] for e in page["examples"]] == [r.preview for r in records]
+        by_sum = client.get("/clean/harmful?limit=3&by=sum_negative", headers=H).json()
+        agg = read_aggregates(run / "dumps" / f"{started['job']}.parquet", by="sum_negative", top=3).to_pylist()
+        assert [e["example_id"] for e in by_sum["examples"]] == [r["example_id"] for r in agg]
+        assert client.get("/clean/harmful?by=example_id", headers=H).status_code == 422
+        assert client.get("/clean/harmful").status_code == 401

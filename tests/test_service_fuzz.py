@@ -37,6 +37,7 @@ OPERATIONS = [
     ("POST", "/decisions"),
     ("GET", "/decisions"),
     ("GET", "/decisions/file"),
+    ("GET", "/clean/harmful"),
 ]
 
 

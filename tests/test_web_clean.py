@@ -174,4 +174,5 @@ def test_before_the_noise_job_the_page_says_so(browser, digits_mlp_run, tmp_path
         wait_state(page, "ready")
         assert page.query_selector_all("#suspects .card") == []
         assert "run the label-noise job first" in page.inner_text("#empty")
+        assert "no finished dump yet" in page.inner_text("#harmful-empty")
         page.close()

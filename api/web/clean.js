@@ -65,7 +65,7 @@ async function decide(card, decision) {
   try {
     const d = await call("/decisions", { example_id: exampleId, decision, label });
     state.decisions.set(exampleId, d);
-    showDecision(card, d);
+    for (const c of document.querySelectorAll(`.card[data-example-id='${exampleId}']`)) showDecision(c, d);
     updateCount();
     settle(generation, "saved");
   } catch (err) {
@@ -74,7 +74,7 @@ async function decide(card, decision) {
   }
 }
 
-function suspectCard(s, rank) {
+function suspectCard(s, rank, signals) {
   const div = document.createElement("div");
   div.className = "card suspect";
   div.dataset.exampleId = s.example_id;
@@ -86,7 +86,7 @@ function suspectCard(s, rank) {
   const lines = [
     [`#${s.example_id}`, "id"],
     [`label ${s.label} · suggested `, "labels"],
-    [`score ${Number(s.suspect_score).toPrecision(3)} · pred ${s.prediction} · loss ${Number(s.loss).toPrecision(3)}`, "signals muted"],
+    [signals, "signals muted"],
   ];
   for (const [text, cls] of lines) {
     const line = document.createElement("div");
@@ -144,11 +144,25 @@ async function loadPage() {
   ]);
   state.decisions = new Map(decisions.map((d) => [d.example_id, d]));
   const box = $("suspects");
-  box.replaceChildren(...suspects.map((s, i) => suspectCard(s, state.offset + i + 1)));
+  const signals = (s) => `score ${Number(s.suspect_score).toPrecision(3)} · pred ${s.prediction} · loss ${Number(s.loss).toPrecision(3)}`;
+  box.replaceChildren(...suspects.map((s, i) => suspectCard(s, state.offset + i + 1, signals(s))));
   $("empty").hidden = suspects.length > 0;
   $("empty").textContent = state.offset > 0 ? "no more suspects" : "no suspects yet: run the label-noise job first (`influence noise RUN`)";
   $("range").textContent = suspects.length ? `${state.offset + 1}–${state.offset + suspects.length} of ${state.health.n_train} training examples` : "";
   updateCount();
+  await loadHarmful();
+}
+
+// The second list: per-training-example aggregates of the latest finished dump job (POST /dumps), most harmful
+// first; the same decision buttons.
+async function loadHarmful() {
+  const page = await call("/clean/harmful?limit=12");
+  const short = (v) => (Number.isInteger(v) ? String(v) : v.toPrecision(3));
+  const signals = (e) => `${page.by} ${short(e.aggregates[page.by])} · pred ${e.prediction}`;
+  $("harmful").replaceChildren(...page.examples.map((e, i) => suspectCard(e, i + 1, signals(e))));
+  $("harmful-source").textContent = page.job ? `(dump job ${page.job}, by ${page.by})` : "";
+  $("harmful-empty").hidden = page.examples.length > 0;
+  $("harmful-empty").textContent = page.job ? "the dump found none" : "no finished dump yet: start one with POST /dumps (or `influence dump`) to see this list";
 }
 
 async function reload() {
