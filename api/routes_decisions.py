@@ -12,7 +12,6 @@ Errors go through the app's handlers: unknown example 404, bad decision or label
 
 from __future__ import annotations
 
-import inspect
 import io
 import threading
 from collections.abc import Callable
@@ -23,12 +22,10 @@ from fastapi import FastAPI, Header, Query
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
-from store import AGGREGATE_COLUMNS, DECISIONS, MAX_REVIEWER, read_aggregates, write_decisions
+from store import AGGREGATE_COLUMNS, DECISIONS, MAX_REVIEWER, harmful_column, read_aggregates, write_decisions
 
 ExampleId = Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
 Label = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
-#: the aggregate `read_aggregates` sorts by when not told: the dump's own "most harmful" ranking
-HARMFUL_DEFAULT = inspect.signature(read_aggregates).parameters["by"].default
 MEDIA = {"csv": "text/csv", "parquet": "application/vnd.apache.parquet"}
 
 
@@ -88,15 +85,23 @@ def add_decision_routes(
     @app.get("/clean/harmful", response_model=HarmfulPage, dependencies=auth, responses=errors(422))
     def harmful(
         limit: int = Query(24, ge=1, le=1000),
-        by: Literal[AGGREGATE_COLUMNS[2:]] | None = Query(None, description="default: read_aggregates' own"),  # type: ignore[valid-type]
+        by: Literal[AGGREGATE_COLUMNS[2:]] | None = Query(
+            None, description="default: the harmful column of the dump (store.harmful_column)"
+        ),  # type: ignore[valid-type]
     ) -> HarmfulPage:
         """The examples that hurt the most test predictions, from the latest finished dump job's aggregates."""
-        order = by or HARMFUL_DEFAULT
         done = [j for j in app.state.jobs.all_jobs() if j.status == "done"]
         if not done:
-            return HarmfulPage(job=None, by=order, examples=[])
+            return HarmfulPage(job=None, by=by or harmful_column(None), examples=[])
         job = max(done, key=lambda j: (j.finished or "", j.job))
-        table = read_aggregates(app.state.jobs.file(job.job, "aggregates"), by=order, top=limit).to_pylist()
+        path = app.state.jobs.file(job.job, "aggregates")
+        if by is None:  # the dump's harmful column, as read_aggregates picks it from what the dump was scored at
+            import pyarrow.parquet as pq
+
+            targets = (pq.read_schema(path).metadata or {}).get(b"targets", b"prediction").decode()
+            by = harmful_column("label" if targets == "label" else None)
+        order = by
+        table = read_aggregates(path, by=order, top=limit).to_pylist()
         with lock:
             stored = set(index.metadata.ids("train").tolist())  # examples deleted since the dump are left out
             table = [r for r in table if r["example_id"] in stored]

@@ -183,6 +183,9 @@ def test_the_harmful_list_reads_the_latest_finished_dumps_aggregates(run):
         page = client.get("/clean/harmful?limit=5", headers=H).json()
         agg = read_aggregates(run / "dumps" / f"{started['job']}.parquet", by=page["by"], top=5).to_pylist()
         assert page["job"] == started["job"]
+        assert page["by"] == "n_top_proponent_misclassified"  # the dump is at the predictions
+        default = read_aggregates(run / "dumps" / f"{started['job']}.parquet", top=5).to_pylist()
+        assert [e["example_id"] for e in page["examples"]] == [r["example_id"] for r in default]
         assert [e["example_id"] for e in page["examples"]] == [r["example_id"] for r in agg]
         assert [e["aggregates"][page["by"]] for e in page["examples"]] == [float(r[page["by"]]) for r in agg]
         with open_index(run) as index:
