@@ -18,6 +18,8 @@ import typer
 from api.cli_help import VERBOSE, Group, friendly_errors
 from api.methods import METHOD_HELP, NOISE_METHODS
 
+RAY_HELP = "run on a Ray cluster: local | auto | HOST:PORT | ray://HOST:PORT (needs pip install '.[ray]')"
+
 app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, help="Training-data influence service.")
 
 
@@ -229,10 +231,14 @@ def index(
     cache_queries: Annotated[
         bool, typer.Option("--cache-queries", help="solve LiSSA for every stored test example at build time")
     ] = False,
+    ray: Annotated[str | None, typer.Option("--ray", help=RAY_HELP)] = None,
 ) -> None:
     """Build (or resume) a run directory for a Task (options: `indexer.IndexConfig`; a resume needs the same)."""
     from api import build_index
+    from api.ray_cluster import check_ray
     from indexer import IndexConfig
+
+    check_ray(ray)  # before the Task file runs
 
     given = {
         "curvature": curvature,
@@ -242,7 +248,7 @@ def index(
         "cache_queries": cache_queries or None,
     }
     config = IndexConfig(**{k: v for k, v in given.items() if v is not None})  # bad values: ValueError by name
-    idx = build_index(load_task(task), out, config=config)
+    idx = build_index(load_task(task), out, config=config, ray=ray)
     typer.echo(json.dumps(idx.info(), indent=2, default=str))
 
 
@@ -295,6 +301,7 @@ def noise(
     oos_repeats: Annotated[
         int | None, typer.Option(help="K-fold runs averaged (default: 2 for whole-head refits, 1 for last-layer)")
     ] = None,
+    ray: Annotated[str | None, typer.Option("--ray", help=RAY_HELP)] = None,
 ) -> None:
     """Rank training examples by how likely their label is wrong (most suspicious first)."""
     from api import open_index
@@ -309,7 +316,7 @@ def noise(
                 f"--known-wrong must be a readable file of integer ids, got {str(known_wrong)!r}: {e}"
             ) from e
     with open_index(run) as idx:
-        suspects = idx.find_label_noise(method=method, oos_refit=oos_refit, oos_repeats=oos_repeats)
+        suspects = idx.find_label_noise(method=method, oos_refit=oos_refit, oos_repeats=oos_repeats, ray=ray)
     if out is not None:
         write_suspects(suspects, out)
     if png is not None:
@@ -379,6 +386,7 @@ def dump(
         bool, typer.Option(help="also write per-training-example sums and counts to <stem>.aggregates.parquet")
     ] = True,
     block_size: Annotated[int, typer.Option(help="queries per block (memory and checkpoint unit)")] = 256,
+    ray: Annotated[str | None, typer.Option("--ray", help=RAY_HELP)] = None,
 ) -> None:
     """Stream top-k scores of every stored test example to Parquet (resumable: re-run the same command)."""
     from api import open_index
@@ -386,7 +394,7 @@ def dump(
 
     with open_index(run) as idx:
         path = idx.dump(
-            out, k=k, method=method, targets=targets, dense=dense, aggregates=aggregates, block_size=block_size
+            out, k=k, method=method, targets=targets, dense=dense, aggregates=aggregates, block_size=block_size, ray=ray
         )
     typer.echo(f"wrote {path}")
     extra = dump_paths(path)

@@ -135,3 +135,20 @@ def test_a_noise_job_on_two_nodes_equals_the_single_process_job(ray_cluster, dig
     assert [s.example_id for s in one] == [s.example_id for s in two]
     assert [s.suggested_label for s in one] == [s.suggested_label for s in two]
     np.testing.assert_allclose([s.score for s in one], [s.score for s in two], rtol=1e-6)
+
+
+@pytest.mark.parametrize("command", ["index", "dump", "noise"])
+def test_cli_refuses_a_bad_ray_address_in_one_line(command, digits_mlp_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    args = {
+        "index": ["index", "indexer.demo:digits_task", "--out", str(tmp_path / "run")],
+        "dump": ["dump", str(digits_mlp_run), "--out", str(tmp_path / "d.parquet")],
+        "noise": ["noise", str(digits_mlp_run), "--png", "none"],
+    }[command]
+    result = CliRunner().invoke(app, [*args, "--ray", "nowhere"])
+    assert result.exit_code == 2
+    assert "ray must be" in result.output and "'nowhere'" in result.output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "d.parquet").exists()
