@@ -24,7 +24,12 @@ VERBOSE = {"on": False}
 #: the metavar shown for a value of each Python type (typer's own shows "<int>", "<list[int]>")
 _METAVARS = {"int": "INTEGER", "float": "NUMBER", "str": "TEXT", "path": "PATH", "bool": ""}
 #: (module, class) of the library's errors a command reports on one line, checked only once the module is loaded
-_LIBRARY_ERRORS = (("store.errors", "StoreError"), ("indexer.errors", "IndexerError"))
+# the last: --ray without the [ray] extra (the message says how to install it)
+_LIBRARY_ERRORS = (
+    ("store.errors", "StoreError"),
+    ("indexer.errors", "IndexerError"),
+    ("api.ray_cluster", "RayNotInstalledError"),
+)
 
 
 def _readable(param: Any) -> None:
