@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 # every Ray instance the tests and benchmarks start stays on 127.0.0.1 (Ray resolves it to the host's address without)
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets tweets-noise tweets-lastblock bench-lastblock scale scale-dump scale-update bench-service model-scale solver-speed projected-recall clean
+.PHONY: install demo test lint format typecheck bench bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets tweets-noise tweets-lastblock bench-lastblock scale scale-dump scale-update bench-service bench-ray model-scale solver-speed projected-recall clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -147,6 +147,11 @@ solver-speed: $(STAMP) data
 # Explain's top-10 on a projected head against the exact one, raw and whitened candidates (~20 min at 20k).
 projected-recall: $(STAMP) data
 	$(BIN)/python -m experiments.projected_recall --n-train 20000 --queries 40
+
+# Jobs on Ray (issue 16): build + 10k-query dump of the Fashion-MNIST MLP head (60k) with ray=None and a local
+# Ray instance of 1 and 2 workers (127.0.0.1 only); RAY_SCALE_ARGS="--n-train 10000 --queries 2000" for a quick pass.
+bench-ray: $(STAMP) data
+	$(BIN)/python -m experiments.ray_scale $(RAY_SCALE_ARGS)
 
 # HTTP service under load (issue 7): 5,000 POST /explain at concurrency 16 against a Fashion-MNIST index.
 bench-service: $(STAMP) data
