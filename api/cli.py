@@ -232,11 +232,15 @@ def index(
         bool, typer.Option("--cache-queries", help="solve LiSSA for every stored test example at build time")
     ] = False,
     ray: Annotated[str | None, typer.Option("--ray", help=RAY_HELP)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the manifest (JSON) instead of the summary")] = False,
 ) -> None:
     """Build (or resume) a run directory for a Task (options: `indexer.IndexConfig`; a resume needs the same)."""
+    import time
+
     from api import build_index
     from api.ray_cluster import check_ray
     from indexer import IndexConfig
+    from indexer.resume import resume_status
 
     check_ray(ray)  # before the Task file runs
 
@@ -248,8 +252,33 @@ def index(
         "cache_queries": cache_queries or None,
     }
     config = IndexConfig(**{k: v for k, v in given.items() if v is not None})  # bad values: ValueError by name
-    idx = build_index(load_task(task), out, config=config, ray=ray)
-    typer.echo(json.dumps(idx.info(), indent=2, default=str))
+    loaded = load_task(task)
+    status = resume_status(out)
+    if status is not None:
+        typer.echo(status, err=True)
+    t0 = time.perf_counter()
+    with build_index(loaded, out, config=config, ray=ray) as idx:
+        info = idx.info()
+    typer.echo(json.dumps(info, indent=2, default=str) if as_json else build_summary(info, time.perf_counter() - t0))
+
+
+def build_summary(info: dict[str, Any], seconds: float) -> str:
+    """One summary of a built run: examples, accuracy, head and scope, parameters, spaces, build time, path."""
+    task, head, extra = info.get("task", {}), info.get("head", {}), info.get("extra", {})
+    acc = ", ".join(
+        f"{split} accuracy {extra[f'{split}_accuracy']:.3f}"
+        for split in ("train", "test")
+        if isinstance(extra.get(f"{split}_accuracy"), int | float)
+    )
+    layers = "+".join(head.get("layers", [])) or "?"
+    projection = info.get("projection")
+    projected = f", projected to {projection['dim']}" if isinstance(projection, dict) and "dim" in projection else ""
+    return (
+        f"built {info.get('path')} in {seconds:.1f} s: {task.get('n_train', '?')} train / {task.get('n_test', 0)} "
+        f"test examples" + (f", {acc}" if acc else "") + f"; scope {task.get('scope', 'head')}, head {layers} "
+        f"({head.get('n_params', '?'):,} parameters{projected}, {head.get('n_classes', '?')} classes); "
+        f"spaces {', '.join(info.get('spaces', {})) or 'none'}"
+    )
 
 
 @app.command()
@@ -463,6 +492,77 @@ def serve(
     check_bind(host, api_key)  # before loading anything
     loaded = None if task is None else load_task(task)
     run_service(run, host=host, port=port, api_key=api_key, task=loaded, max_body_bytes=max_body)
+
+
+@app.command()
+@friendly_errors
+def add(
+    run: Annotated[Path, typer.Argument(help="run directory (built for the TASK's model)")],
+    task: Annotated[str, typer.Argument(help="path/to/file.py:function or module:function returning the Task")],
+    keep_curvature: Annotated[
+        bool,
+        typer.Option("--keep-curvature", help="keep the stored curvature (noted as stale) instead of recomputing it"),
+    ] = False,
+) -> None:
+    """Add the TASK's training examples that the run does not hold yet (by content; deleted ones stay deleted)."""
+    from torch.utils.data import Subset
+
+    from indexer.additions import new_train_positions
+    from indexer.update import add_examples
+
+    loaded = load_task(task)
+    positions = new_train_positions(loaded, run)
+    if not positions:
+        typer.echo(f"nothing to add: {run} holds every training example of {task}")
+        return
+    typer.echo(f"adding {len(positions)} training examples of {task} to {run}")
+    report = add_examples(
+        loaded, run, Subset(loaded.train, positions), refresh_curvature=not keep_curvature, progress=True
+    )
+    typer.echo(update_line(report))
+
+
+def _ids_option(ctx: typer.Context, ids: list[int] | None) -> list[int]:
+    """`--ids 1 2 3` (the values after the first, which the option parser leaves over) or `--ids 1 --ids 2`."""
+    out = list(ids or [])
+    for value in ctx.args:
+        try:
+            out.append(int(value))
+        except ValueError:
+            raise ValueError(f"--ids: example ids must be integers, got {value!r}") from None
+    if not out:
+        raise ValueError("--ids: give the example ids to delete, e.g. --ids 3 17 42")
+    return out
+
+
+@app.command(context_settings={"allow_extra_args": True})
+@friendly_errors
+def delete(
+    ctx: typer.Context,
+    run: Annotated[Path, typer.Argument(help="run directory")],
+    ids: Annotated[list[int] | None, typer.Option("--ids", help="training example ids to delete: --ids 1 2 3")] = None,
+    keep_curvature: Annotated[
+        bool,
+        typer.Option("--keep-curvature", help="keep the stored curvature (noted as stale) instead of recomputing it"),
+    ] = False,
+) -> None:
+    """Delete training examples: they never appear in results again (their ids are retired)."""
+    wanted = _ids_option(ctx, ids)
+    from indexer.update import delete_examples
+
+    typer.echo(update_line(delete_examples(run, wanted, refresh_curvature=not keep_curvature)))
+
+
+def update_line(report) -> str:
+    """One line for an incremental update: what changed, the training set after it, what was refreshed."""
+    ids = report.example_ids
+    shown = ", ".join(str(i) for i in ids[:10]) + (f", ... ({len(ids)} in all)" if len(ids) > 10 else "")
+    verb = "added" if report.op == "add" else "deleted"
+    stale = f"; kept (stale): {', '.join(report.stale)}" if report.stale else ""
+    return (
+        f"{verb} {len(ids)} training examples (ids {shown}); {report.n_train} training examples now; "
+        f"refreshed: {', '.join(report.refreshed) or 'nothing'}{stale}; {report.seconds:.1f} s"
+    )
 
 
 def main() -> None:  # pragma: no cover

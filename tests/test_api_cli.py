@@ -51,6 +51,22 @@ def test_explain_for_a_label_titles_its_lists_for_that_label(digits_mlp_run):
     assert "proponents (support the prediction)" in plain.output
 
 
+def test_a_resumed_build_says_what_it_resumes(digits_mlp_run, tmp_path):
+    import shutil
+
+    from indexer.resume import resume_status
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_mlp_run, run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["stages"] = ["features", "metadata"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    (run / "arrays" / "grad_vectors.done.npy").unlink(missing_ok=True)
+    status = resume_status(run)
+    assert status == f"resuming {run}: done features, metadata; next grad"
+    assert resume_status(tmp_path / "new") is None
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -112,6 +128,13 @@ def test_index_options_reach_the_manifest_and_bad_ones_write_nothing(tmp_path):
     args = ["--factory", "HNSW32", "--curvature-rows", "512", "--cache-queries"]
     result = runner.invoke(app, ["index", "indexer.demo:digits_task", "--out", str(tmp_path / "run"), *args])
     assert result.exit_code == 0, result.output
+    [summary] = [line for line in result.stdout.splitlines() if line.strip()]  # one summary, not the manifest
+    info = open_index(tmp_path / "run").info()
+    assert summary.startswith(f"built {tmp_path / 'run'} in ") and f"{info['head']['n_params']:,} parameters" in summary
+    assert f"test accuracy {info['extra']['test_accuracy']:.3f}" in summary and "spaces grad, grad-unit" in summary
+    again = runner.invoke(app, ["index", "indexer.demo:digits_task", "--out", str(tmp_path / "run"), *args, "--json"])
+    assert again.exit_code == 0 and "is complete: nothing to build" in again.stderr
+    assert json.loads(again.stdout)["head"] == info["head"]
     methods = load_manifest(tmp_path / "run").methods
     assert (methods["factory"], methods["curvature_rows"], methods["cache_queries"]) == ("HNSW32", 512, True)
     assert "queries" in load_manifest(tmp_path / "run").stages
