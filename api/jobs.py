@@ -197,6 +197,13 @@ class DumpJobs:
             time.sleep(0.05)
         raise TimeoutError(f"dump job {job} still {self.get(job).status} after {timeout} s")
 
+    def reset_engine(self) -> None:
+        """Drops the cached engine (the run changed: an incremental update); the next job opens the run again."""
+        with self._lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.run.close()
+
     def _work(self) -> None:
         while not self._stop.is_set():
             job = self._queue.get()

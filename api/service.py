@@ -2,10 +2,11 @@
 
 Routes: `GET /health`, `GET /examples` (a page of stored examples), `GET /examples/{example_id}` (train
 split; `?split=test` for test examples), `POST /explain`, `GET /noise` (paged suspects; 409 until the
-label-noise job has run), `POST /dumps` and
-`GET /dumps/{job}` (bulk dumps as background jobs, `GET /dumps/{job}/file` for the Parquet file), and a web
-page at `/` ("why this prediction"). The OpenAPI schema is at `/openapi.json`, its viewers at `/docs`
-(Swagger UI) and `/redoc`, with their assets served by the service itself (works offline).
+label-noise job has run), `POST /examples` and `DELETE /examples/{id}` (incremental updates,
+`api.routes_examples`), `POST /dumps` and `GET /dumps/{job}` (bulk dumps as background jobs,
+`GET /dumps/{job}/file` for the Parquet file), and a web page at `/` ("why this prediction"). The OpenAPI
+schema is at `/openapi.json`, its viewers at `/docs` (Swagger UI) and `/redoc`, with their assets served by
+the service itself (works offline).
 
 Request/response models are separate from the store's records. Every error class maps to one status code,
 with a JSON body `{"error": <class>, "detail": <what was wrong>}`: 401 missing/wrong API key, 404 unknown id
@@ -46,6 +47,7 @@ from store import ConfigMismatchError, CorruptRunError, StoreError, UnknownExamp
 from .index import Index, open_index
 from .jobs import JOB_ID, DumpJobs, JobNotDoneError, NoiseNotRunError, UnknownJobError
 from .routes_decisions import add_decision_routes
+from .routes_examples import add_example_routes
 from .scorers import METHODS
 
 MethodName = Literal[METHODS]  # type: ignore[valid-type]  # the scorer registry's methods
@@ -592,6 +594,7 @@ def create_app(
         )
 
     add_decision_routes(app, index, lock, auth, errors)
+    add_example_routes(app, index, lock, auth, errors, ids=ids, jobs=jobs)
     return app
 
 

@@ -7,7 +7,8 @@ status code, content type and headers, matching its documented schema; invalid r
 One check is left out: `positive_data_acceptance` (a schema-valid request must get 2xx/404/409) cannot hold
 here, because some rules depend on the run and are not expressible in the schema: `targets` must be classes
 of this model and one per query, and raw `inputs` need a server started with the task. Those requests get a
-422 that says so, which the tests in test_service.py check.
+422 that says so, which the tests in test_service.py check. Schema-valid deletes are left out too (each
+successful one re-runs the training-set stages): tests/test_service_updates.py covers `DELETE /examples/{id}`.
 """
 
 import shutil
@@ -28,6 +29,8 @@ OPERATIONS = [
     ("GET", "/health"),
     ("GET", "/examples"),
     ("GET", "/examples/{example_id}"),
+    ("POST", "/examples"),
+    ("DELETE", "/examples/{example_id}"),
     ("POST", "/explain"),
     ("GET", "/noise"),
     ("GET", "/dumps"),
@@ -72,6 +75,8 @@ def test_every_route_is_fuzzed(api_schema):
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
 @pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
 def test_no_5xx_and_every_response_matches_the_schema(api_schema, method, path, mode):
+    if (method, mode) == ("DELETE", GenerationMode.POSITIVE):
+        pytest.skip("a successful delete re-runs the training-set stages (seconds each, past the client timeout)")
     operation = api_schema[path][method]
 
     @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
