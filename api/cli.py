@@ -478,7 +478,12 @@ def serve(
     run: Annotated[Path, typer.Argument(help="run directory")],
     host: Annotated[str, typer.Option(help="bind address (an API key is required off loopback)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8000,
-    api_key: Annotated[str | None, typer.Option(help="required X-API-Key (or INFLUENCE_API_KEY)")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            help="required X-API-Key: one key, or name:key,name2:key2 (the name is stored with decisions); or INFLUENCE_API_KEY"
+        ),
+    ] = None,
     task: Annotated[
         str | None, typer.Option(help="TASK (file.py:function) of the run, to explain raw inputs in /explain")
     ] = None,

@@ -6,7 +6,9 @@
 of the label-noise job, most suspicious first, with buttons that post decisions; a second list from
 `GET /clean/harmful`: the examples that hurt the most test predictions, read from the latest finished dump
 job's per-training-example aggregates). The data routes sit behind
-the API key like every other; an optional `X-Reviewer` header names the person, stored with the decision.
+the API key like every other; the name of the key a request used (`api.keys`) is stored as the decision's
+reviewer. The optional `X-Reviewer` header names the person instead when the server has no key or only one
+unnamed key (named "default"); with named keys the key's name is stored, whatever the header says.
 Errors go through the app's handlers: unknown example 404, bad decision or label 422.
 """
 
@@ -18,11 +20,13 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Header, Query
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
 from store import AGGREGATE_COLUMNS, DECISIONS, MAX_REVIEWER, harmful_column, read_aggregates, write_decisions
+
+from .keys import DEFAULT_NAME
 
 ExampleId = Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
 Label = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
@@ -128,9 +132,11 @@ def add_decision_routes(
         dependencies=auth,
         responses=errors(404, 422),
     )
-    def decide(body: DecisionRequest, x_reviewer: str | None = reviewer_header) -> DecisionOut:
+    def decide(request: Request, body: DecisionRequest, x_reviewer: str | None = reviewer_header) -> DecisionOut:
+        name = getattr(request.state, "key_name", None)  # set by the API-key check
+        reviewer = x_reviewer if name in (None, DEFAULT_NAME) and x_reviewer else name
         with lock:
-            record = index.decide(body.example_id, body.decision, body.label, reviewer=x_reviewer)
+            record = index.decide(body.example_id, body.decision, body.label, reviewer=reviewer)
         return DecisionOut(**record.to_dict())
 
     @app.get("/decisions", response_model=list[DecisionOut], dependencies=auth, responses=errors(422))

@@ -20,11 +20,10 @@ are named by job ids checked against a pattern); SQL goes through SQLAlchemy's b
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import os
 import threading
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -46,6 +45,7 @@ from store import ConfigMismatchError, CorruptRunError, StoreError, UnknownExamp
 
 from .index import Index, open_index
 from .jobs import JOB_ID, DumpJobs, JobNotDoneError, NoiseNotRunError, UnknownJobError
+from .keys import check_keys, key_name, parse_keys
 from .routes_decisions import add_decision_routes
 from .routes_examples import add_example_routes
 from .scorers import METHODS
@@ -362,7 +362,7 @@ class ExplainBatcher:
 def create_app(
     run: str | Path,
     *,
-    api_key: str | None = None,
+    api_key: str | Mapping[str, str] | None = None,
     task: Any = None,
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
@@ -371,7 +371,9 @@ def create_app(
 
     Args:
         run: a built run directory.
-        api_key: required `X-API-Key` on data routes (default: `INFLUENCE_API_KEY`; none = open).
+        api_key: required `X-API-Key` on data routes: one key (named "default") or a mapping name -> key;
+            the name of the key a request used is stored as the reviewer of its decisions (default:
+            `INFLUENCE_API_KEY`, one key or `name:key,name2:key2`; none = open).
         task: the run's Task, to accept raw `inputs` in `/explain`.
         max_body_bytes: bodies over this size are refused with 413 before being read.
     """
@@ -380,7 +382,7 @@ def create_app(
     index: Index = open_index(run, task=task)
     lock = threading.Lock()
     batcher = ExplainBatcher(index, lock)
-    key = api_key or os.environ.get("INFLUENCE_API_KEY") or None
+    keys = check_keys(api_key) if api_key is not None else parse_keys(os.environ.get("INFLUENCE_API_KEY"))
     jobs = DumpJobs(index.paths.root, n_test=len(index.test_ids))
     jobs.start()
     ids = {"train": np.asarray(index.train_ids), "test": np.asarray(index.test_ids)}
@@ -422,9 +424,11 @@ def create_app(
     app.state.index, app.state.jobs = index, jobs
     header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required when the server has a key")
 
-    def check_key(x_api_key: str | None = Depends(header)) -> None:
-        if key is not None and (x_api_key is None or not hmac.compare_digest(x_api_key.encode(), key.encode())):
-            raise StarletteHTTPException(status_code=401, detail="missing or wrong X-API-Key header")
+    def check_key(request: Request, x_api_key: str | None = Depends(header)) -> None:
+        if keys is not None:
+            request.state.key_name = key_name(keys, x_api_key)  # stored as the reviewer of decisions
+            if request.state.key_name is None:
+                raise StarletteHTTPException(status_code=401, detail="missing or wrong X-API-Key header")
 
     auth = [Depends(check_key)]
 
@@ -483,7 +487,7 @@ def create_app(
             n_classes=index.n_classes,
             methods=list(METHODS),
             accepts_inputs=index.engine.task is not None,
-            key_required=key is not None,
+            key_required=keys is not None,
             limits=LimitsOut(
                 max_k=MAX_K, max_batch=MAX_BATCH, max_dump_queries=MAX_DUMP_QUERIES, max_body_bytes=max_body_bytes
             ),
@@ -598,9 +602,11 @@ def create_app(
     return app
 
 
-def check_bind(host: str, api_key: str | None) -> str | None:
-    """The API key to use (argument, else `INFLUENCE_API_KEY`); refuses a non-loopback host without one."""
-    key = api_key or os.environ.get("INFLUENCE_API_KEY") or None
+def check_bind(host: str, api_key: str | Mapping[str, str] | None) -> dict[str, str] | None:
+    """The API keys to use, name -> key (argument, else `INFLUENCE_API_KEY`; a str is one key or
+    `name:key,name2:key2`); refuses a non-loopback host without one."""
+    given = api_key or os.environ.get("INFLUENCE_API_KEY") or None
+    key = parse_keys(given) if isinstance(given, str) or given is None else check_keys(given)
     if not is_loopback(host) and not key:
         raise ValueError(f"host={host!r} is not loopback: set --api-key or INFLUENCE_API_KEY to serve on it")
     return key
@@ -611,7 +617,7 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    api_key: str | None = None,
+    api_key: str | Mapping[str, str] | None = None,
     task: Any = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     log_level: str = "info",

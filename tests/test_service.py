@@ -194,11 +194,12 @@ def test_non_loopback_bind_needs_a_key(digits_mlp_run, monkeypatch):
             check_bind(host, None)
         with pytest.raises(ValueError, match="INFLUENCE_API_KEY"):
             serve(digits_mlp_run, host=host)
-    assert check_bind("0.0.0.0", "k") == "k"
+    assert check_bind("0.0.0.0", "k") == {"default": "k"}
+    assert check_bind("0.0.0.0", "ann:a1,bob:b2") == {"ann": "a1", "bob": "b2"}  # the CLI's named keys
     for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
         assert check_bind(host, None) is None
     monkeypatch.setenv("INFLUENCE_API_KEY", "env-key")
-    assert check_bind("0.0.0.0", None) == "env-key"
+    assert check_bind("0.0.0.0", None) == {"default": "env-key"}
 
 
 def test_cli_serve_refuses_a_public_bind_without_a_key(digits_mlp_run, monkeypatch):

@@ -68,7 +68,7 @@ def test_http_decisions_round_trip_and_survive_a_restart(run):
     with TestClient(create_app(run, api_key=KEY)) as client:
         got = client.get("/decisions", headers=H).json()
         assert [(d["example_id"], d["decision"], d["label"], d["reviewer"]) for d in got] == [
-            (3, "keep", None, None),
+            (3, "keep", None, "default"),  # one unnamed key: its name, or X-Reviewer when given
             (4, "remove", None, "bob"),
         ]
         assert len(client.get("/decisions?history=true", headers=H).json()) == 3
@@ -81,6 +81,28 @@ def test_http_decisions_round_trip_and_survive_a_restart(run):
         assert pq.read_table(io.BytesIO(parquet.content)).to_pylist() == got
     with open_index(run) as index:
         assert [d.to_dict() for d in index.decisions()] == got
+
+
+def test_decisions_are_stored_under_the_name_of_the_key_used(run, monkeypatch):
+    keys = {"ann": "ann-key", "bob": "bob-key"}
+    with TestClient(create_app(run, api_key=keys)) as client:
+        for example_id, name in ((3, "ann"), (4, "bob"), (5, "ann")):
+            headers = {"X-API-Key": keys[name], "X-Reviewer": "someone-else"}  # the key's name wins
+            r = client.post("/decisions", json={"example_id": example_id, "decision": "keep"}, headers=headers)
+            assert r.status_code == 200 and r.json()["reviewer"] == name, r.text
+        wrong = {"X-API-Key": "ann-key-not"}
+        assert client.post("/decisions", json={"example_id": 6, "decision": "keep"}, headers=wrong).status_code == 401
+        assert client.get("/decisions", headers=wrong).status_code == 401
+        got = client.get("/decisions", headers={"X-API-Key": "bob-key"}).json()
+    assert [(d["example_id"], d["reviewer"]) for d in got] == [(3, "ann"), (4, "bob"), (5, "ann")]
+    monkeypatch.setenv("INFLUENCE_API_KEY", "carol:c-key,dan:d-key")  # the CLI / environment form
+    with TestClient(create_app(run)) as client:
+        r = client.post("/decisions", json={"example_id": 7, "decision": "remove"}, headers={"X-API-Key": "d-key"})
+        assert r.status_code == 200 and r.json()["reviewer"] == "dan"
+        assert client.get("/decisions", headers={"X-API-Key": "ann-key"}).status_code == 401
+    for bad in ({}, {"": "k"}, {"a": ""}, {"a": "k", "b": "k"}, {"x" * 65: "k"}, ""):
+        with pytest.raises(ValueError, match="api_key"):
+            create_app(run, api_key=bad)
 
 
 @pytest.mark.parametrize(
