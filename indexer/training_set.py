@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 import influence as inf
 from store import RunPaths, build_vector_index, load_array, save_array
+from store.arrays import remove_chunked_array
 
 from .context import BuildContext, ManifestPatch
 
@@ -81,6 +82,10 @@ def representer_stage(ctx: BuildContext) -> ManifestPatch:
     return ManifestPatch(spaces={"representer": space}, extra=extra, drop=("representer_stale",))
 
 
+#: rows of the dense curvature per resumable chunk (one vmapped block of curvature products)
+DENSE_CHUNK_ROWS = 256
+
+
 def curvature_stage(ctx: BuildContext) -> ManifestPatch:
     """Top eigenpairs of the head curvature (deflated LiSSA, automatic scale and damping); dense eigh for small
     heads.
@@ -88,6 +93,11 @@ def curvature_stage(ctx: BuildContext) -> ManifestPatch:
     The top Ritz value doubles as the top-eigenvalue estimate (no separate power iteration); with more training
     rows than `curvature_rows` the subspace iterations run on a seeded subsample and only the final Rayleigh-Ritz
     step on every row (`influence.compute_top_eigenpairs`).
+
+    Resumable in pieces like the per-example stages: the top eigenpairs are saved as soon as they are computed
+    (a resumed build reads them back), and the dense curvature of a small head is written in chunks of
+    `DENSE_CHUNK_ROWS` rows (`curvature_dense_rows`, removed once its eigendecomposition is saved), so a build
+    killed during the stage redoes at most one piece. A progress bar counts the pieces.
     """
     config, paths = ctx.config, ctx.paths
     h, y = ctx.split("train")
@@ -97,29 +107,56 @@ def curvature_stage(ctx: BuildContext) -> ManifestPatch:
     extra: dict[str, Any] = {}
     drop: tuple[str, ...] = ("curvature_stale", "curvature_subspace_rows")
     rank = min(config.deflation_rank, p - 1)
+    dense_chunks = -(-p // DENSE_CHUNK_ROWS) if p <= config.exact_max_params else 0
+    bar = tqdm(total=1 + dense_chunks + (dense_chunks > 0), desc="curvature", unit="piece", disable=not ctx.progress)
     deflation_eigenvalues = None
     if rank > 0:
-        subspace_matvec = None
         if len(h) > config.curvature_rows:
-            rows = np.sort(np.random.default_rng(0).choice(len(h), size=config.curvature_rows, replace=False))
-            subspace_matvec = ctx.head.matvec(h[rows], y[rows], l2=ctx.l2, curvature=config.curvature, batch_size=None)
             extra["curvature_subspace_rows"] = config.curvature_rows
             drop = ("curvature_stale",)
-        lam, vecs = inf.compute_top_eigenpairs(matvec, p, rank=rank, dtype=np.float64, subspace_matvec=subspace_matvec)
+        top_values, top_vectors = paths.array("curvature_top_eigenvalues"), paths.array("curvature_top_eigenvectors")
+        if not ctx.rerun and top_values.exists() and top_vectors.exists():  # a killed attempt of this build saved them
+            lam = np.asarray(load_array(top_values), np.float64)
+        else:
+            subspace_matvec = None
+            if len(h) > config.curvature_rows:
+                rows = np.sort(np.random.default_rng(0).choice(len(h), size=config.curvature_rows, replace=False))
+                subspace_matvec = ctx.head.matvec(
+                    h[rows], y[rows], l2=ctx.l2, curvature=config.curvature, batch_size=None
+                )
+            lam, vecs = inf.compute_top_eigenpairs(
+                matvec, p, rank=rank, dtype=np.float64, subspace_matvec=subspace_matvec
+            )
+            save_array(top_vectors, np.asarray(vecs, np.float32))
+            save_array(top_values, np.asarray(lam, np.float64))
         deflation_eigenvalues = np.asarray(lam, np.float64)
-        save_array(paths.array("curvature_top_eigenvalues"), deflation_eigenvalues)
-        save_array(paths.array("curvature_top_eigenvectors"), np.asarray(vecs, np.float32))
         extra |= {"top_eigenvalue": float(lam[0]), "deflation_rank": rank}
     else:
         extra["top_eigenvalue"] = float(inf.estimate_top_eigenvalue(matvec, p, dtype=h.dtype))
-    if p <= config.exact_max_params:
-        dense = inf.compute_dense_curvature(matvec, p, dtype=np.float64)
-        solver = inf.EigenSolver.from_dense(np.asarray(dense, np.float64))
+    bar.update(1)
+    if dense_chunks:
+        rows_array = ctx.chunked(
+            paths.array("curvature_dense_rows"), shape=(p, p), dtype=np.float64, chunk_rows=DENSE_CHUNK_ROWS
+        )
+        bar.update(dense_chunks - len(rows_array.missing_chunks()))
+        for chunk in rows_array.missing_chunks():
+            sl = rows_array.chunk_slice(chunk)
+            block = inf.dense_curvature_rows(
+                matvec, p, sl.start, sl.stop, dtype=np.float64, block_size=min(DENSE_CHUNK_ROWS, p)
+            )
+            rows_array.write_chunk(chunk, block)
+            bar.update(1)
+        out = np.asarray(rows_array.array(), np.float64)
+        solver = inf.EigenSolver.from_dense(0.5 * (out + out.T))
         eigenvalues, eigenvectors = solver.to_arrays()
         save_array(paths.array("curvature_eigenvalues"), np.asarray(eigenvalues, np.float64))
         save_array(paths.array("curvature_eigenvectors"), np.asarray(eigenvectors, np.float64))
+        if not ctx.rerun:
+            remove_chunked_array(paths.array("curvature_dense_rows"))
         extra["min_eigenvalue"] = float(solver.min_eigenvalue)
         extra["top_eigenvalue_exact"] = float(solver.top_eigenvalue)
+        bar.update(1)
+    bar.close()
     # the one damping rule (influence.compute_damping), computed once here and read by every solver of the run
     extra["damping"] = inf.compute_damping(
         inf.reference_eigenvalue(extra["top_eigenvalue"], deflation_eigenvalues), ctx.l2

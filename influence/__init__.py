@@ -37,6 +37,7 @@ from influence.head_ops import Head  # noqa: E402
 from influence.hvp import (  # noqa: E402
     MatVec,
     compute_dense_curvature,
+    dense_curvature_rows,
     make_head_matvec,
     make_hvp,
     resolve_batch_size,
@@ -129,6 +130,7 @@ __all__ = [
     "compute_top_eigenpairs",
     "cross_entropy",
     "deflation_power",
+    "dense_curvature_rows",
     "eigenpair_residuals",
     "estimate_top_eigenvalue",
     "fit_kronecker_curvature",

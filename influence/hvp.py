@@ -214,6 +214,20 @@ def make_head_matvec(
     return Partial(fn_chunked, theta, h_dev, y_dev, m_dev, n_dev, l2_arr)
 
 
+def dense_curvature_rows(
+    matvec: MatVec, p: int, start: int, stop: int, *, dtype: DTypeLike, block_size: int = 256
+) -> np.ndarray:
+    """Rows ``start:stop`` of the matrix of a symmetric matvec (columns C e_j, j in start:stop, as rows), not
+    symmetrised: one vmapped call on a block of the identity padded to ``block_size`` rows, so that every block
+    of a build reuses one compilation (`compute_dense_curvature` in resumable pieces)."""
+    if not 0 <= start < stop <= p or stop - start > block_size:
+        raise ValueError(f"rows: need 0 <= start < stop <= p={p} and at most {block_size} rows, got {start}:{stop}")
+    # No outer jit: vmap of a jitted matvec reuses its compilation cache across matvecs and calls.
+    basis = np.zeros((min(block_size, p), p), dtype=dtype)
+    basis[np.arange(stop - start), np.arange(start, stop)] = 1.0
+    return np.asarray(jax.vmap(matvec)(jnp.asarray(basis)))[: stop - start]
+
+
 def compute_dense_curvature(matvec: MatVec, p: int, *, dtype: DTypeLike, block_size: int = 256) -> np.ndarray:
     """Materialises the matrix of a symmetric matvec, C = [C e_1, ..., C e_p], symmetrised as (C + C^T)/2.
 
@@ -234,12 +248,8 @@ def compute_dense_curvature(matvec: MatVec, p: int, *, dtype: DTypeLike, block_s
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     block = min(block_size, p)
-    # No outer jit: vmap of a jitted matvec reuses its compilation cache across matvecs and calls.
-    batched = jax.vmap(matvec)
     out = np.empty((p, p), dtype=dtype)
     for start in range(0, p, block):
         stop = min(start + block, p)
-        basis = np.zeros((block, p), dtype=dtype)
-        basis[np.arange(stop - start), np.arange(start, stop)] = 1.0
-        out[start:stop] = np.asarray(batched(jnp.asarray(basis)))[: stop - start]
+        out[start:stop] = dense_curvature_rows(matvec, p, start, stop, dtype=dtype, block_size=block)
     return 0.5 * (out + out.T)

@@ -297,3 +297,11 @@ def replace_array(path: str | os.PathLike[str], arr: np.ndarray) -> None:
         atomic_write_json(
             meta_file, {"shape": list(a.shape), "dtype": a.dtype.str, "chunk_rows": chunk_rows, "n_chunks": n_chunks}
         )
+
+
+def remove_chunked_array(path: str | os.PathLike[str]) -> None:
+    """Removes a `ChunkedArray`'s files (data, done mask, metadata; metadata first, so that a crash in between
+    leaves an array that reopens as new), when they exist."""
+    p = Path(path)
+    for f in (_meta_path(p), _done_path(p), p):
+        f.unlink(missing_ok=True)

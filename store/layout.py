@@ -67,6 +67,11 @@ ARRAYS: dict[str, Artifact] = _catalogue(
     Artifact("curvature_top_eigenvectors", "curvature", "their eigenvectors [p, r]"),
     Artifact("curvature_eigenvalues", "curvature", "every eigenvalue of C + l2 I (small heads) [p] float64"),
     Artifact("curvature_eigenvectors", "curvature", "every eigenvector of C + l2 I (small heads) [p, p] float64"),
+    Artifact(
+        "curvature_dense_rows",
+        "curvature",
+        "rows of C + l2 I written in resumable chunks while the stage runs, removed when it ends [p, p] float64",
+    ),
     Artifact("whitened_vectors", "whitened", "projected whitened head gradients P M^-1/2 g_i [n_train, d] float32"),
     Artifact("kronecker_bases", "kronecker", "K-FAC eigenbases Q_A [k, k], Q_G [out, out] per linear layer, raveled"),
     Artifact("kfac_eigenvalues", "kronecker", "K-FAC eigenvalues lambda_G lambda_A^T per block, raveled [p] float64"),

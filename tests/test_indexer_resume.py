@@ -124,3 +124,55 @@ def test_kill_9_then_resume(tmp_path, reference):
     assert [[p["example_id"] for p in e["proponents"]] for e in got] == [
         [p["example_id"] for p in e["proponents"]] for e in ref
     ]
+
+
+def test_a_kill_during_the_curvature_stage_resumes_its_chunks_to_the_same_arrays(
+    tmp_path, monkeypatch, digits_mlp_task
+):
+    """The dense curvature (2,410 parameters: 10 chunks) is written in chunks and the top eigenpairs are saved
+    first: a build killed after 4 chunks recomputes neither them nor those chunks, and ends with the arrays of an
+    uninterrupted build."""
+    import influence as inf
+    from store import ChunkedArray
+
+    config = IndexConfig(deflation_rank=16, damping_subsets=0)
+    reference = tmp_path / "reference"
+    build_index(digits_mlp_task, reference, config=config, progress=False).close()
+
+    original = ChunkedArray.write_chunk
+    dense = {"n": 0}
+
+    def killed_after_four(self, i, data):
+        if self.path.name == "curvature_dense_rows.npy":
+            dense["n"] += 1
+            if dense["n"] == 5:
+                raise KeyboardInterrupt("simulated kill")
+        return original(self, i, data)
+
+    monkeypatch.setattr(ChunkedArray, "write_chunk", killed_after_four)
+    path = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        build_index(digits_mlp_task, path, config=config, progress=False)
+    assert "curvature" not in load_manifest(path).stages
+    monkeypatch.setattr(ChunkedArray, "write_chunk", original)
+
+    computed = []
+    rows = inf.dense_curvature_rows
+
+    def counting(*args, **kwargs):
+        computed.append(args[2])
+        return rows(*args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the saved top eigenpairs were recomputed")
+
+    monkeypatch.setattr(inf, "dense_curvature_rows", counting)
+    monkeypatch.setattr(inf, "compute_top_eigenpairs", refuse)
+    build_index(digits_mlp_task, path, config=config, progress=False).close()
+    assert computed == [256 * c for c in range(4, 10)]  # only the chunks the killed attempt had not written
+    for name in ("curvature_top_eigenvalues", "curvature_eigenvalues", "curvature_eigenvectors"):
+        np.testing.assert_array_equal(
+            np.load(path / "arrays" / f"{name}.npy"), np.load(reference / "arrays" / f"{name}.npy")
+        )
+    assert not list((path / "arrays").glob("curvature_dense_rows*"))
+    assert load_manifest(path).extra["damping"] == load_manifest(reference).extra["damping"]
