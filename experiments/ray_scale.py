@@ -93,7 +93,7 @@ def make_task(n_train: int, n_test: int):
     )
 
 
-def run_mode(task: Any, workers: int | None, queries: int) -> dict[str, Any]:
+def run_mode(task: Any, workers: int | None, queries: int, config: Any) -> dict[str, Any]:
     from api import build_index
     from api.ray_cluster import start_local
 
@@ -108,9 +108,10 @@ def run_mode(task: Any, workers: int | None, queries: int) -> dict[str, Any]:
             rec["ray_start_seconds"] = time.perf_counter() - t0
         ray = "auto" if workers else None
         t0 = time.perf_counter()
-        index = build_index(task, out, progress=False, ray=ray)
+        index = build_index(task, out, config=config, progress=False, ray=ray)
         rec["build_seconds"] = time.perf_counter() - t0
         rec["stages"] = index.manifest.stages
+        rec["run_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         t0 = time.perf_counter()
         index.dump(
             WORK / f"dump_{workers or 0}.parquet",
@@ -157,6 +158,9 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=60_000)
     ap.add_argument("--queries", type=int, default=10_000)
     ap.add_argument("--workers", type=int, nargs="*", default=[1, 2])
+    ap.add_argument(
+        "--damping-subsets", type=int, default=16, help="IndexConfig.damping_subsets (0: no calibration refits)"
+    )
     ap.add_argument("--out", type=Path, default=Path("experiments/results/ray_scale.json"))
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -168,8 +172,12 @@ def main() -> None:
         "load_average_start": os.getloadavg(),
         "modes": [],
     }
+    from indexer import IndexConfig
+
+    config = IndexConfig(damping_subsets=args.damping_subsets)
+    res["damping_subsets"] = args.damping_subsets
     for workers in [None, *args.workers]:
-        res["modes"].append(run_mode(task, workers, args.queries))
+        res["modes"].append(run_mode(task, workers, args.queries, config))
     base = res["modes"][0]
     for m in res["modes"][1:]:
         for job in ("build", "dump"):
