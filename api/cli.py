@@ -509,20 +509,28 @@ def add(
         typer.Option("--keep-curvature", help="keep the stored curvature (noted as stale) instead of recomputing it"),
     ] = False,
 ) -> None:
-    """Add the TASK's training examples that the run does not hold yet (by content; deleted ones stay deleted)."""
+    """Add the TASK's training examples whose ids the run neither stores nor has deleted (as POST /examples)."""
+    import numpy as np
     from torch.utils.data import Subset
 
-    from indexer.additions import new_train_positions
+    from api import open_index
+    from api.routes_examples import pending_train_examples
     from indexer.update import add_examples
 
     loaded = load_task(task)
-    positions = new_train_positions(loaded, run)
-    if not positions:
-        typer.echo(f"nothing to add: {run} holds every training example of {task}")
+    with open_index(run) as idx:
+        positions, new_ids = pending_train_examples(loaded, np.asarray(idx.train_ids), idx.metadata.tombstones("train"))
+    if len(positions) == 0:
+        typer.echo(f"nothing to add: {run} holds (or has deleted) every training example of {task}")
         return
     typer.echo(f"adding {len(positions)} training examples of {task} to {run}")
     report = add_examples(
-        loaded, run, Subset(loaded.train, positions), refresh_curvature=not keep_curvature, progress=True
+        loaded,
+        run,
+        Subset(loaded.train, positions.tolist()),
+        ids=new_ids,
+        refresh_curvature=not keep_curvature,
+        progress=True,
     )
     typer.echo(update_line(report))
 
