@@ -17,7 +17,8 @@ class IndexConfig:
         project_above: gradients are randomly projected when the head has more parameters than this.
         projection_dim: dimension of the projected gradient space.
         projection_seed: seed of the Gaussian projection.
-        layer_projection_dim: scope="model": when the scope has more than `project_above` parameters, each side
+        layer_projection_dim: scope="model": when the scope has more than min(`project_above`, `exact_max_params`)
+            parameters (its curvature is a dense [d, d] matrix), each side
             (inputs, output gradients) of each layer larger than this is projected to this many dimensions
             (LoGra, `indexer.logra`), so a layer's vector has at most this squared entries.
         exact_max_params: heads up to this many parameters get a dense eigendecomposition (method "exact").

@@ -22,8 +22,8 @@ from store import load_manifest
 
 L2 = 1e-2
 N_TRAIN, N_TEST = 48, 6
-OFF = IndexConfig(exact_max_params=0, damping_subsets=0)
-ON = IndexConfig(exact_max_params=0, damping_subsets=0, project_above=100, layer_projection_dim=4)
+OFF = IndexConfig(damping_subsets=0)
+ON = IndexConfig(damping_subsets=0, project_above=100, layer_projection_dim=4)
 
 
 def tiny_cnn() -> nn.Module:
@@ -163,7 +163,7 @@ def test_layer_table_per_example_gradients_for_embedding_conv1d_and_norms():
 def test_batch_size_and_chunking_do_not_change_the_run(runs, tmp_path):
     other = make_task(batch_size=5)
     path = tmp_path / "small-batches"
-    config = IndexConfig(exact_max_params=0, damping_subsets=0, project_above=100, layer_projection_dim=4, chunk_rows=7)
+    config = IndexConfig(damping_subsets=0, project_above=100, layer_projection_dim=4, chunk_rows=7)
     build_index(other, path, config=config, progress=False).close()
     with open_index(path) as a, open_index(runs["on"]) as b:
         for name in ("model_train_vectors", "model_test_vectors", "model_curvature"):

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.slow
 
 L2 = 1e-2
 CONFIGS = {
-    "off": IndexConfig(exact_max_params=0, damping_subsets=0, project_above=10**6),
-    "on": IndexConfig(exact_max_params=0, damping_subsets=0, project_above=100, layer_projection_dim=3),
+    "off": IndexConfig(damping_subsets=0, project_above=10**6),
+    "on": IndexConfig(damping_subsets=0, project_above=100, layer_projection_dim=3),
 }
 
 
