@@ -147,6 +147,12 @@ class Index(Decisions):
         q, _ = scorer.query_vectors(self.engine.prepare(test_ids, None, targets))
         return q @ scorer.train_vectors(slice(None)).T
 
+    def example_influence(self, example_id: int, *, k: int = 5, method: str = "lissa") -> Any:
+        """The stored test predictions a training example supports / opposes most (`api.support`)."""
+        from .support import example_influence
+
+        return example_influence(self, example_id, k=k, method=method)
+
     def find_label_noise(self, **kwargs: Any) -> list[Suspect]:
         """Every training example ranked by how likely its label is wrong, most suspicious first.
 

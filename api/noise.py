@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 import influence as inf
 from influence import noise as nz
-from store import OpenedRun, atomic_write_json, load_array, save_array
+from store import OpenedRun, atomic_write_json, load_array, save_array, save_noise_signals
 
 from .methods import NOISE_METHODS, SIGNALS
 from .ray_cluster import ray_session
@@ -407,7 +407,8 @@ def find_label_noise(
     """Every training example ranked by how likely its label is wrong, most suspicious first.
 
     Also writes every example's score and suggested label to the run's SQLite (``suspect_score``,
-    ``suggested_label``; read back with ``index.metadata.top_suspects``), in the same order (through `store`).
+    ``suggested_label``; read back with ``index.metadata.top_suspects``) and its signals (``noise_signals``;
+    read back with ``store.load_noise_signals``), in the same order (through `store`).
 
     Args:
         engine: the opened run's engine (`Index.engine`).
@@ -458,6 +459,7 @@ def _find_label_noise(
     )
     score = np.asarray(result.score(method), np.float64)
     run.metadata.set_suspects(result.ids, score, result.suggested)
+    save_noise_signals(run.metadata, result.ids, result.signals)  # the signals behind each rank, for GET /noise
     order = nz.rank_order(score, result.ids)[:top]
     records = run.metadata.get("train", [int(v) for v in result.ids[order]])
     return [

@@ -41,7 +41,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from store import ConfigMismatchError, CorruptRunError, StoreError, UnknownExampleError
+from store import ConfigMismatchError, CorruptRunError, StoreError, UnknownExampleError, load_noise_signals
 
 from .index import Index, open_index
 from .jobs import JOB_ID, DumpJobs, JobNotDoneError, NoiseNotRunError, UnknownJobError
@@ -136,6 +136,21 @@ class ExplanationOut(BaseModel):
     diagnostics: dict[str, float] | None = None
 
 
+class AffectedOut(BaseModel):
+    test_id: int
+    score: float = Field(description="the training example's score on this query: > 0 supports, < 0 opposes")
+    prediction: int
+    label: int | None
+    preview: str
+
+
+class ExampleInfluenceOut(BaseModel):
+    example_id: int
+    method: str
+    supports: list[AffectedOut] = Field(description="the test predictions it supports most, highest score first")
+    opposes: list[AffectedOut] = Field(description="the test predictions it opposes most, lowest score first")
+
+
 class ExampleOut(BaseModel):
     split: str
     example_id: int
@@ -164,6 +179,10 @@ class SuspectOut(BaseModel):
     preview: str
     suspect_score: float | None
     suggested_label: int | None
+    signals: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="the label-noise job's signals behind the rank, name -> value ({} if none stored)",
+    )
 
 
 class LimitsOut(BaseModel):
@@ -514,6 +533,21 @@ def create_app(
             [record] = index.metadata.get(split, [example_id])
         return ExampleOut(**record.to_dict())
 
+    @app.get(
+        "/examples/{example_id}/influence",
+        response_model=ExampleInfluenceOut,
+        dependencies=auth,
+        responses=errors(404, 422),
+    )
+    def example_influence(
+        example_id: Annotated[int, PathParam(**INT64)],
+        k: int = Query(5, ge=1, le=MAX_K),
+        method: MethodName = "lissa",
+    ) -> dict[str, Any]:
+        """The stored test predictions a training example supports most and opposes most (`api.support`)."""
+        with lock:
+            return index.example_influence(example_id, k=k, method=method).to_dict()
+
     @app.post("/explain", response_model=list[ExplanationOut], dependencies=auth, responses=errors(404, 409, 422))
     def explain(body: ExplainRequest) -> list[dict[str, Any]]:
         n = len(body.test_ids or body.inputs or ())
@@ -540,12 +574,17 @@ def create_app(
         would read as "no suspects")."""
         with lock:
             records = index.metadata.top_suspects(limit, offset)
+            signals = load_noise_signals(index.metadata, [r.example_id for r in records])
             if not records and (offset == 0 or not index.metadata.top_suspects(1, 0)):
                 raise NoiseNotRunError(
                     f"the label-noise job has not run on {index.paths.root.name}: run `influence noise "
                     f"{index.paths.root}` (or Index.find_label_noise()) first"
                 )
-        return [SuspectOut(**{k: v for k, v in r.to_dict().items() if k in SuspectOut.model_fields}) for r in records]
+        fields = set(SuspectOut.model_fields) - {"signals"}
+        return [
+            SuspectOut(**{k: v for k, v in r.to_dict().items() if k in fields}, signals=signals[r.example_id])
+            for r in records
+        ]
 
     def job_out(rec: Any) -> DumpJobOut:
         return DumpJobOut(

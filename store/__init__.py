@@ -47,6 +47,7 @@ from store.metadata import ExampleRecord, MetadataStore
 from store.opened import OpenedRun, Split, head_tensors, params_from_tensors
 from store.run import content_hash, remove_run, verify_run
 from store.shards import ShardFiles
+from store.signals import load_noise_signals, save_noise_signals
 from store.vectors import (
     FaissVectorIndex,
     Hits,
@@ -104,6 +105,7 @@ __all__ = [
     "load_decisions",
     "load_dump_jobs",
     "load_manifest",
+    "load_noise_signals",
     "load_tensors",
     "new_accumulators",
     "params_from_tensors",
@@ -116,6 +118,7 @@ __all__ = [
     "save_dump_job",
     "save_figure",
     "save_manifest",
+    "save_noise_signals",
     "save_tensors",
     "search_both_signs",
     "verify_run",

@@ -185,3 +185,17 @@ def test_an_empty_export_has_the_columns(meta, tmp_path):
     table = pq.read_table(save_decisions_table([], tmp_path / "d.parquet"))
     assert table.num_rows == 0 and table.column_names == ["example_id", "decision", "label", "decided_at", "reviewer"]
     assert np.asarray(table.column("example_id")).dtype == np.int64
+
+
+def test_noise_signals_round_trip_replace_and_refuse_bad_lengths(meta):
+    from store import load_noise_signals, save_noise_signals
+
+    assert load_noise_signals(meta, [0, 1]) == {0: {}, 1: {}}  # no job yet: no table, no error
+    save_noise_signals(meta, [0, 1, 2], {"loss": [0.5, float("nan"), 2.0], "margin": np.array([1, 2, 3])})
+    got = load_noise_signals(meta, [2, 0, 1])
+    assert got == {2: {"loss": 2.0, "margin": 3.0}, 0: {"loss": 0.5, "margin": 1.0}, 1: {"loss": None, "margin": 2.0}}
+    save_noise_signals(meta, [1], {"loss": [7.0]})  # a new job replaces the old signals
+    assert load_noise_signals(meta, [0, 1]) == {0: {}, 1: {"loss": 7.0}}
+    with pytest.raises(ValueError, match="'loss' has 1 values for 2 ids"):
+        save_noise_signals(meta, [0, 1], {"loss": [1.0]})
+    assert load_noise_signals(meta, [1]) == {1: {"loss": 7.0}}

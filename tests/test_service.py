@@ -264,19 +264,34 @@ def test_concurrent_explains_are_batched_and_answer_as_alone(digits_mlp_run):
 
 
 def test_noise_says_when_the_job_has_not_run(digits_mlp_run, tmp_path):
-    """`GET /noise` before the label-noise job: 409 saying so (it used to be `[]`, the same as "no suspects")."""
+    """`GET /noise` before the label-noise job: 409 saying so (it used to be `[]`, the same as "no suspects");
+    after it, each suspect with the signals behind its rank ({} for a run whose job stored none)."""
     import shutil
+
+    import sqlalchemy as sa
+
+    from store import load_noise_signals
 
     run = tmp_path / "run"
     shutil.copytree(digits_mlp_run, run, ignore=shutil.ignore_patterns("dumps"))
     with TestClient(create_app(run)) as c:
         assert_error(c.get("/noise"), 409, "NoiseNotRunError", "has not run", "influence noise")
         assert_error(c.get("/noise?offset=5"), 409, "has not run")
-        c.app.state.index.find_label_noise(method="loss", progress=False)
+        suspects = c.app.state.index.find_label_noise(method="loss", progress=False, top=5)
         got = c.get("/noise?limit=5")
         assert got.status_code == 200, got.text
         scores = [s["suspect_score"] for s in got.json()]
         assert len(scores) == 5 and scores == sorted(scores, reverse=True)
+        # the signals behind each rank, stored with the job's result: the same as the Python suspects'
+        assert [s["example_id"] for s in got.json()] == [s.example_id for s in suspects]
+        for item, suspect in zip(got.json(), suspects, strict=True):
+            assert set(item["signals"]) == set(suspect.signals) and "loss" in item["signals"]
+            np.testing.assert_allclose([item["signals"][k] for k in suspect.signals], list(suspect.signals.values()))
+        with c.app.state.index.metadata.session_scope() as session:  # a run whose job ran before signals existed
+            session.execute(sa.text("DROP TABLE noise_signals"))
+        old = c.get("/noise?limit=5")
+        assert old.status_code == 200 and [s["signals"] for s in old.json()] == [{}] * 5
+        assert load_noise_signals(c.app.state.index.metadata, [suspects[0].example_id]) == {suspects[0].example_id: {}}
         past_the_end = c.get("/noise", params={"offset": len(c.app.state.index.train_ids)})
         assert past_the_end.status_code == 200 and past_the_end.json() == []
 

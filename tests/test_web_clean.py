@@ -19,6 +19,7 @@ import pytest
 
 from api import open_index
 from api.service import create_app
+from store import load_noise_signals
 
 pytestmark = pytest.mark.slow
 
@@ -97,12 +98,15 @@ def test_a_reviewer_relabels_two_removes_one_reloads_and_exports_exactly_those(b
     with open_index(run) as index:
         top = index.metadata.top_suspects(24)
         n_classes = index.n_classes
+        signals = load_noise_signals(index.metadata, [r.example_id for r in top])
     cards = page.query_selector_all("#suspects .card")
     assert [int(c.get_attribute("data-example-id")) for c in cards] == [r.example_id for r in top]
     for card, record in zip(cards, top, strict=True):  # preview, label, suggested label on each
         assert card.query_selector("canvas") is not None
         assert f"label {record.label}" in card.inner_text()
         assert card.query_selector(".suggested").inner_text() == str(record.suggested_label)
+        shown_signals = card.query_selector(".signals").inner_text()  # the signals behind the rank
+        assert signals[record.example_id] and all(f"· {name} " in shown_signals for name in signals[record.example_id])
     assert all(d is None for _, d, _ in shown(page))
 
     page.fill("#reviewer", "ann")

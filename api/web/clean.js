@@ -123,8 +123,42 @@ function suspectCard(s, rank, signals) {
   const status = document.createElement("div");
   status.className = "decision";
   div.appendChild(status);
+  div.appendChild(influenceDetails(s.example_id));
   showDecision(div, state.decisions.get(s.example_id));
   return div;
+}
+
+// The test predictions the example supports / opposes most: GET /examples/{id}/influence, loaded lazily when
+// the reviewer opens the card's "test predictions" (one scoring per card, kept once loaded).
+function influenceDetails(exampleId) {
+  const details = document.createElement("details");
+  details.className = "influence";
+  const summary = document.createElement("summary");
+  summary.textContent = "test predictions";
+  details.appendChild(summary);
+  const body = document.createElement("div");
+  body.className = "muted";
+  details.appendChild(body);
+  details.addEventListener("toggle", async () => {
+    if (!details.open || details.dataset.loaded) return;
+    details.dataset.loaded = "loading";
+    body.textContent = "scoring…";
+    try {
+      const r = await call(`/examples/${exampleId}/influence?k=5`);
+      const rows = (title, items) => {
+        const block = document.createElement("div");
+        block.className = title;
+        block.textContent = `${title}: ` + (items.length ? items.map((a) => `#${a.test_id} (pred ${a.prediction}, label ${a.label ?? "–"}, ${Number(a.score).toPrecision(3)})`).join(" · ") : "none");
+        return block;
+      };
+      body.replaceChildren(rows("supports", r.supports), rows("opposes", r.opposes));
+      details.dataset.loaded = "done";
+    } catch (e) {
+      body.textContent = String(e.message || e);
+      delete details.dataset.loaded;
+    }
+  });
+  return details;
 }
 
 // GET /noise answers 409 NoiseNotRunError until the label-noise job has run: the page then shows no suspects.
@@ -144,7 +178,9 @@ async function loadPage() {
   ]);
   state.decisions = new Map(decisions.map((d) => [d.example_id, d]));
   const box = $("suspects");
-  const signals = (s) => `score ${Number(s.suspect_score).toPrecision(3)} · pred ${s.prediction} · loss ${Number(s.loss).toPrecision(3)}`;
+  // the job's score, then the signals behind the rank (GET /noise stores them per example; {} for older runs)
+  const stored = (s) => Object.entries(s.signals || {}).map(([k, v]) => ` · ${k} ${v === null ? "–" : Number(v).toPrecision(3)}`).join("");
+  const signals = (s) => `score ${Number(s.suspect_score).toPrecision(3)} · pred ${s.prediction} · loss ${Number(s.loss).toPrecision(3)}${stored(s)}`;
   box.replaceChildren(...suspects.map((s, i) => suspectCard(s, state.offset + i + 1, signals(s))));
   $("empty").hidden = suspects.length > 0;
   $("empty").textContent = state.offset > 0 ? "no more suspects" : "no suspects yet: run the label-noise job first (`influence noise RUN`)";
