@@ -94,9 +94,9 @@ def add_example_routes(
     @app.post("/examples", response_model=UpdateOut, dependencies=auth, responses=errors(409, 422))
     def add(body: AddRequest | None = None) -> UpdateOut:
         """Adds the served Task's training examples that the run does not hold (needs `serve --task`)."""
+        from indexer.additions import new_train_positions
         from torch.utils.data import Subset
 
-        from indexer.additions import new_train_positions
         from indexer.update import add_examples
 
         task = index.engine.task
