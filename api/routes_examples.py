@@ -1,9 +1,8 @@
 """HTTP incremental updates: `POST /examples` and `DELETE /examples/{example_id}` (behind the API key).
 
 - `POST /examples` (a run served with `--task`): adds the Task's training examples that the run does not hold,
-  by content, as `influence add RUN TASK` does (`indexer.additions.new_train_positions`: examples deleted since
-  the build stay deleted); they get new ids after every id ever used. Body (optional):
-  `{"refresh_curvature": true}`.
+  i.e. whose ids (`Task.train_ids`, default: positions in the train dataset) are neither stored nor deleted
+  (tombstoned ids are never re-added). Body (optional): `{"refresh_curvature": true}`.
 - `DELETE /examples/{example_id}?refresh_curvature=true`: deletes one training example; its id is tombstoned.
 
 Both run `indexer.update.add_examples` / `delete_examples`, so they carry the same guarantees: every input is
@@ -55,6 +54,14 @@ class UpdateOut(BaseModel):
     stale: list[str]
 
 
+def pending_train_examples(task: Any, stored: np.ndarray, retired: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions in `task.train`, their ids) of the Task's training examples that are neither stored nor
+    tombstoned in the run."""
+    task_ids = np.asarray(task.ids("train"), np.int64)
+    positions = np.flatnonzero(~np.isin(task_ids, np.concatenate([stored, retired])))
+    return positions, task_ids[positions]
+
+
 def add_example_routes(
     app: FastAPI,
     index: Any,
@@ -94,7 +101,6 @@ def add_example_routes(
     @app.post("/examples", response_model=UpdateOut, dependencies=auth, responses=errors(409, 422))
     def add(body: AddRequest | None = None) -> UpdateOut:
         """Adds the served Task's training examples that the run does not hold (needs `serve --task`)."""
-        from indexer.additions import new_train_positions
         from torch.utils.data import Subset
 
         from indexer.update import add_examples
@@ -105,8 +111,10 @@ def add_example_routes(
         options = body or AddRequest()
         with lock:
             not_busy()
-            positions = new_train_positions(task, index.paths.root)
-            if not positions:
+            positions, new_ids = pending_train_examples(
+                task, np.asarray(index.train_ids), index.metadata.tombstones("train")
+            )
+            if len(positions) == 0:
                 raise ValueError(
                     f"the task's train set ({len(task.train)} examples) has none that the run does not hold "
                     "(stored or deleted)"
@@ -115,7 +123,8 @@ def add_example_routes(
                 rep = add_examples(
                     task,
                     index.paths.root,
-                    Subset(task.train, positions),
+                    Subset(task.train, positions.tolist()),
+                    ids=new_ids,
                     refresh_curvature=options.refresh_curvature,
                 )
             finally:
