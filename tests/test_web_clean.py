@@ -108,6 +108,14 @@ def test_a_reviewer_relabels_two_removes_one_reloads_and_exports_exactly_those(b
         shown_signals = card.query_selector(".signals").inner_text()  # the signals behind the rank
         assert signals[record.example_id] and all(f"· {name} " in shown_signals for name in signals[record.example_id])
     assert all(d is None for _, d, _ in shown(page))
+    # the test predictions the first suspect supports / opposes: loaded when its card's details are opened
+    assert cards[0].query_selector(".influence .supports") is None
+    cards[0].query_selector(".influence summary").click()
+    page.wait_for_selector("#suspects .card >> nth=0 >> .influence[data-loaded=done]")
+    with open_index(run) as index:
+        want = index.example_influence(top[0].example_id, k=5)
+    supports = cards[0].query_selector(".influence .supports").inner_text()
+    assert all(f"#{a.test_id} " in supports for a in want.supports), (supports, want)
 
     page.fill("#reviewer", "ann")
     page.dispatch_event("#reviewer", "change")
