@@ -31,6 +31,7 @@ OPERATIONS = [
     ("GET", "/examples/{example_id}"),
     ("POST", "/examples"),
     ("DELETE", "/examples/{example_id}"),
+    ("GET", "/examples/{example_id}/influence"),
     ("POST", "/explain"),
     ("GET", "/noise"),
     ("GET", "/dumps"),
