@@ -138,7 +138,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "curvature",
         reads=("train_features", "train_labels"),
-        writes=CURVATURE_ARRAYS,
+        writes=(*CURVATURE_ARRAYS, "curvature_dense_rows"),  # the last one: scratch chunks, removed at the end
         per_example=False,
         run=curvature_stage,
     ),
