@@ -81,11 +81,11 @@ def load_task(spec: str):
 
 
 def render_preview(preview: str) -> list[str]:
-    """An image preview ('row/row/...') as lines; any other preview as one line."""
-    rows = preview.split("/")
-    if len(rows) >= 4 and len({len(r) for r in rows}) == 1:
-        return rows
-    return [preview[:60]]
+    """An image preview (a PNG thumbnail or 'row/row/...' of shades) as rows of shade characters; text as one line."""
+    from api.previews import preview_pixels, shade_rows
+
+    pixels = preview_pixels(preview)
+    return shade_rows(pixels) if pixels is not None else [preview[:60]]
 
 
 def format_explanation(exp, *, images: bool = True, for_label: bool = False) -> str:
@@ -190,11 +190,12 @@ def save_grid(index, explanations, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from indexer.demo import SHADES
+    from api.previews import preview_pixels
     from store import save_figure
 
     def image(preview: str) -> np.ndarray:
-        return np.array([[SHADES.index(c) for c in row] for row in preview.split("/")], float)
+        pixels = preview_pixels(preview)
+        return pixels if pixels is not None else np.zeros((8, 8))
 
     if not explanations:
         return
@@ -335,6 +336,7 @@ def noise(
     """Rank training examples by how likely their label is wrong (most suspicious first)."""
     from api import open_index
     from api.noise import plot_suspects
+    from api.previews import preview_pixels
 
     wrong: set[int] | None = None
     if known_wrong is not None:
@@ -352,7 +354,7 @@ def noise(
         typer.echo(f"wrote {plot_suspects(suspects, png, wrong)}")
     typer.echo(f"{'rank':>4} {'example_id':>10} {'score':>10} {'label':>5} {'suggested':>9}  preview")
     for rank, s in enumerate(suspects[:top], 1):
-        preview = s.preview if "/" not in s.preview else "(image)"
+        preview = s.preview if preview_pixels(s.preview) is None else "(image)"
         typer.echo(f"{rank:>4} {s.example_id:>10} {s.score:>10.4g} {s.label:>5} {s.suggested_label:>9}  {preview[:50]}")
     if out is not None:
         typer.echo(f"wrote {len(suspects)} suspects to {out}")

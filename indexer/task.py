@@ -23,11 +23,16 @@ from .translate import TranslatedHead, flatten_modules, split_sequential, transl
 
 
 def default_preview(x: Any) -> str:
-    """A short human-readable preview of an input: text as is, tensors by shape and range."""
+    """A short preview of an input: text as is, images as PNG thumbnails (`indexer.previews.image_preview`),
+    other arrays by shape and range."""
+    from .previews import image_pixels, image_preview
+
     if isinstance(x, str):
         return x[:200]
     if isinstance(x, torch.Tensor | np.ndarray):
         a = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x)
+        if image_pixels(a) is not None and np.isfinite(a).all():
+            return image_preview()(a)
         return f"array{list(a.shape)} min={a.min():.3g} max={a.max():.3g}"
     return repr(x)[:200]
 

@@ -15,6 +15,7 @@ import pytest
 
 from api import open_index
 from api.service import create_app
+from indexer.previews import image_preview
 
 pytestmark = pytest.mark.slow
 
@@ -129,6 +130,10 @@ def test_why_this_prediction_page(page, base_url, digits_mlp_run, tmp_path):
     assert page.evaluate("() => previewElement('a photo of a cat', 64).tagName") == "DIV"
     assert page.evaluate("() => previewElement('the movie was great', 64).textContent") == "the movie was great"
     assert page.evaluate(f"() => previewElement({query.preview!r}, 64).tagName") == "CANVAS"
+    # PNG thumbnails (indexer.previews.image_preview, the default for image arrays) become images of that PNG.
+    thumb = image_preview(size=16)(np.outer(np.arange(16.0), np.ones(16)))
+    assert page.evaluate(f"() => previewElement({thumb!r}, 64).tagName") == "IMG"
+    assert page.evaluate(f"() => previewElement({thumb!r}, 64).src") == thumb
 
     png = page.screenshot(full_page=True)
     (tmp_path / "page.png").write_bytes(png)

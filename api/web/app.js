@@ -36,6 +36,15 @@ function imageRows(preview) {
 }
 
 function previewElement(preview, size) {
+  preview = String(preview ?? "");
+  if (preview.startsWith("data:image/png;base64,")) { // indexer.previews.image_preview: a PNG thumbnail
+    const img = document.createElement("img");
+    img.src = preview;
+    img.width = size;
+    img.className = "preview-image";
+    img.style.imageRendering = "pixelated";
+    return img;
+  }
   const rows = imageRows(preview);
   if (rows === null) {
     const p = document.createElement("div");
@@ -61,7 +70,9 @@ function previewElement(preview, size) {
 
 function card(preview, lines, cls, size = 64) {
   const div = document.createElement("div");
-  div.className = `card ${cls}` + (imageRows(preview) === null ? " text" : "");
+  preview = String(preview ?? "");
+  const isImage = preview.startsWith("data:image/png;base64,") || imageRows(preview) !== null;
+  div.className = `card ${cls}` + (isImage ? "" : " text");
   div.appendChild(previewElement(preview, size));
   for (const [text, lineCls] of lines) {
     const span = document.createElement("div");

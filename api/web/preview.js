@@ -13,6 +13,15 @@ function imageRows(preview) {
 }
 
 function previewElement(preview, size) {
+  preview = String(preview ?? "");
+  if (preview.startsWith("data:image/png;base64,")) { // indexer.previews.image_preview: a PNG thumbnail
+    const img = document.createElement("img");
+    img.src = preview;
+    img.width = size;
+    img.className = "preview-image";
+    img.style.imageRendering = "pixelated";
+    return img;
+  }
   const rows = imageRows(preview);
   if (rows === null) {
     const p = document.createElement("div");
