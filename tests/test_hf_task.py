@@ -196,7 +196,7 @@ def test_raw_texts_explain_like_the_stored_test_example(tiny_bert_run):
     with open_index(path, task=task) as index:
         [stored] = index.explain(test_ids=[5], k=8, method="lissa")
         [raw] = index.explain(inputs=[task.test[5][0]], k=8, method="lissa")
-        with pytest.raises(ValueError, match="list of texts"):
+        with pytest.raises(ValueError, match=r"inputs must be a batch \(a list\), got one str"):
             index.explain(inputs=task.test[5][0])
     assert raw.test_id is None and raw.prediction == stored.prediction
     assert [p.example_id for p in raw.proponents] == [p.example_id for p in stored.proponents]
