@@ -25,6 +25,25 @@ from store import OpenedRun, UnknownExampleError
 MAX_K = 10_000
 
 
+def batch_bucket(m: int) -> int:
+    """The query-batch size a batch of m is computed at: the next power of two (1, 2, 4, ...)."""
+    return 1 << max(0, int(m) - 1).bit_length()
+
+
+def pad_rows(a: np.ndarray) -> np.ndarray:
+    """`a` ``[m, ...]`` padded to ``[batch_bucket(m), ...]`` by repeating its last row.
+
+    JAX compiles a program per input shape, so a service answering batches of 1, 3, 5, ... queries would
+    compile (seconds) for each new size; with padded batches it compiles once per power of two, and the
+    start-up warm-up (`api.warmup`) compiles those. Every step is per query, so the padding rows (copies of a
+    real one) change no answer and no batch maximum; the caller slices the first m rows.
+    """
+    m = len(a)
+    if m == 0 or batch_bucket(m) == m:
+        return a
+    return np.concatenate([a, np.repeat(a[-1:], batch_bucket(m) - m, axis=0)])
+
+
 def check_k(k: Any) -> int:
     """k as an int in [1, MAX_K], else a ValueError naming it."""
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1 or k > MAX_K:
@@ -95,11 +114,13 @@ class Engine:
 
     def logits(self, h: np.ndarray) -> np.ndarray:
         """Head logits of features h, ``[m, n_classes]`` float64."""
-        return self.head.logits(h)
+        m = len(h)
+        return self.head.logits(pad_rows(h))[:m]
 
     def gradients(self, h: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """Per-example head gradients g of the loss at ``targets``, ``[m, p]`` (unprojected)."""
-        return self.head.gradients(h, targets)
+        m = len(h)
+        return self.head.gradients(pad_rows(h), pad_rows(np.asarray(targets)))[:m]
 
     def train_gradients(self, rows: slice | np.ndarray) -> np.ndarray:
         """g_i of training rows at their own labels, recomputed from the cached features ``[c, p]``."""
@@ -237,7 +258,8 @@ class Engine:
 
     def solve(self, g: np.ndarray, method: str) -> tuple[np.ndarray, dict[str, float]]:
         """(C + l2 I + dI)^-1 g for each row of g by `method` ("lissa" or "exact"), plus diagnostics."""
-        return self.curvature.solve(g, method=method, lissa=self.lissa_config)
+        x, diagnostics = self.curvature.solve(pad_rows(g), method=method, lissa=self.lissa_config)
+        return x[: len(g)], diagnostics
 
     @cached_property
     def query_cache(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

@@ -49,6 +49,7 @@ from .keys import check_keys, key_name, parse_keys
 from .routes_decisions import add_decision_routes
 from .routes_examples import add_example_routes
 from .scorers import METHODS
+from .warmup import WarmUp
 
 MethodName = Literal[METHODS]  # type: ignore[valid-type]  # the scorer registry's methods
 
@@ -202,6 +203,7 @@ class Health(BaseModel):
     accepts_inputs: bool
     key_required: bool
     limits: LimitsOut
+    warm: str = Field(description='start-up compile of the query programs: "off", "running", "done" or "failed: ..."')
 
 
 class DumpJobOut(BaseModel):
@@ -384,6 +386,7 @@ def create_app(
     api_key: str | Mapping[str, str] | None = None,
     task: Any = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    warm: bool | None = None,
 ) -> FastAPI:
     """The FastAPI app over one run directory (opened once; index calls are serialised by a lock, and
     concurrent `/explain` requests on stored test ids are answered in micro-batches, see `ExplainBatcher`).
@@ -395,12 +398,18 @@ def create_app(
             `INFLUENCE_API_KEY`, one key or `name:key,name2:key2`; none = open).
         task: the run's Task, to accept raw `inputs` in `/explain`.
         max_body_bytes: bodies over this size are refused with 413 before being read.
+        warm: compile the JAX programs of every query-batch size in a background thread at start-up
+            (`api.warmup`), so no request waits on a compile; `/health` reports its state (default:
+            `INFLUENCE_WARM`, on unless it is "0"; the test suite turns it off, tests/test_warmup.py on).
     """
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
     index: Index = open_index(run, task=task)
     lock = threading.Lock()
     batcher = ExplainBatcher(index, lock)
+    if warm is None:
+        warm = os.environ.get("INFLUENCE_WARM", "1") != "0"
+    warmup = WarmUp(index, lock, max_queries=MAX_BATCH, enabled=bool(warm))
     keys = check_keys(api_key) if api_key is not None else parse_keys(os.environ.get("INFLUENCE_API_KEY"))
     jobs = DumpJobs(index.paths.root, n_test=len(index.test_ids))
     jobs.start()
@@ -409,6 +418,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
+        warmup.join(timeout=60.0)  # the index closes below: let a running warm-up finish first
         batcher.stop()
         jobs.stop()
         index.close()
@@ -507,6 +517,7 @@ def create_app(
             methods=list(METHODS),
             accepts_inputs=index.engine.task is not None,
             key_required=keys is not None,
+            warm=warmup.state,
             limits=LimitsOut(
                 max_k=MAX_K, max_batch=MAX_BATCH, max_dump_queries=MAX_DUMP_QUERIES, max_body_bytes=max_body_bytes
             ),

@@ -4,6 +4,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Every Ray instance of the tests stays on 127.0.0.1: without this Ray resolves 127.0.0.1 to the machine's address.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("INFLUENCE_WARM", "0")  # the service's start-up compile; tests/test_warmup.py turns it on
 
 import pytest
 
