@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 # every Ray instance the tests and benchmarks start stays on 127.0.0.1 (Ray resolves it to the host's address without)
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install demo test lint format typecheck bench bench-cli bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets tweets-noise tweets-lastblock bench-lastblock scale scale-dump scale-update bench-service bench-ray model-scale solver-speed projected-recall clean
+.PHONY: install demo test lint format typecheck bench bench-cli bench-first-explain bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets tweets-noise tweets-lastblock bench-lastblock scale scale-dump scale-update bench-service bench-ray model-scale solver-speed projected-recall clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench: $(STAMP)
 # CPU time of `influence --help`, `influence explain --help` and an argument error beside `python -c pass`.
 bench-cli: $(STAMP)
 	$(BIN)/python -m experiments.cli_startup
+
+# The first /explain requests of a served digits run, with and without the start-up warm-up.
+bench-first-explain: $(STAMP)
+	$(BIN)/python -m experiments.first_explain
 
 # Fidelity against retraining (issue 4): cached ground truth lives in experiments/cache/ (with it: loo ~4 min,
 # lds ~4 min here). Without it: loo ~20 min, lds ~20 min of retrains plus the Fashion-MNIST MLP scores, hours on
