@@ -1,8 +1,8 @@
 // "Why this prediction?": pick a stored test example, see its prediction and the training examples that
-// pushed towards it (proponents) and against it (opponents), with their scores. Plain DOM, no build step.
+// pushed towards it (proponents) and against it (opponents), with their scores. Plain DOM, no build step;
+// previewElement and imageRows come from preview.js (shared with the review page).
 "use strict";
 
-const SHADES = " .:-=+*#%@"; // indexer.demo.digit_preview: rows of shade characters joined by "/"
 const PAGE = 40;
 const state = { health: null, offset: 0, selected: null, generation: 0 };
 const $ = (id) => document.getElementById(id);
@@ -25,47 +25,6 @@ async function call(path, body) {
 function showError(err) {
   $("error").textContent = String(err.message || err);
   $("error").hidden = false;
-}
-
-// An image preview ("row/row/..." of shade characters, all rows the same length) as its pixel rows, else null.
-function imageRows(preview) {
-  const rows = preview.split("/");
-  if (rows.length < 4 || new Set(rows.map((r) => r.length)).size !== 1) return null;
-  for (const r of rows) for (const c of r) if (!SHADES.includes(c)) return null;
-  return rows;
-}
-
-function previewElement(preview, size) {
-  preview = String(preview ?? "");
-  if (preview.startsWith("data:image/png;base64,")) { // indexer.previews.image_preview: a PNG thumbnail
-    const img = document.createElement("img");
-    img.src = preview;
-    img.width = size;
-    img.className = "preview-image";
-    img.style.imageRendering = "pixelated";
-    return img;
-  }
-  const rows = imageRows(preview);
-  if (rows === null) {
-    const p = document.createElement("div");
-    p.className = "preview-text";
-    p.textContent = preview;
-    return p;
-  }
-  const h = rows.length, w = rows[0].length, scale = Math.max(1, Math.floor(size / Math.max(h, w)));
-  const canvas = document.createElement("canvas");
-  canvas.width = w * scale;
-  canvas.height = h * scale;
-  canvas.className = "preview-image";
-  const ctx = canvas.getContext("2d");
-  for (let y = 0; y < h; y++) {
-    for (let x = 0; x < w; x++) {
-      const v = 255 - Math.round((255 * SHADES.indexOf(rows[y][x])) / (SHADES.length - 1));
-      ctx.fillStyle = `rgb(${v},${v},${v})`;
-      ctx.fillRect(x * scale, y * scale, scale, scale);
-    }
-  }
-  return canvas;
 }
 
 function card(preview, lines, cls, size = 64) {

@@ -1,5 +1,6 @@
-// Previews of stored examples, shared by the review page: an image preview ("row/row/..." of shade characters,
-// indexer.demo.digit_preview) becomes a canvas, anything else (text, tabular rows) stays text.
+// Previews of stored examples, shared by the explain page (app.js) and the review page (clean.js): a PNG thumbnail
+// (indexer.previews.image_preview) becomes an image, rows of shade characters joined by "/"
+// (indexer.demo.digit_preview) a canvas, anything else (text, tabular rows) stays text.
 "use strict";
 
 const SHADES = " .:-=+*#%@";
