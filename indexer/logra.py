@@ -110,6 +110,31 @@ class ModelScope:
         self, xs: list[Any], targets: Sequence[np.ndarray], record: dict[str, Any]
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits [b, classes] float64 and, per target vector, the projected per-example gradients [b, d]."""
+        logits, out, _ = self._run(xs, targets, record, None)
+        return logits, out
+
+    def class_gradients(
+        self, xs: list[Any], n_classes: int, record: dict[str, Any]
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """What the Gauss-Newton matrix and its K-FAC factors need of a batch, in one forward:
+
+        logits [b, C] float64, phi_ic [b, C, d] (the projected gradient of example i's loss at every class c), and
+        the K-FAC sums of every outer-product layer l (``influence.KroneckerSums`` names, "layer{l}.*"):
+
+            "a" = sum_i sum_t a~_it a~_it^T [k_in, k_in],   a~ = P_in^T a  (the projected layer input),
+            "positions" = sum_i T_i (A's normaliser: K-FAC-expand over positions and repeated calls),
+            "g" = sum_i sum_c p_ic sum_t s~_ict s~_ict^T [k_out, k_out],   s~ = P_out^T dCE(class c)/dy_t,
+
+        p_ic = softmax(logits_i)_c (the GGN's expectation over the model's own classes, taken exactly). Norm
+        layers have no factors here (their block is diagonal: ``influence.compute_gradient_diagonal_sums``).
+        """
+        targets = [np.full(len(xs), c, np.int64) for c in range(n_classes)]
+        logits, out, sums = self._run(xs, targets, record, n_classes)
+        return logits, np.stack(out, 1), sums
+
+    def _run(
+        self, xs: list[Any], targets: Sequence[np.ndarray], record: dict[str, Any], factors: int | None
+    ) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
         proj = self.projections(record)
         calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
@@ -132,18 +157,36 @@ class ModelScope:
             with torch.enable_grad():
                 logits = self.forward(xs)
                 sides = [self._input_side(self.layers[i], x, proj[i]) for i, x, _ in calls]
+                sums: dict[str, torch.Tensor] = {}
+                probs = torch.softmax(logits.detach().double(), 1) if factors is not None else None
+                if factors is not None:
+                    self._input_sums(calls, sides, sums)
                 out = []
-                for t in targets:
+                for c, t in enumerate(targets):
                     y = torch.as_tensor(np.array(t, dtype=np.int64), device=logits.device)
                     loss = F.cross_entropy(logits, y, reduction="sum")
                     grads = torch.autograd.grad(loss, [o for _, _, o in calls], retain_graph=True, allow_unused=True)
-                    out.append(self._combine(calls, sides, grads, proj, len(xs)))
+                    weights = None if probs is None else (sums, probs[:, c])
+                    out.append(self._combine(calls, sides, grads, proj, len(xs), weights))
         finally:
             for h in handles:
                 h.remove()
             for p, flag in flags:
                 p.requires_grad_(flag)
-        return logits.detach().double().cpu().numpy(), out
+        return (
+            logits.detach().double().cpu().numpy(),
+            out,
+            {k: v.detach().double().cpu().numpy() for k, v in sums.items()},
+        )
+
+    def _input_sums(self, calls: list, sides: list, sums: dict[str, torch.Tensor]) -> None:
+        """Adds sum_i sum_t a~ a~^T and the position count of every outer-product layer's calls to `sums`."""
+        for (i, _, _), a in zip(calls, sides, strict=True):
+            if self.layers[i].kind == "norm":
+                continue
+            a = a.double()
+            _add(sums, f"layer{i}.a", torch.einsum("bti,btj->ij", a, a))
+            _add(sums, f"layer{i}.positions", a.new_tensor(float(a.shape[0] * a.shape[1])))
 
     def _input_side(self, layer: Layer, x: torch.Tensor, proj: tuple) -> Any:
         if layer.kind == "norm":
@@ -158,7 +201,11 @@ class ModelScope:
         a = layer.inputs(x)
         return a if P_in is None else a @ P_in
 
-    def _combine(self, calls: list, sides: list, grads: Sequence, proj: list, b: int) -> np.ndarray:
+    def _combine(
+        self, calls: list, sides: list, grads: Sequence, proj: list, b: int, weights: tuple | None = None
+    ) -> np.ndarray:
+        """phi [b, d] of one target vector; with `weights` = (sums, w [b]) also adds sum_i w_i sum_t s~ s~^T of
+        every outer-product layer to sums["layer{l}.g"]."""
         parts: list[torch.Tensor | None] = [None] * len(self.layers)
         for (i, _, _), a, g in zip(calls, sides, grads, strict=True):
             layer = self.layers[i]
@@ -171,6 +218,10 @@ class ModelScope:
                 go = layer.out_grads(g)
                 P_out = proj[i][1]
                 go = go if P_out is None else go @ P_out
+                if weights is not None:
+                    sums, w = weights
+                    gd = go.double()
+                    _add(sums, f"layer{i}.g", torch.einsum("bto,btq,b->oq", gd, gd, w.to(gd.device)))
                 v = torch.einsum("blo,bli->boi", go, a.to(go.dtype)).reshape(b, -1)
             parts[i] = v if parts[i] is None else parts[i] + v
         dims = [self._dim(i, proj) for i in range(len(self.layers))]
@@ -185,6 +236,10 @@ class ModelScope:
         k_in = layer.n_in if proj[i][0] is None else proj[i][0].shape[1]
         k_out = layer.n_out if proj[i][1] is None else proj[i][1].shape[1]
         return k_in * k_out
+
+
+def _add(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    sums[name] = value if name not in sums else sums[name] + value
 
 
 def tensor_forward(model: nn.Module, device: torch.device) -> Callable[[list[Any]], torch.Tensor]:

@@ -13,8 +13,23 @@ of `IndexConfig.curvature_rows` training examples (all when there are fewer). Wi
 of the whole scope, and the score is Koh & Liang's g_q^T (G + l2 I)^-1 g_i. `influence.ProjectedCurvature` with
 B = I solves it (exact: eigendecomposition; lissa), with the damping rule of the head on G + l2 I's top eigenvalue.
 
-Stored: `model_train_vectors` [n, d] (labels), `model_test_vectors` [n_test, d] at the predicted classes
-(`model_test_targets`), `model_curvature` = G + l2 I [d, d] float64; FAISS spaces "model" and "model-unit".
+K-FAC / EK-FAC in the same space (methods "kfac" / "ekfac"; Martens & Grosse 2015, George et al. 2018, reusing
+`influence.KroneckerCurvature`): per outer-product layer l, phi_l = P_out^T (sum_t g_t a_t^T) P_in = sum_t s~_t a~_t^T
+with a~ = P_in^T a, s~ = P_out^T g, and
+
+    G_ll ~ S_l (x) A_l,   A_l = (1/(m T)) sum_i sum_t a~_it a~_it^T,   S_l = (1/m) sum_i sum_c p_ic sum_t s~_ict s~_ict^T
+
+(row-major [k_out, k_in] blocks; K-FAC-expand over positions, Eschenhagen et al. 2023); EK-FAC keeps the
+eigenbasis Q_S (x) Q_A and takes the eigenvalues diag((Q_S (x) Q_A)^T G_ll (Q_S (x) Q_A)) = (1/m) sum_i sum_c
+p_ic ((Q_S^T phi_ic,l Q_A)^2) from G's diagonal block (the per-class phi of the same rows, no second pass). A norm
+layer's projected vector is one diagonal block, diag(G_ll). With padded text batches the padded positions count
+in A's normaliser T (their output gradients are zero), so there A depends on the batch's longest text.
+
+Stage "model" (per example: an incremental update computes new rows only): `model_train_vectors` [n, d]
+(labels), `model_test_vectors` [n_test, d] at the predicted classes (`model_test_targets`), FAISS spaces "model"
+and "model-unit". Stage "model-curvature" (the whole training set: an update re-runs it): `model_curvature` =
+G + l2 I [d, d] float64, `model_kronecker_bases`, `model_kfac_eigenvalues`, `model_ekfac_eigenvalues`
+(`influence.KroneckerCurvature.to_arrays`, the blocks in the manifest's extra["model"]["kronecker"]).
 """
 
 from __future__ import annotations
@@ -71,22 +86,54 @@ def write_vectors(ctx: BuildContext, name: str, ds: Any, targets: np.ndarray, re
     return np.ascontiguousarray(vectors.array())
 
 
-def projected_ggn(task: Any, rows: np.ndarray, record: dict[str, Any], n_classes: int, progress: bool) -> np.ndarray:
-    """G = (1/m) sum_i sum_c p_ic phi_ic phi_ic^T [d, d] float64 over training rows (p from the model's logits)."""
+def model_layout(record: dict[str, Any]) -> tuple[Any, ...]:
+    """The Kronecker blocks of phi (`influence.matrix_layout`): an outer-product layer's [k_out, k_in] matrix
+    (its bias is the input side's last column), a norm's projected [k] vector as a diagonal block."""
+    return inf.matrix_layout([r["k"] if r["kind"] == "norm" else (r["k_out"], r["k_in"]) for r in record["layers"]])
+
+
+def curvature_sums(
+    task: Any, rows: np.ndarray, record: dict[str, Any], n_classes: int, progress: bool
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Over training rows (p from the model's logits): G = (1/m) sum_i sum_c p_ic phi_ic phi_ic^T [d, d] float64,
+    and the K-FAC sums of every outer-product layer ("layer{l}.a" / ".positions" / ".g", `ModelScope.class_gradients`)."""
     total = np.zeros((record["dim"], record["dim"]), np.float64)
+    sums: dict[str, np.ndarray] = {}
     bar = tqdm(total=len(rows), desc="model curvature", unit="ex", disable=not progress)
     for s in range(0, len(rows), task.batch_size):
         xs = [task.train[int(i)][0] for i in rows[s : s + task.batch_size]]
-        classes = [np.full(len(xs), c) for c in range(n_classes)]
-        logits, phis = task.model_scope.gradients(xs, classes, record)
-        total += inf.compute_projected_ggn(np.stack(phis), np.asarray(inf.softmax(logits)))
+        logits, phis, part = task.model_scope.class_gradients(xs, n_classes, record)
+        total += inf.compute_projected_ggn(np.moveaxis(phis, 1, 0), np.asarray(inf.softmax(logits)))
+        for k, v in part.items():
+            sums[k] = v if k not in sums else sums[k] + v
         bar.update(len(xs))
     bar.close()
-    return total / len(rows)
+    return total / len(rows), sums
+
+
+def fit_model_kronecker(
+    record: dict[str, Any], ggn: np.ndarray, sums: dict[str, np.ndarray], m: int, l2: float
+) -> tuple[inf.KroneckerCurvature, inf.KroneckerCurvature]:
+    """K-FAC and EK-FAC of phi's space (`influence.kfac`) from the factor sums of `curvature_sums` over m rows and
+    G (their exact GGN): per outer-product layer A_l = sum a~ a~^T / positions, S_l = sum p s~ s~^T / m and the
+    eigenvalues lambda_S lambda_A^T (K-FAC) or diag((Q_S (x) Q_A)^T G_ll (Q_S (x) Q_A)) (EK-FAC); a norm layer's
+    block is diag(G_ll) in both."""
+    blocks = model_layout(record)
+    arrays = dict(sums)
+    for b in blocks:
+        if isinstance(b, inf.LinearBlock):  # a layer whose output never reaches the logits has no output gradients
+            arrays.setdefault(f"layer{b.layer}.g", np.zeros((b.out_features, b.out_features)))
+            arrays.setdefault(f"layer{b.layer}.a", np.zeros((b.k, b.k)))
+            arrays.setdefault(f"layer{b.layer}.positions", np.asarray(float(m)))
+    arrays |= inf.ggn_diagonal_sums(blocks, ggn, m)
+    factors = inf.compute_kronecker_factors(blocks, inf.KroneckerSums(kind="factors", arrays=arrays, n=m))
+    kfac = inf.KroneckerCurvature.from_factors(factors, l2=l2)
+    return kfac, kfac.with_correction(inf.ggn_correction_sums(kfac, ggn, m))
 
 
 def model_stage(ctx: BuildContext) -> ManifestPatch:
-    """Projected per-layer gradients of train and test, the projected GGN, FAISS spaces "model" / "model-unit"."""
+    """Projected per-layer gradients of train and test (per example: an update computes new rows only), FAISS
+    spaces "model" / "model-unit"; the manifest record of the projection (dims, seeds)."""
     task, paths, config = ctx.task, ctx.paths, ctx.config
     scope = task.model_scope
     # the projected Gauss-Newton matrix is dense [d, d]: full gradients only up to the dense-solve size
@@ -98,24 +145,40 @@ def model_stage(ctx: BuildContext) -> ManifestPatch:
         targets = np.asarray(load_array(paths.split_array("test", "logits"))).argmax(1).astype(np.int64)
         save_array(paths.array("model_test_targets"), targets)
         write_vectors(ctx, "model_test_vectors", task.test, targets, record, "model grads test")
-    n = len(y)
-    rows = np.arange(n)
-    if n > config.curvature_rows:
-        rows = np.sort(np.random.default_rng(0).choice(n, size=config.curvature_rows, replace=False))
-    ggn = projected_ggn(task, rows, record, ctx.n_classes, ctx.progress)
-    curvature = ggn + ctx.l2 * np.eye(len(ggn))
-    top = float(np.linalg.eigvalsh(curvature)[-1])
-    save_array(paths.array("model_curvature"), curvature)
     spaces = {}
     ids = ctx.ids("train")
     for space, vecs in (("model", train_vecs), ("model-unit", np.asarray(inf.normalize_rows(train_vecs), np.float32))):
         index, spaces[space] = build_vector_index(vecs, ids, factory=config.factory)
         index.save(paths.vector(space))
-    record |= {
-        "n_params": scope.n_params,
+    return ManifestPatch(spaces=spaces, extra={"model": record | {"n_params": scope.n_params}})
+
+
+def model_curvature_stage(ctx: BuildContext) -> ManifestPatch:
+    """G + l2 I over (a seeded subsample of `curvature_rows`) training examples, the damping rule on its top
+    eigenvalue, and the K-FAC / EK-FAC models of G (methods "kfac" / "ekfac" on this scope). Depends on the
+    whole training set: an update re-runs it."""
+    task, paths, config = ctx.task, ctx.paths, ctx.config
+    record = ctx.manifest.extra["model"]
+    task.model_scope.check_record(record)
+    _, y = ctx.split("train")
+    n = len(y)
+    rows = np.arange(n)
+    if n > config.curvature_rows:
+        rows = np.sort(np.random.default_rng(0).choice(n, size=config.curvature_rows, replace=False))
+    ggn, sums = curvature_sums(task, rows, record, ctx.n_classes, ctx.progress)
+    curvature = ggn + ctx.l2 * np.eye(len(ggn))
+    top = float(np.linalg.eigvalsh(curvature)[-1])
+    kfac, ekfac = fit_model_kronecker(record, ggn, sums, len(rows), ctx.l2)
+    (kfac_arrays, description), (ekfac_arrays, _) = kfac.to_arrays(), ekfac.to_arrays()
+    save_array(paths.array("model_curvature"), curvature)
+    save_array(paths.array("model_kronecker_bases"), kfac_arrays["bases"])
+    save_array(paths.array("model_kfac_eigenvalues"), kfac_arrays["eigenvalues"])
+    save_array(paths.array("model_ekfac_eigenvalues"), ekfac_arrays["eigenvalues"])
+    updated = {k: v for k, v in record.items() if k != "curvature_stale"} | {
         "curvature": "ggn",
         "curvature_rows": len(rows),
         "top_eigenvalue": top,
         "damping": inf.compute_damping(top, ctx.l2),
+        "kronecker": {k: v for k, v in description.items() if k not in ("kind", "damping")},
     }
-    return ManifestPatch(spaces=spaces, extra={"model": record})
+    return ManifestPatch(extra={"model": updated})

@@ -25,7 +25,8 @@ The order and the names are those of every run directory written so far ("comple
 | tracin | task, train features, labels | tracin_self_influence | yes |
 | queries | train and test arrays, curvature arrays | query_solutions / targets / residuals / depths | no |
 | block | task, labels, logits, ids | block_* arrays, spaces block / block-unit | no |
-| model | task, labels, logits, ids | model_* arrays, spaces model / model-unit | no |
+| model | task, labels, logits, ids | model_train / test vectors, test targets, spaces model / model-unit | yes |
+| model-curvature | task, train labels, the model record | model_curvature, model_kronecker_bases, model_(e)kfac_eigenvalues | no |
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from .block import block_stage, is_last_block
 from .calibration import damping_stage
 from .context import BuildContext, ManifestPatch
 from .examples import features_stage, grad_stage, has_checkpoints, metadata_stage, tracin_stage
-from .model_stage import is_model_scope, model_stage
+from .model_stage import is_model_scope, model_curvature_stage, model_stage
 from .queries import has_query_cache, queries_stage
 from .training_set import (
     curvature_stage,
@@ -105,6 +106,13 @@ CURVATURE_ARRAYS = (
 )
 
 KRONECKER_ARRAYS = ("kronecker_bases", "kfac_eigenvalues", "ekfac_eigenvalues")
+
+MODEL_CURVATURE_ARRAYS = (
+    "model_curvature",
+    "model_kronecker_bases",
+    "model_kfac_eigenvalues",
+    "model_ekfac_eigenvalues",
+)
 
 STAGES: tuple[Stage, ...] = (
     Stage(
@@ -212,16 +220,17 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "model",
         reads=(TASK, "train_labels", "test_logits", "train_ids"),
-        writes=(
-            "model_train_vectors",
-            "model_test_vectors",
-            "model_test_targets",
-            "model_curvature",
-            "model",
-            "model-unit",
-        ),
-        per_example=False,
+        writes=("model_train_vectors", "model_test_vectors", "model_test_targets", "model", "model-unit"),
+        per_example=True,
         run=model_stage,
+        applies=is_model_scope,
+    ),
+    Stage(
+        "model-curvature",
+        reads=(TASK, "train_labels"),
+        writes=MODEL_CURVATURE_ARRAYS,
+        per_example=False,
+        run=model_curvature_stage,
         applies=is_model_scope,
     ),
 )

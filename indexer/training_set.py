@@ -218,15 +218,20 @@ def kronecker_stage(ctx: BuildContext) -> ManifestPatch:
     return ManifestPatch(extra={"kronecker": record})
 
 
-def load_kronecker(paths: RunPaths, extra: dict[str, Any], *, damping: float) -> dict[str, inf.KroneckerCurvature]:
-    """The stored K-FAC and EK-FAC curvatures of a run ({} when its build has no "kronecker" stage)."""
-    record = extra.get("kronecker")
+def load_kronecker(
+    paths: RunPaths, extra: dict[str, Any], *, damping: float, prefix: str = ""
+) -> dict[str, inf.KroneckerCurvature]:
+    """The stored K-FAC and EK-FAC curvatures of a run ({} when its build has no "kronecker" stage).
+
+    prefix "model_": those of scope="model"'s phi (stage "model-curvature"), described by extra["model"]["kronecker"].
+    """
+    record = (extra.get("model") or {}).get("kronecker") if prefix == "model_" else extra.get("kronecker")
     if record is None:
         return {}
-    bases = np.asarray(load_array(paths.array("kronecker_bases")))
+    bases = np.asarray(load_array(paths.array(f"{prefix}kronecker_bases")))
     return {
         kind: inf.KroneckerCurvature.from_arrays(
-            {"eigenvalues": np.asarray(load_array(paths.array(f"{kind}_eigenvalues"))), "bases": bases},
+            {"eigenvalues": np.asarray(load_array(paths.array(f"{prefix}{kind}_eigenvalues"))), "bases": bases},
             {**record, "kind": kind, "damping": damping},
         )
         for kind in inf.KRONECKER_KINDS

@@ -44,14 +44,19 @@ from influence.hvp import (  # noqa: E402
 )
 from influence.kfac import (  # noqa: E402
     KRONECKER_KINDS,
+    DiagonalBlock,
     KroneckerCurvature,
     KroneckerFactors,
     KroneckerSums,
+    LinearBlock,
     compute_correction_sums,
     compute_factor_sums,
     compute_kronecker_factors,
     fit_kronecker_curvature,
+    ggn_correction_sums,
+    ggn_diagonal_sums,
     kronecker_layout,
+    matrix_layout,
     solve_pcg,
 )
 from influence.objective import (  # noqa: E402
@@ -97,6 +102,7 @@ from influence.topk import StreamingTopK, merge_topk, select_topk, topk_both_sig
 __all__ = [
     "HEAD_LAYER_KINDS",
     "KRONECKER_KINDS",
+    "DiagonalBlock",
     "EigenSolver",
     "GaussianProjection",
     "Head",
@@ -104,6 +110,7 @@ __all__ = [
     "KroneckerCurvature",
     "KroneckerFactors",
     "KroneckerSums",
+    "LinearBlock",
     "LissaConfig",
     "LissaDivergenceError",
     "MatVec",
@@ -136,6 +143,8 @@ __all__ = [
     "fit_kronecker_curvature",
     "fit_representer",
     "flatten_params",
+    "ggn_correction_sums",
+    "ggn_diagonal_sums",
     "kronecker_layout",
     "last_linear_index",
     "layer_seed",
@@ -144,6 +153,7 @@ __all__ = [
     "make_hvp",
     "make_loss_fn",
     "make_projection",
+    "matrix_layout",
     "merge_topk",
     "n_params",
     "normalize_rows",

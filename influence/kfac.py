@@ -79,7 +79,10 @@ __all__ = [
     "compute_factor_sums",
     "compute_kronecker_factors",
     "fit_kronecker_curvature",
+    "ggn_correction_sums",
+    "ggn_diagonal_sums",
     "kronecker_layout",
+    "matrix_layout",
     "solve_pcg",
 ]
 
@@ -208,6 +211,97 @@ def _check_layout(blocks: Sequence[Block]) -> None:
                 f"{block.offset}, expected {offset}"
             )
         offset += block.size
+
+
+def matrix_layout(shapes: Sequence[tuple[int, int] | int]) -> tuple[Block, ...]:
+    """Blocks of a vector made of consecutive row-major matrices and plain vectors (scope="model"'s phi).
+
+    A pair (out, k) is a ``LinearBlock`` without bias of an [out, k] matrix (a layer's bias, if any, is already
+    one more input column: its ones are part of the input side a), an int is a ``DiagonalBlock`` of that size.
+    ``layer`` is the position in ``shapes``.
+
+    Args:
+        shapes: per block, (out, k) or size, all >= 1.
+    """
+    blocks: list[Block] = []
+    offset = 0
+    for index, shape in enumerate(shapes):
+        if is_int(shape):
+            if shape < 1:
+                raise ValueError(f"shapes[{index}] must be a size >= 1, got {shape!r}")
+            blocks.append(DiagonalBlock(layer=index, offset=offset, size=int(shape)))
+        else:
+            out, k = shape  # type: ignore[misc]
+            if not (is_int(out) and is_int(k) and out >= 1 and k >= 1):
+                raise ValueError(f"shapes[{index}] must be (out, k) with ints >= 1, got {shape!r}")
+            blocks.append(
+                LinearBlock(layer=index, offset=offset, in_features=int(k), out_features=int(out), bias=False)
+            )
+        offset += blocks[-1].size
+    if not blocks:
+        raise ValueError("shapes must hold at least one block")
+    return tuple(blocks)
+
+
+def _ggn_block(ggn: np.ndarray, b: Block) -> np.ndarray:
+    return ggn[b.offset : b.offset + b.size, b.offset : b.offset + b.size]
+
+
+def _check_ggn(blocks: Sequence[Block], ggn: Any, n: Any) -> np.ndarray:
+    G = np.asarray(ggn, np.float64)
+    p = _layout_size(blocks)
+    if G.shape != (p, p):
+        raise ValueError(f"ggn must have shape ({p}, {p}) (the layout's size), got shape {G.shape}")
+    if not is_int(n) or n < 1:
+        raise ValueError(f"n must be the number of rows the ggn averages, an int >= 1, got {n!r}")
+    return G
+
+
+def ggn_diagonal_sums(blocks: Sequence[Block], ggn: Any, n: int) -> dict[str, np.ndarray]:
+    """The diagonal blocks' factor sums from the exact GGN: "layer{l}.diagonal" = n diag(C_ll)
+    = sum_i sum_c p_ic g_ic^2 over the block's entries (C = (1/n) sum_i sum_c p_ic g_ic g_ic^T, without l2).
+
+    Args:
+        blocks: the layout (``matrix_layout``).
+        ggn: C [p, p], the mean over the n rows.
+        n: rows C averages.
+    """
+    G = _check_ggn(blocks, ggn, n)
+    return {
+        f"layer{b.layer}.diagonal": n * np.maximum(np.diag(_ggn_block(G, b)), 0.0)
+        for b in blocks
+        if isinstance(b, DiagonalBlock)
+    }
+
+
+def ggn_correction_sums(curvature: KroneckerCurvature, ggn: Any, n: int) -> KroneckerSums:
+    """EK-FAC correction sums (kind "correction") from the exact GGN's diagonal blocks C_ll:
+
+        Lambda_sum[j, k] = n ((Q_G (x) Q_A)^T C_ll (Q_G (x) Q_A))[jk, jk] = sum_i sum_c p_ic ((Q_G^T D_ic Q_A)[j, k])^2
+
+    (D_ic the block of g_ic as [out, k], row-major): the same sums as ``compute_correction_sums`` where the GGN of
+    the per-class gradients is at hand (scope="model" computes it for its own solves), with no second pass over
+    the examples. Only the diagonal blocks of C are read. George et al. 2018 (arXiv:1806.03884).
+
+    Args:
+        curvature: the K-FAC curvature whose eigenbases are used (fitted on the same rows).
+        ggn: C [p, p], the mean over the n rows, without l2.
+        n: rows C averages.
+    """
+    if not isinstance(curvature, KroneckerCurvature):
+        raise ValueError(f"curvature must be a KroneckerCurvature, got {type(curvature).__name__}")
+    G = _check_ggn(curvature.blocks, ggn, n)
+    arrays: dict[str, np.ndarray] = {}
+    for b, qa, qg in zip(curvature.blocks, curvature.q_a, curvature.q_g, strict=True):
+        if not isinstance(b, LinearBlock):
+            continue
+        o, k = b.out_features, b.k
+        C = _ggn_block(G, b).reshape(o, k, o, k)
+        qa64, qg64 = np.asarray(qa, np.float64), np.asarray(qg, np.float64)
+        T = np.einsum("abcd,cj,dl->abjl", C, qg64, qa64, optimize=True)  # C (Q_G (x) Q_A), columns (j, l)
+        lam = n * np.einsum("aj,bl,abjl->jl", qg64, qa64, T, optimize=True)
+        arrays[f"layer{b.layer}.eigenvalues"] = np.maximum(lam, 0.0)  # >= 0 in exact arithmetic (C_ll is PSD)
+    return KroneckerSums(kind="correction", arrays=arrays, n=int(n))
 
 
 # ----------------------------------------------------------------------------------------------- the head's terms
@@ -519,11 +613,11 @@ class KroneckerFactors:
     n: int
 
 
-def compute_kronecker_factors(spec: HeadSpec, sums: KroneckerSums) -> KroneckerFactors:
+def compute_kronecker_factors(spec: HeadSpec | Sequence[Block], sums: KroneckerSums) -> KroneckerFactors:
     """Finishes the factor sums: A_l = A_sum / (n T), G_l = G_sum / n, diagonal = diagonal_sum / n.
 
     Args:
-        spec: head spec the sums were computed for.
+        spec: head spec the sums were computed for, or the blocks themselves (``matrix_layout``).
         sums: the total "factors" sums over the training set.
     """
     if not isinstance(sums, KroneckerSums) or sums.kind != "factors":
@@ -531,7 +625,11 @@ def compute_kronecker_factors(spec: HeadSpec, sums: KroneckerSums) -> KroneckerF
         raise ValueError(f"sums must be KroneckerSums of kind 'factors', got {got!r}")
     if sums.n <= 0:
         raise ValueError(f"sums: no rows were summed (n={sums.n})")
-    blocks = kronecker_layout(spec)
+    if spec and all(isinstance(b, LinearBlock | DiagonalBlock) for b in spec):
+        blocks = tuple(spec)  # type: ignore[arg-type]
+        _check_layout(blocks)
+    else:
+        blocks = kronecker_layout(spec)  # type: ignore[arg-type]
     a_list: list[np.ndarray | None] = []
     g_list: list[np.ndarray | None] = []
     diag_list: list[np.ndarray | None] = []

@@ -91,7 +91,14 @@ ARRAYS: dict[str, Artifact] = _catalogue(
     ),
     Artifact("model_test_vectors", "model", "projected per-layer gradients of the tests at their target [n_test, d]"),
     Artifact("model_test_targets", "model", "the class of each stored test vector [n_test] int64"),
-    Artifact("model_curvature", "model", "G + l2 I, G the projected Gauss-Newton matrix [d, d] float64"),
+    Artifact("model_curvature", "model-curvature", "G + l2 I, G the projected Gauss-Newton matrix [d, d] float64"),
+    Artifact(
+        "model_kronecker_bases",
+        "model-curvature",
+        "K-FAC eigenbases Q_A [k_in, k_in], Q_S [k_out, k_out] per outer-product layer of phi, raveled",
+    ),
+    Artifact("model_kfac_eigenvalues", "model-curvature", "K-FAC eigenvalues of phi's blocks, raveled [d] float64"),
+    Artifact("model_ekfac_eigenvalues", "model-curvature", "EK-FAC eigenvalues of phi's blocks, raveled [d] float64"),
     Artifact("noise_self_influence", "noise job", "self-influence of every training example [n_train]"),
     Artifact("noise_oos_probs", "noise job", "out-of-sample class probabilities [n_train, n_classes]"),
 )

@@ -260,5 +260,8 @@ def test_the_service_explains_a_model_scope_run(task, runs, monkeypatch):
         assert [[p["example_id"] for p in e["proponents"]] for e in raw.json()] == [
             [p["example_id"] for p in w["proponents"]] for w in want
         ]
-        refused = c.post("/explain", json={"test_ids": [0], "k": 4, "method": "ekfac"})
-        assert refused.status_code == 422 and "scope='model'" in refused.text
+        ekfac = c.post("/explain", json={"test_ids": [0, 3], "k": 4, "method": "ekfac"})
+        assert ekfac.status_code == 200, ekfac.text
+        with open_index(runs["on"]) as index:
+            want = [e.to_dict() for e in index.explain(test_ids=[0, 3], k=4, method="ekfac")]
+        assert [g["proponents"] for g in ekfac.json()] == [w["proponents"] for w in want]

@@ -3,8 +3,9 @@
 Train side: projected per-layer gradients phi_i = S^T g_i (LoGra; S = I when the run does not project), space
 "model" (or "model-unit" normalised). Query side: phi_q (grad-dot), phi_q / |phi_q| (grad-cos), or
 (G + l2 I + delta I)^-1 phi_q with G the projected Gauss-Newton matrix (exact: its eigendecomposition; lissa:
-LiSSA on the same operator, `influence.ProjectedCurvature` with B = I), so that the FAISS inner product is the
-score phi_q^T (G + (l2 + delta) I)^-1 phi_i. Query gradients of stored test examples at their stored target are
+LiSSA on the same operator, `influence.ProjectedCurvature` with B = I; kfac / ekfac: the block-diagonal
+Kronecker-factored model of G, one application of its inverse), so that the FAISS inner product is the score
+phi_q^T (G + (l2 + delta) I)^-1 phi_i. Query gradients of stored test examples at their stored target are
 read from the run; other targets and raw inputs go through the model (`open_index(path, task=...)`).
 """
 
@@ -42,6 +43,24 @@ def model_curvature(engine: Engine) -> inf.ProjectedCurvature:
             deflation_rank=int(min(engine.run.config.get("deflation_rank", 64), len(A) - 1)),
         )
     return cache["curvature"]
+
+
+def model_kronecker(engine: Engine, kind: str) -> inf.KroneckerCurvature:
+    """The run's K-FAC or EK-FAC model of G in phi's space (stage "model-curvature"), with the engine's damping
+    (the LissaConfig's when set, else the build's rule on G + l2 I), cached."""
+    from indexer.training_set import load_kronecker
+
+    cache = engine.__dict__.setdefault("_model_cache", {})
+    if "kronecker" not in cache:
+        damping = engine.lissa_config.damping
+        damping = float(model_record(engine)["damping"] if damping is None else damping)
+        cache["kronecker"] = load_kronecker(engine.run.paths, engine.run.extra, damping=damping, prefix="model_")
+    if kind not in cache["kronecker"]:
+        raise ValueError(
+            f"method {kind!r} on scope='model' needs the K-FAC factors of the 'model-curvature' stage, which "
+            f"{engine.run.root} was built without: rebuild it"
+        )
+    return cache["kronecker"][kind]
 
 
 def _through_model(engine: Engine, xs: list[Any], targets: np.ndarray) -> np.ndarray:
@@ -122,3 +141,26 @@ class ModelExact(ModelInfluence):
 @register("lissa", scope="model")
 class ModelLissa(ModelInfluence):
     method = "lissa"
+
+
+class ModelKronecker(ModelGradient):
+    """score = phi_q^T (K + (l2 + d) I)^-1 phi_i, K the block-diagonal K-FAC / EK-FAC model of G: per layer
+    (Q_S (x) Q_A) diag(Lambda) (Q_S (x) Q_A)^T from the projected factors A = E[a~ a~^T], S = E_c[p_c s~ s~^T]
+    (Martens & Grosse 2015; EK-FAC's Lambda = diag of G's block in that basis, George et al. 2018); the query
+    side is one application of the inverse, the train side the stored phi_i (space "model")."""
+
+    method = "ekfac"
+
+    def query_vectors(self, queries: Queries) -> tuple[np.ndarray, dict[str, float]]:
+        curvature = model_kronecker(self.engine, self.method)
+        return curvature.solve(model_gradients(self.engine, queries)), {"damping": curvature.damping}
+
+
+@register("ekfac", scope="model")
+class ModelEKFAC(ModelKronecker):
+    method = "ekfac"
+
+
+@register("kfac", scope="model")
+class ModelKFAC(ModelKronecker):
+    method = "kfac"
