@@ -560,12 +560,19 @@ def delete(
         bool,
         typer.Option("--keep-curvature", help="keep the stored curvature (noted as stale) instead of recomputing it"),
     ] = False,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task", help="the run's TASK (file.py:function or module:function): a scope='model' run needs it"
+        ),
+    ] = None,
 ) -> None:
     """Delete training examples: they never appear in results again (their ids are retired)."""
     wanted = _ids_option(ctx, ids)
     from indexer.update import delete_examples
 
-    typer.echo(update_line(delete_examples(run, wanted, refresh_curvature=not keep_curvature)))
+    loaded = None if task is None else load_task(task)
+    typer.echo(update_line(delete_examples(run, wanted, refresh_curvature=not keep_curvature, task=loaded)))
 
 
 def update_line(report) -> str:

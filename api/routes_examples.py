@@ -147,7 +147,9 @@ def add_example_routes(
                     f"train example {example_id} is " + ("already deleted" if gone else "not in this run")
                 )
             try:
-                rep = delete_examples(index.paths.root, [example_id], refresh_curvature=refresh_curvature)
+                rep = delete_examples(
+                    index.paths.root, [example_id], refresh_curvature=refresh_curvature, task=index.engine.task
+                )
             finally:
                 reopen()
         return report(rep)

@@ -60,10 +60,63 @@ from .task import Task
 
 #: arrays of the per-example stages with one row per training example, rewritten on every update
 ROW_ARRAYS = ("train_features", "train_labels", "train_ids", "train_logits", "grad_vectors")
-#: FAISS spaces of the per-example "grad" stage, changed in place (adds, removes)
-ROW_SPACES = ("grad", "grad-unit")
+#: the same for scope="model" runs (stage "model")
+MODEL_ROW_ARRAYS = ("model_train_vectors",)
+#: FAISS spaces of the per-example stages, changed in place (adds, removes), and the array of their vectors
+ROW_SPACES = {
+    "grad": "grad_vectors",
+    "grad-unit": "grad_vectors",
+    "model": "model_train_vectors",
+    "model-unit": "model_train_vectors",
+}
 #: UpdateReport.timings key of each re-run stage
 STAGE_TIMINGS = {"representer": "representer_refit", "curvature": "curvature", "queries": "queries"}
+
+
+def space_vectors(space: str, vectors: np.ndarray) -> np.ndarray:
+    """The FAISS vectors of a row space from its array's rows (normalised for the "-unit" spaces)."""
+    return np.asarray(inf.normalize_rows(vectors), np.float32) if space.endswith("-unit") else vectors
+
+
+class RunRows:
+    """The training examples of a run's rows, in row order, as a dataset (`(x, y)` items): each row's example
+    from the Task's training set (found by its id, `Task.ids("train")`) or from the examples being added.
+
+    What stage "model-curvature" reads as `task.train` when an update re-runs it.
+    """
+
+    def __init__(self, items: list[tuple[Any, int]]) -> None:
+        self.items = items
+
+    @classmethod
+    def of(cls, task: Task, ids: np.ndarray, added: Any = None, added_ids: np.ndarray | None = None) -> RunRows:
+        own = {int(v): p for p, v in enumerate(task.ids("train"))}
+        extra = {} if added_ids is None else {int(v): p for p, v in enumerate(added_ids)}
+        missing = [int(v) for v in ids if int(v) not in own and int(v) not in extra]
+        if missing:
+            raise ValueError(
+                f"task: its training set (ids Task.train_ids, default positions) lacks the run's training ids "
+                f"{missing[:10]}: give the Task the run was built from (its scope='model' curvature is recomputed "
+                "over every stored example)"
+            )
+        return cls([(added, extra[int(v)]) if int(v) in extra else (task.train, own[int(v)]) for v in ids])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        ds, j = self.items[i]
+        return ds[j]
+
+
+class _TaskOverRows:
+    """The Task with `train` replaced by a `RunRows` (everything else read from the Task)."""
+
+    def __init__(self, task: Task, rows: RunRows) -> None:
+        self._task, self.train = task, rows
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._task, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +146,7 @@ class UpdateReport:
 
 
 #: the stages that estimate the curvature of the training loss (kept together by refresh_curvature=False)
-CURVATURE_STAGES = ("curvature", "damping", "kronecker")
+CURVATURE_STAGES = ("curvature", "damping", "kronecker", "model-curvature")
 
 
 def stages_to_rerun(ctx: BuildContext, *, refresh_curvature: bool) -> tuple[list[Stage], list[Stage]]:
@@ -117,13 +170,28 @@ def stages_to_rerun(ctx: BuildContext, *, refresh_curvature: bool) -> tuple[list
 
 def _open(run: str | Path, fingerprint: str | None = None) -> OpenedRun:
     r = OpenedRun(run, fingerprint=fingerprint)
-    if r.scope != "head":
+    if r.scope not in ("head", "model"):
         r.close()
         raise ValueError(
-            f"run: {r.root} was built with scope={r.scope!r}; incremental adds and deletes cover scope='head' runs "
-            "only (the projected curvature of a 'last-block' or 'model' scope is over the whole training set): rebuild"
+            f"run: {r.root} was built with scope={r.scope!r}; incremental adds and deletes cover scope='head' and "
+            "scope='model' runs (the last-block scope's projected curvature is not recomputed by an update): rebuild"
         )
     return r
+
+
+def _model_scope_task(r: OpenedRun, task: Task | None, *, refresh_curvature: bool, op: str) -> None:
+    """Checks what an update of a scope="model" run needs: the Task of its model and layers (its curvature is
+    recomputed through the model)."""
+    if r.scope != "model" or (task is None and op == "delete" and not refresh_curvature):
+        return
+    if task is None:
+        raise ValueError(
+            f"task: deleting from the scope='model' run {r.root} recomputes its curvature through the model: "
+            "pass task= (CLI: --task TASK), or refresh_curvature=False (--keep-curvature) to keep it stale"
+        )
+    if task.model_scope is None:
+        raise ValueError(f"task: {r.root} was built with scope='model'; the Task has scope={task.scope!r}")
+    task.model_scope.check_record(r.extra["model"])
 
 
 def add_examples(
@@ -171,6 +239,7 @@ def add_examples(
             used = np.intersect1d(new_ids, np.concatenate([old_ids, retired]))
             if used.size:
                 raise ValueError(f"ids: already used in this run (stored or deleted): {used[:10].tolist()}")
+        _model_scope_task(r, task, refresh_curvature=refresh_curvature, op="add")
         ctx = BuildContext.for_update(r, task=task, progress=progress, refit_representer=refresh_representer)
 
         # the per-example stages' rows of the new examples only: body forward, head outputs, gradients
@@ -197,9 +266,20 @@ def add_examples(
             "train_logits": np.concatenate([np.asarray(r.array("train_logits")), logits]),
             "grad_vectors": np.concatenate([np.asarray(r.array("grad_vectors")), g_new]),
         }
+        added = {"grad_vectors": g_new}
+        if r.scope == "model":  # phi of the new examples through the model, with the run's seeds and dims
+            from .model_stage import embed_examples
+
+            added["model_train_vectors"] = embed_examples(task, train, range(m), new.y, r.extra["model"])
+            arrays["model_train_vectors"] = np.concatenate(
+                [np.asarray(r.array("model_train_vectors")), added["model_train_vectors"]]
+            )
+            if refresh_curvature:  # stage "model-curvature" re-runs over every row
+                rows = RunRows.of(task, arrays["train_ids"], train, new_ids)
+                ctx.task = _TaskOverRows(task, rows)  # type: ignore[assignment]
 
         def change_space(index: FaissVectorIndex, space: str) -> FaissVectorIndex:
-            index.add(g_new if space == "grad" else np.asarray(inf.normalize_rows(g_new), np.float32), new_ids)
+            index.add(space_vectors(space, added[ROW_SPACES[space]]), new_ids)
             return index
 
         def change_metadata(meta: MetadataStore) -> None:
@@ -219,18 +299,25 @@ def add_examples(
         )
 
 
-def delete_examples(run: str | Path, ids: Any, *, refresh_curvature: bool = True) -> UpdateReport:
+def delete_examples(
+    run: str | Path, ids: Any, *, refresh_curvature: bool = True, task: Task | None = None
+) -> UpdateReport:
     """Deletes training examples from the built run `run`: they never appear in results again.
 
     Their rows leave the arrays, FAISS and SQLite; their ids are tombstoned (kept in SQLite, never reused).
-    No model is needed.
+    No model is needed, except by a scope="model" run whose curvature is refreshed: its projected Gauss-Newton
+    matrix is recomputed through the model over the remaining examples (`task`: the Task the run was built from;
+    its training set must hold every remaining id).
 
     Raises:
-        UnknownExampleError / ValueError: Unknown, repeated or already deleted ids, or deleting every example;
-            nothing is written.
+        UnknownExampleError / ValueError: Unknown, repeated or already deleted ids, or deleting every example, or
+            a scope="model" run refreshed without its task; nothing is written.
     """
     t0 = time.perf_counter()
-    with _open(run) as r:
+    if task is not None and not isinstance(task, Task):
+        raise TaskError(f"task must be an indexer.Task or None, got {type(task).__name__}")
+    with _open(run, None if task is None else task.fingerprint()) as r:
+        _model_scope_task(r, task, refresh_curvature=refresh_curvature, op="delete")
         del_ids = check_ids(ids, "ids")
         if del_ids.size == 0:
             raise ValueError("ids: nothing to delete")
@@ -245,16 +332,16 @@ def delete_examples(run: str | Path, ids: Any, *, refresh_curvature: bool = True
         keep = ~np.isin(old_ids, del_ids)
         if not keep.any():
             raise ValueError("ids: cannot delete every training example of a run")
-        arrays = {name: np.asarray(r.array(name))[keep] for name in ROW_ARRAYS}
+        names = ROW_ARRAYS + (MODEL_ROW_ARRAYS if r.scope == "model" else ())
+        arrays = {name: np.asarray(r.array(name))[keep] for name in names}
         factory = r.config.get("factory", "Flat")
 
         def change_space(index: FaissVectorIndex, space: str) -> FaissVectorIndex:
             if index.supports_remove:
                 index.remove(del_ids)
                 return index
-            vecs = arrays["grad_vectors"]  # HNSW cannot drop vectors: rebuild from the stored ones
-            if space == "grad-unit":
-                vecs = np.asarray(inf.normalize_rows(vecs), np.float32)
+            # HNSW cannot drop vectors: rebuild from the stored ones
+            vecs = space_vectors(space, arrays[ROW_SPACES[space]])
             rebuilt, _ = build_vector_index(vecs, arrays["train_ids"], factory=factory)
             return rebuilt
 
@@ -262,6 +349,8 @@ def delete_examples(run: str | Path, ids: Any, *, refresh_curvature: bool = True
             meta.delete("train", del_ids.tolist(), deleted_at=datetime.now(UTC).isoformat(timespec="seconds"))
 
         ctx = BuildContext.for_update(r, task=None)
+        if r.scope == "model" and task is not None:
+            ctx.task = _TaskOverRows(task, RunRows.of(task, arrays["train_ids"]))  # type: ignore[assignment]
         return _update(
             ctx,
             r,
@@ -292,7 +381,7 @@ def _update(
     """Writes the per-example rows, re-runs the training-set stages, then SQLite and the manifest, in that order.
 
     Args:
-        arrays: The new contents of every `ROW_ARRAYS` array.
+        arrays: The new contents of every `ROW_ARRAYS` array (and `MODEL_ROW_ARRAYS` of a scope="model" run).
         change_space: Changes a loaded `ROW_SPACES` index in place (or returns a rebuilt one).
         change_metadata: Changes the SQLite rows (one transaction).
     """
@@ -341,6 +430,10 @@ def _update(
 
     extra = dict(manifest.extra)
     refreshed = ["representer" if ctx.refit_representer else "representer alpha"]
+    if any(st.name == "model-curvature" for st in rerun):
+        refreshed.append("model curvature")
+    elif any(st.name == "model-curvature" for st in kept):
+        stale.append("model curvature")
     if any(st.name == "curvature" for st in rerun):
         refreshed.append("curvature")
     else:

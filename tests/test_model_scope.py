@@ -212,19 +212,19 @@ def test_explain_stored_ids_and_raw_inputs_agree_and_other_targets_need_the_mode
         index.pairwise_scores([0], method="grad-dot", targets=[(predicted + 1) % 3])
 
 
-def test_dump_and_noise_run_and_incremental_updates_are_refused(task, runs, tmp_path):
+def test_dump_and_noise_run_and_a_delete_without_the_task_is_refused(task, runs, tmp_path):
     import pyarrow.parquet as pq
 
-    from indexer.update import add_examples, delete_examples
+    from indexer.update import delete_examples
 
     with open_index(runs["on"], task=task) as index:
         out = index.dump(tmp_path / "d.parquet", k=3, method="exact", progress=False)
         assert len(pq.read_table(out)) > 0
         assert len(index.find_label_noise()) > 0
-    with pytest.raises(ValueError, match="scope='model'"):
-        add_examples(task, runs["on"], data(2, 9))
-    with pytest.raises(ValueError, match="scope='model'"):
+    before = {p.name: p.stat().st_mtime_ns for p in runs["on"].rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"task: deleting from the scope='model' run .* pass task="):
         delete_examples(runs["on"], [0])
+    assert {p.name: p.stat().st_mtime_ns for p in runs["on"].rglob("*") if p.is_file()} == before
 
 
 def test_unsupported_layers_and_unknown_names_are_refused_by_name():

@@ -1,0 +1,91 @@
+"""Incremental add / delete on scope="model" runs (`indexer.update`): the new examples' phi through the model with
+the run's seeds, the projected Gauss-Newton matrix and its K-FAC / EK-FAC recomputed over the changed training set
+(stage "model-curvature"), FAISS spaces "model" / "model-unit" changed in place. After an add (a delete) the run
+answers as a fresh build over the same examples with the same ids, to float32 round-off."""
+
+import shutil
+
+import numpy as np
+import pytest
+from test_model_scope import N_TEST, ON, make_task
+
+import influence as inf
+from api import build_index, open_index
+from indexer import Task
+from indexer.update import add_examples, delete_examples
+
+METHODS = ("exact", "lissa", "ekfac", "kfac", "grad-dot", "grad-cos")
+ARRAYS = ("model_train_vectors", "model_curvature", "model_kfac_eigenvalues", "model_ekfac_eigenvalues")
+
+
+@pytest.fixture(scope="module")
+def full():
+    return make_task()
+
+
+def subset_task(full: Task, rows: list[int]) -> Task:
+    """The same model over some of the training examples, with their ids in the full task."""
+    return Task(
+        model=full.model, train=[full.train[i] for i in rows], test=full.test, l2=full.l2, scope="model", train_ids=rows
+    )
+
+
+def assert_same_run(a, b):
+    with open_index(a, lissa=inf.LissaConfig(damping=0.0)) as x, open_index(b, lissa=inf.LissaConfig(damping=0.0)) as y:
+        np.testing.assert_array_equal(x.train_ids, y.train_ids)
+        for name in ARRAYS:
+            want = np.asarray(y.run.array(name), np.float64)
+            np.testing.assert_allclose(x.run.array(name), want, rtol=1e-5, atol=1e-6 * np.abs(want).max(), err_msg=name)
+        for space in ("model", "model-unit"):
+            assert x.run.manifest.spaces[space]["ntotal"] == len(y.train_ids)
+        for method in METHODS:
+            got = x.pairwise_scores(list(range(N_TEST)), method=method)
+            want = y.pairwise_scores(list(range(N_TEST)), method=method)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=method)
+            [e], [f] = x.explain(test_ids=[2], k=5, method=method), y.explain(test_ids=[2], k=5, method=method)
+            assert [p.example_id for p in e.proponents] == [p.example_id for p in f.proponents], method
+
+
+def test_add_then_delete_equal_fresh_builds(full, tmp_path):
+    n = len(full.train)
+    fresh = tmp_path / "fresh"
+    build_index(full, fresh, config=ON, progress=False).close()
+
+    first = list(range(n - 8))
+    run = tmp_path / "run"
+    build_index(subset_task(full, first), run, config=ON, progress=False).close()
+    report = add_examples(subset_task(full, first), run, full.train[n - 8 :], ids=range(n - 8, n))
+    assert report.example_ids == tuple(range(n - 8, n)) and "model curvature" in report.refreshed
+    assert_same_run(run, fresh)
+
+    deleted = [3, 17, n - 2]
+    report = delete_examples(run, deleted, task=full)
+    assert "model curvature" in report.refreshed
+    kept = [i for i in range(n) if i not in deleted]
+    fresh_kept = tmp_path / "fresh-kept"
+    build_index(subset_task(full, kept), fresh_kept, config=ON, progress=False).close()
+    assert_same_run(run, fresh_kept)
+    with open_index(run) as index:
+        assert not set(deleted) & {p.example_id for e in index.explain(test_ids=[0, 1], k=40) for p in e.proponents}
+
+
+def test_refusals_and_a_kept_curvature(full, tmp_path):
+    n = len(full.train)
+    first = list(range(n - 4))
+    run = tmp_path / "run"
+    build_index(subset_task(full, first), run, config=ON, progress=False).close()
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    with pytest.raises(ValueError, match=r"task: its training set .* lacks the run's training ids \[0, 1, 2"):
+        add_examples(subset_task(full, [n - 5]), run, full.train[n - 4 :], ids=range(n - 4, n))
+    with pytest.raises(ValueError, match="pass task="):
+        delete_examples(run, [0])
+    with open_index(run) as a, open_index(copy) as b:
+        np.testing.assert_array_equal(a.train_ids, b.train_ids)  # nothing written by the refused updates
+    # kept curvature: the new phi are added, G and its Kronecker factors stay those of the first examples
+    report = delete_examples(run, [0, 1], refresh_curvature=False)
+    assert "model curvature" in report.stale
+    with open_index(run) as a, open_index(copy) as b:
+        np.testing.assert_array_equal(a.run.array("model_curvature"), b.run.array("model_curvature"))
+        np.testing.assert_array_equal(a.run.array("model_train_vectors"), b.run.array("model_train_vectors")[2:])
+        assert a.run.manifest.spaces["model"]["ntotal"] == n - 6
