@@ -3,7 +3,9 @@
 Signals (higher = more suspicious), each selectable as `method`:
 
 - ``self-influence``: g_i^T (C + l2 I + d I)^-1 g_i at the example's own label (d = the run's damping,
-  `Engine.damping`).
+  `Engine.damping`). On a scope="model" run it is taken over the whole model: phi_i^T (G + l2 I + d I)^-1 phi_i
+  with the run's projected per-layer gradients and projected Gauss-Newton matrix, exact (``model_self_influence``);
+  ``loo-loss`` follows it.
   Exact from the stored dense eigendecomposition when the head has it (heads up to ``exact_max_params``,
   e.g. the digits MLP); otherwise from the top-``rank`` eigenpairs of C + l2 I, with the remaining
   directions at curvature l2 + d (see ``influence.noise``): the build's eigenpairs (computed over all rows
@@ -153,11 +155,40 @@ def _save_cached(run: OpenedRun, name: str, config: dict[str, Any], arr: np.ndar
     atomic_write_json(run.paths.cache_config(name), config)
 
 
+def model_self_influence(engine: Engine, *, progress: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+    """scope="model": phi_i^T (G + l2 I + d I)^-1 phi_i of every training row [n], exact, from the run's stored
+    projected Gauss-Newton matrix (stage "model-curvature") and phi_i at the labels (`model_train_vectors`);
+    d = the LissaConfig's damping when set, else the build's rule on G + l2 I (as the scorers of the scope)."""
+    from .scorers.model import model_record
+
+    run = engine.run
+    d = engine.lissa_config.damping
+    damping = float(model_record(engine)["damping"] if d is None else d)
+    vectors = run.array("model_train_vectors")
+    n = len(vectors)
+    config: dict[str, Any] = {"solver": "exact", "scope": "model", "damping": damping, "n_train": n}
+    cached = _cached(run, "noise_self_influence", config)
+    if cached is not None:
+        return cached, {**config, "cached": True}
+    A = np.asarray(run.array("model_curvature"), np.float64)
+    lam, Q = np.linalg.eigh(0.5 * (A + A.T))
+    out = np.empty(n, np.float64)
+    step = _grad_chunk_rows(len(A))
+    for start in tqdm(range(0, n, step), desc="self-influence", unit="chunk", disable=not progress):
+        sl = slice(start, min(start + step, n))
+        out[sl] = nz.compute_self_influence_eigen(np.asarray(vectors[sl], np.float64), lam, Q, damping=damping)
+    _save_cached(run, "noise_self_influence", config, out)
+    return out, config
+
+
 def compute_self_influence(
     engine: Engine, *, rank: int = 64, curvature_rows: int = 20_000, seed: int = 0, progress: bool = True
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Self-influence g_i^T (C + l2 I + d I)^-1 g_i of every training row, [n], and how it was computed."""
+    """Self-influence g_i^T (C + l2 I + d I)^-1 g_i of every training row, [n], and how it was computed (on a
+    scope="model" run over the whole model's projected gradients: `model_self_influence`)."""
     run = engine.run
+    if run.scope == "model":
+        return model_self_influence(engine, progress=progress)
     train = run.train
     p = int(engine.head.theta.shape[0])
     solver = engine.eigen_solver
