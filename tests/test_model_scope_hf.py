@@ -96,6 +96,35 @@ def test_projection_on_scores_and_vectors_are_the_projected_formula(setup):
     np.testing.assert_allclose(exact(runs["on"]), expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
 
 
+def test_kfac_and_ekfac_on_the_projected_encoder(setup):
+    """Embeddings, attention / feed-forward linears and LayerNorms: EK-FAC eigenvalues = diag(Q^T G_ll Q) of the
+    torch.func projected GGN (a LayerNorm block: diag(G_ll)), and the scores = the dense formula of the factors."""
+    from test_model_scope_kfac import dense_matrix
+
+    from indexer.training_set import load_kronecker
+
+    _, runs, ref = setup
+    S = projection(ref["model"], ref["names"], 3, 0)
+    phi, phiq, GS = ref["g"] @ S, ref["gq"] @ S, S.T @ ref["G"] @ S
+    with open_index(runs["on"]) as index:
+        curv = load_kronecker(index.run.paths, index.run.extra, damping=0.0, prefix="model_")
+    kinds = set()
+    for b, qa, qg, lam in zip(
+        *(getattr(curv["ekfac"], k) for k in ("blocks", "q_a", "q_g", "eigenvalues")), strict=True
+    ):
+        sl = slice(b.offset, b.offset + b.size)
+        Q = np.eye(b.size) if qa is None else np.kron(qg, qa)
+        kinds.add(type(b).__name__)
+        np.testing.assert_allclose(np.ravel(lam), np.diag(Q.T @ GS[sl, sl] @ Q), rtol=1e-5, atol=1e-9)
+    assert kinds == {"LinearBlock", "DiagonalBlock"}
+    for method in ("kfac", "ekfac"):
+        with open_index(runs["on"], lissa=inf.LissaConfig(damping=0.0)) as index:
+            got = index.pairwise_scores(list(range(len(index.run.test.ids))), method=method)
+        M = dense_matrix(curv[method]) + L2 * np.eye(len(GS))
+        expected = np.linalg.solve(M, phiq.T).T @ phi.T
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
 def test_raw_texts_explain_like_the_stored_test_example(setup):
     task, runs, _ = setup
     with open_index(runs["on"], task=task) as index:

@@ -89,3 +89,26 @@ def test_refusals_and_a_kept_curvature(full, tmp_path):
         np.testing.assert_array_equal(a.run.array("model_curvature"), b.run.array("model_curvature"))
         np.testing.assert_array_equal(a.run.array("model_train_vectors"), b.run.array("model_train_vectors")[2:])
         assert a.run.manifest.spaces["model"]["ntotal"] == n - 6
+
+
+def test_the_service_adds_and_deletes_on_a_model_scope_run(full, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from api.service import create_app
+
+    monkeypatch.delenv("INFLUENCE_API_KEY", raising=False)
+    n = len(full.train)
+    run = tmp_path / "run"
+    build_index(subset_task(full, list(range(n - 2))), run, config=ON, progress=False).close()
+    with TestClient(create_app(run)) as c:  # no task: the curvature cannot be recomputed
+        refused = c.delete("/examples/4")
+        assert refused.status_code == 422 and "pass task=" in refused.text, refused.text
+    with TestClient(create_app(run, task=full)) as c:
+        added = c.post("/examples", json={"refresh_curvature": True})
+        assert added.status_code == 200, added.text
+        assert added.json()["example_ids"] == [n - 2, n - 1] and "model curvature" in added.json()["refreshed"]
+        deleted = c.delete("/examples/4")
+        assert deleted.status_code == 200 and "model curvature" in deleted.json()["refreshed"], deleted.text
+    fresh = tmp_path / "fresh"
+    build_index(subset_task(full, [i for i in range(n) if i != 4]), fresh, config=ON, progress=False).close()
+    assert_same_run(run, fresh)
