@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from test_model_scope import N_TEST, ON, make_task
 
 import influence as inf
@@ -111,4 +112,38 @@ def test_the_service_adds_and_deletes_on_a_model_scope_run(full, tmp_path, monke
         assert deleted.status_code == 200 and "model curvature" in deleted.json()["refreshed"], deleted.text
     fresh = tmp_path / "fresh"
     build_index(subset_task(full, [i for i in range(n) if i != 4]), fresh, config=ON, progress=False).close()
+    assert_same_run(run, fresh)
+
+
+TASK_FILE = """
+import torch
+from indexer import Task
+
+def full():
+    saved = torch.load({data!r}, weights_only=False)
+    return Task(model=saved["model"], train=saved["train"], test=saved["test"], l2=saved["l2"], scope="model")
+"""
+
+
+def test_cli_delete_takes_the_task_on_a_model_scope_run(full, tmp_path):
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    torch_file = tmp_path / "data.pt"
+    torch.save({"model": full.model, "train": full.train, "test": full.test, "l2": full.l2}, torch_file)
+    task_file = tmp_path / "cnn_task.py"
+    task_file.write_text(TASK_FILE.format(data=str(torch_file)))
+    run = tmp_path / "run"
+    build_index(full, run, config=ON, progress=False).close()
+    runner = CliRunner()
+    refused = runner.invoke(app, ["delete", str(run), "--ids", "3"])
+    assert refused.exit_code == 2 and "--task TASK" in refused.output, refused.output
+    done = runner.invoke(app, ["delete", str(run), "--ids", "3", "7", "--task", f"{task_file}:full"])
+    assert done.exit_code == 0, done.output
+    assert "deleted 2 training examples" in done.output and "model curvature" in done.output, done.output
+    fresh = tmp_path / "fresh"
+    build_index(
+        subset_task(full, [i for i in range(len(full.train)) if i not in (3, 7)]), fresh, config=ON, progress=False
+    ).close()
     assert_same_run(run, fresh)
