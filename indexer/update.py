@@ -17,6 +17,11 @@ training set are then re-run on the changed training set, through the same stage
   the old curvature). Every stage that reads the curvature's arrays is then kept too (`stages_to_rerun`):
 - "queries" (the query cache of a run built with `cache_queries=True`) when the curvature is refreshed; else
   the stored cache no longer matches the run (its key holds the training ids) and `explain` solves.
+- "model-curvature" (scope="model" runs: the projected Gauss-Newton matrix G + l2 I, its damping rule and its
+  K-FAC / EK-FAC) when the curvature is refreshed, through the model over every stored example (`RunRows`: each
+  row's example found in the Task's training set by id, or among the added ones), so a delete needs the Task
+  too. An add computes the new examples' projected per-layer gradients phi_i with the run's seeds and appends
+  them to `model_train_vectors` and the FAISS spaces "model" / "model-unit"; a delete drops their rows.
 
 Adds get new ids (default: after every id ever used); deletes remove the rows from the arrays, FAISS and SQLite
 and record the ids as tombstones, so they never appear in results and are never reused. FAISS ids stay equal to
@@ -182,7 +187,14 @@ def _open(run: str | Path, fingerprint: str | None = None) -> OpenedRun:
 def _model_scope_task(r: OpenedRun, task: Task | None, *, refresh_curvature: bool, op: str) -> None:
     """Checks what an update of a scope="model" run needs: the Task of its model and layers (its curvature is
     recomputed through the model)."""
-    if r.scope != "model" or (task is None and op == "delete" and not refresh_curvature):
+    if r.scope != "model":
+        return
+    if "model-curvature" not in r.manifest.stages:
+        raise ValueError(
+            f"run: {r.root} was built with scope='model' before its curvature became the stage 'model-curvature' "
+            "that an update re-runs: rebuild it (influence index) to update it incrementally"
+        )
+    if task is None and op == "delete" and not refresh_curvature:
         return
     if task is None:
         raise ValueError(

@@ -3,6 +3,7 @@ the run's seeds, the projected Gauss-Newton matrix and its K-FAC / EK-FAC recomp
 (stage "model-curvature"), FAISS spaces "model" / "model-unit" changed in place. After an add (a delete) the run
 answers as a fresh build over the same examples with the same ids, to float32 round-off."""
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -14,6 +15,7 @@ import influence as inf
 from api import build_index, open_index
 from indexer import Task
 from indexer.update import add_examples, delete_examples
+from store import load_manifest, save_manifest
 
 METHODS = ("exact", "lissa", "ekfac", "kfac", "grad-dot", "grad-cos")
 ARRAYS = ("model_train_vectors", "model_curvature", "model_kfac_eigenvalues", "model_ekfac_eigenvalues")
@@ -83,7 +85,15 @@ def test_refusals_and_a_kept_curvature(full, tmp_path):
         delete_examples(run, [0])
     with open_index(run) as a, open_index(copy) as b:
         np.testing.assert_array_equal(a.train_ids, b.train_ids)  # nothing written by the refused updates
-    # kept curvature: the new phi are added, G and its Kronecker factors stay those of the first examples
+    old = tmp_path / "old"  # a run built before the stage "model-curvature" existed
+    shutil.copytree(copy, old)
+    manifest = load_manifest(old)
+    save_manifest(
+        old, dataclasses.replace(manifest, stages=tuple(s for s in manifest.stages if s != "model-curvature"))
+    )
+    with pytest.raises(ValueError, match=r"before its curvature became the stage 'model-curvature'.*rebuild"):
+        delete_examples(old, [0], refresh_curvature=False)
+    # kept curvature: the rows go, G and its Kronecker factors stay those of the first examples
     report = delete_examples(run, [0, 1], refresh_curvature=False)
     assert "model curvature" in report.stale
     with open_index(run) as a, open_index(copy) as b:
