@@ -15,7 +15,7 @@ import influence as inf
 from api import build_index, open_index
 from indexer import Task
 from indexer.update import add_examples, delete_examples
-from store import load_manifest, save_manifest
+from store import load_manifest, save_manifest, verify_run
 
 METHODS = ("exact", "lissa", "ekfac", "kfac", "grad-dot", "grad-cos")
 ARRAYS = ("model_train_vectors", "model_curvature", "model_kfac_eigenvalues", "model_ekfac_eigenvalues")
@@ -59,6 +59,7 @@ def test_add_then_delete_equal_fresh_builds(full, tmp_path):
     build_index(subset_task(full, first), run, config=ON, progress=False).close()
     report = add_examples(subset_task(full, first), run, full.train[n - 8 :], ids=range(n - 8, n))
     assert report.example_ids == tuple(range(n - 8, n)) and "model curvature" in report.refreshed
+    assert verify_run(run) == []
     assert_same_run(run, fresh)
 
     deleted = [3, 17, n - 2]
@@ -67,6 +68,7 @@ def test_add_then_delete_equal_fresh_builds(full, tmp_path):
     kept = [i for i in range(n) if i not in deleted]
     fresh_kept = tmp_path / "fresh-kept"
     build_index(subset_task(full, kept), fresh_kept, config=ON, progress=False).close()
+    assert verify_run(run) == []
     assert_same_run(run, fresh_kept)
     with open_index(run) as index:
         assert not set(deleted) & {p.example_id for e in index.explain(test_ids=[0, 1], k=40) for p in e.proponents}
