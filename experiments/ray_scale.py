@@ -1,6 +1,6 @@
 """Jobs on Ray (issue 16): a build and a dump with ray=None and a local Ray instance of 1 and 2 workers.
 
-Usage: .venv/bin/python -m experiments.ray_scale [--n-train 60000] [--queries 10000] [--out PATH]
+Usage: .venv/bin/python -m experiments.ray_scale [--n-train 60000] [--queries 10000] [--workers 0 1 2] [--out PATH]
 (`make bench-ray`; needs `make data`). The Fashion-MNIST MLP 784-128-10 of experiments/model_scale.py, the whole
 MLP as the head (101,770 parameters, so gradients are projected to 1,024 dimensions), trained 2 epochs (the
 model's quality does not matter here), indexed with the default IndexConfig; the dump scores `--queries` test
@@ -16,6 +16,7 @@ result. Writes experiments/results/ray_scale.json and .png.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -100,7 +101,7 @@ def run_mode(task: Any, workers: int | None, queries: int, config: Any) -> dict[
     out = WORK / f"run_{workers or 0}"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(WORK / f"dump_{workers or 0}.parquet.partial", ignore_errors=True)
-    rec: dict[str, Any] = {"workers": workers}
+    rec: dict[str, Any] = {"workers": workers, "load_average_start": os.getloadavg()}
     with RssSampler() as rss:
         if workers:
             t0 = time.perf_counter()
@@ -111,6 +112,7 @@ def run_mode(task: Any, workers: int | None, queries: int, config: Any) -> dict[
         index = build_index(task, out, config=config, progress=False, ray=ray)
         rec["build_seconds"] = time.perf_counter() - t0
         rec["stages"] = index.manifest.stages
+        rec["stage_seconds"] = index.manifest.extra.get("stage_seconds_last")
         rec["run_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         t0 = time.perf_counter()
         index.dump(
@@ -129,6 +131,7 @@ def run_mode(task: Any, workers: int | None, queries: int, config: Any) -> dict[
             ray_mod.shutdown()
     rec["worker_peak_rss_mib"] = sorted(rss.peak.values(), reverse=True)
     rec["driver_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rec["load_average_end"] = os.getloadavg()
     print(rec, flush=True)
     return rec
 
@@ -153,40 +156,52 @@ def plot(res: dict[str, Any], png: Path) -> None:
     fig.savefig(png, dpi=120)
 
 
+def derive(res: dict[str, Any]) -> None:
+    """Speed-up, parallel efficiency t(None) / (workers x t(mode)) and Ray's overhead at one worker per job."""
+    base = next((m for m in res["modes"] if m["workers"] is None), None)
+    if base is None:
+        return
+    for m in res["modes"]:
+        if m["workers"] is None:
+            continue
+        for job in ("build", "dump"):
+            m[f"{job}_speedup"] = base[f"{job}_seconds"] / m[f"{job}_seconds"]
+            m[f"{job}_parallel_efficiency"] = m[f"{job}_speedup"] / m["workers"]
+            if m["workers"] == 1:
+                m[f"{job}_ray_overhead"] = m[f"{job}_seconds"] / base[f"{job}_seconds"] - 1
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-train", type=int, default=60_000)
     ap.add_argument("--queries", type=int, default=10_000)
-    ap.add_argument("--workers", type=int, nargs="*", default=[1, 2])
+    ap.add_argument(
+        "--workers", type=int, nargs="*", default=[0, 1, 2], help="modes to run: 0 = no Ray, N = local Ray, N CPUs"
+    )
     ap.add_argument(
         "--damping-subsets", type=int, default=16, help="IndexConfig.damping_subsets (0: no calibration refits)"
     )
     ap.add_argument("--out", type=Path, default=Path("experiments/results/ray_scale.json"))
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
+    settings = {"n_train": args.n_train, "queries": args.queries, "damping_subsets": args.damping_subsets}
+    res: dict[str, Any] = {**settings, "cpus": os.cpu_count(), "modes": []}
+    if args.out.exists():  # modes run by earlier invocations with the same settings are kept (one mode per call)
+        old = json.loads(args.out.read_text())
+        if all(old.get(k) == v for k, v in settings.items()) and not old.get("partial"):
+            res["modes"] = old["modes"]
     task = make_task(args.n_train, args.queries)
-    res: dict[str, Any] = {
-        "n_train": args.n_train,
-        "queries": args.queries,
-        "cpus": os.cpu_count(),
-        "load_average_start": os.getloadavg(),
-        "modes": [],
-    }
     from indexer import IndexConfig
 
     config = IndexConfig(damping_subsets=args.damping_subsets)
-    res["damping_subsets"] = args.damping_subsets
-    for workers in [None, *args.workers]:
-        res["modes"].append(run_mode(task, workers, args.queries, config))
-    base = res["modes"][0]
-    for m in res["modes"][1:]:
-        for job in ("build", "dump"):
-            m[f"{job}_speedup"] = base[f"{job}_seconds"] / m[f"{job}_seconds"]
-            m[f"{job}_parallel_efficiency"] = m[f"{job}_speedup"] / m["workers"]
-            if m["workers"] == 1:
-                m[f"{job}_ray_overhead"] = m[f"{job}_seconds"] / base[f"{job}_seconds"] - 1
-    res["load_average_end"] = os.getloadavg()
-    common.save_results(res, args.out, plot)
+    for w in args.workers:
+        workers = w or None
+        rec = run_mode(task, workers, args.queries, config)
+        res["modes"] = sorted(
+            [m for m in res["modes"] if m["workers"] != workers] + [rec], key=lambda m: m["workers"] or 0
+        )
+        derive(res)
+        common.save_results(res, args.out, plot)
 
 
 if __name__ == "__main__":

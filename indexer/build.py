@@ -147,12 +147,13 @@ class Builder:
             progress=self.progress,
             distributed=self.distributed,
         )
-        manifest = run_stages(ctx)
+        timings: dict[str, float] = {}
+        manifest = run_stages(ctx, timings=timings)
         if "complete" not in manifest.stages:
             manifest = manifest.with_stage("complete")
-            manifest = dataclasses.replace(
-                manifest, extra={**manifest.extra, "build_seconds_last": time.perf_counter() - t0}
-            )
+            # seconds of the last attempt, in total and per stage it ran (a resumed build: the stages it redid)
+            seconds = {"build_seconds_last": time.perf_counter() - t0, "stage_seconds_last": timings}
+            manifest = dataclasses.replace(manifest, extra={**manifest.extra, **seconds})
             save_manifest(self.paths.root, manifest)
         return manifest
 
