@@ -234,7 +234,9 @@ def features_stage(ctx: BuildContext) -> ManifestPatch:
             feats.write_chunk(chunk, out["h"])
 
         compute = functools.partial(_forward_chunk, task, ds, split, n, rows, ctx.n_classes)
-        run_chunks(ctx, f"{split}_features", feats.missing_chunks(), compute, commit, desc=f"features {split}")
+        run_chunks(
+            ctx, f"{split}_features", feats.missing_chunks(), compute, commit, desc=f"features {split}", model=task
+        )
     return ManifestPatch(extra={"feature_shape": list(fshape)})
 
 
@@ -270,7 +272,7 @@ def _grad_chunk(ctx: BuildContext, chunk_rows: int, chunk: int) -> dict[str, np.
 def grad_stage(ctx: BuildContext) -> ManifestPatch:
     """Per-example head gradients at the examples' own labels (shards on a Ray cluster in a distributed build)
     -> FAISS "grad" and "grad-unit"."""
-    from .shards import run_chunks
+    from .shards import run_chunks, space_adder
 
     h, _ = ctx.split("train")
     proj = ctx.manifest.projection
@@ -293,8 +295,12 @@ def grad_stage(ctx: BuildContext) -> ManifestPatch:
     g_all = np.ascontiguousarray(vectors.array())
     ids = ctx.ids("train")
     spaces = {}
-    for space, vecs in (("grad", g_all), ("grad-unit", np.asarray(inf.normalize_rows(g_all), np.float32))):
-        index, spaces[space] = build_vector_index(vecs, ids, factory=ctx.config.factory)
+    for space, vecs, unit in (
+        ("grad", g_all, False),
+        ("grad-unit", np.asarray(inf.normalize_rows(g_all), np.float32), True),
+    ):
+        add = space_adder(ctx, "grad_vectors", normalize=unit)
+        index, spaces[space] = build_vector_index(vecs, ids, factory=ctx.config.factory, add=add)
         index.save(ctx.paths.vector(space))
     return ManifestPatch(spaces=spaces)
 

@@ -174,7 +174,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "kronecker",
         reads=("train_features",),
-        writes=KRONECKER_ARRAYS,
+        writes=(*KRONECKER_ARRAYS, "kronecker_factor_sums", "kronecker_correction_sums"),  # the last two: scratch
         per_example=False,
         run=kronecker_stage,
     ),

@@ -176,6 +176,11 @@ class Task:
             object.__setattr__(self, "checkpoints", check_checkpoints(self.checkpoints, self.model))
         self.model.eval()
 
+    def to_device(self, device: str | torch.device) -> None:
+        """Moves the model to `device`, where the build then runs it (a Ray actor given a GPU calls this)."""
+        object.__setattr__(self, "device", device)
+        self._set_device()
+
     def _set_device(self) -> None:
         self.model.eval()
         first = next(self.model.parameters(), None)

@@ -24,7 +24,8 @@ Adding or deleting one training example changes every output of these stages, so
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import dataclasses
+import functools
 from typing import Any
 
 import jax.numpy as jnp
@@ -168,48 +169,61 @@ def curvature_stage(ctx: BuildContext) -> ManifestPatch:
 KRONECKER_ROWS = 1024
 
 
-def _padded_chunks(h: np.ndarray, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(chunk [rows, ...], weights [rows]) over h; the last chunk padded with zero rows of weight 0."""
-    size = min(rows, len(h))
-    for start in range(0, len(h), size):
-        chunk = np.asarray(h[start : start + size])
-        w = np.ones(len(chunk), chunk.dtype)
-        if len(chunk) < size:
-            pad = size - len(chunk)
-            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            w = np.concatenate([w, np.zeros(pad, chunk.dtype)])
-        yield chunk, w
+def _padded_rows(h: np.ndarray, chunk: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of chunk `chunk` [rows, ...], weights [rows]) of h; the last chunk padded with zero rows of weight 0
+    (one shape, so each pass compiles once)."""
+    x = np.asarray(h[chunk * rows : (chunk + 1) * rows])
+    w = np.ones(len(x), x.dtype)
+    if len(x) < rows:
+        pad = rows - len(x)
+        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+        w = np.concatenate([w, np.zeros(pad, x.dtype)])
+    return x, w
 
 
-def _sum_chunks(h: np.ndarray, compute: Callable[[np.ndarray, np.ndarray], Any], desc: str, progress: bool) -> Any:
-    total = None
-    n_chunks = -(-len(h) // min(KRONECKER_ROWS, len(h)))
-    for chunk, w in tqdm(
-        _padded_chunks(h, KRONECKER_ROWS), total=n_chunks, desc=desc, unit="chunk", disable=not progress
-    ):
-        part = compute(chunk, w)
-        total = part if total is None else total + part
-    return total
+def _kronecker_chunk(
+    ctx: BuildContext, rows: int, kfac: inf.KroneckerCurvature | None, chunk: int
+) -> dict[str, np.ndarray]:
+    """The partial sums of one chunk of training rows: the K-FAC factors (`kfac` None) or the EK-FAC correction
+    in the eigenbases of `kfac`; {name: sum} plus the row count "n"."""
+    h, _ = ctx.split("train")
+    x, w = _padded_rows(h, chunk, rows)
+    if kfac is None:
+        sums = inf.compute_factor_sums(ctx.spec, ctx.params, x, weights=w)
+    else:
+        sums = inf.compute_correction_sums(ctx.spec, ctx.params, x, kfac, weights=w)
+    return {**sums.arrays, "n": np.asarray(sums.n, np.int64)}
+
+
+def _kronecker_sums(ctx: BuildContext, kind: str, kfac: inf.KroneckerCurvature | None) -> inf.KroneckerSums:
+    """The "factors" (or with `kfac`, "correction") sums over every training row, as per-chunk partial sums
+    (`indexer.shards.sum_chunks`: on the actor pool in a distributed build)."""
+    from .shards import sum_chunks
+
+    n = len(ctx.split("train")[1])
+    rows = min(KRONECKER_ROWS, n)
+    name = "kronecker_factor_sums" if kfac is None else "kronecker_correction_sums"
+    remote_ctx = dataclasses.replace(ctx, task=None, progress=False)  # what a worker needs: head, run files
+    total = sum_chunks(
+        ctx,
+        name,
+        -(-n // rows),
+        functools.partial(_kronecker_chunk, remote_ctx, rows, kfac),
+        desc="kronecker factors" if kfac is None else "ekfac correction",
+    )
+    count = int(total.pop("n"))
+    return inf.KroneckerSums(kind=kind, arrays=total, n=count)
 
 
 def kronecker_stage(ctx: BuildContext) -> ManifestPatch:
     """K-FAC factors A_l, G_l of the head's GGN (one pass), their eigenbases, and the EK-FAC eigenvalue correction
     in those bases (a second pass): arrays "kronecker_bases", "kfac_eigenvalues", "ekfac_eigenvalues" and the
-    block layout in the manifest (`extra["kronecker"]`); `influence.KroneckerCurvature.from_arrays` reads them."""
+    block layout in the manifest (`extra["kronecker"]`); `influence.KroneckerCurvature.from_arrays` reads them.
+    Both passes are sums over training rows, computed as per-chunk partial sums (shards of a distributed build)."""
     paths = ctx.paths
-    h, _ = ctx.split("train")
-    spec, params = ctx.spec, ctx.params
-    sums = _sum_chunks(
-        h, lambda x, w: inf.compute_factor_sums(spec, params, x, weights=w), "kronecker factors", ctx.progress
-    )
-    kfac = inf.KroneckerCurvature.from_factors(inf.compute_kronecker_factors(spec, sums), l2=ctx.l2)
-    correction = _sum_chunks(
-        h,
-        lambda x, w: inf.compute_correction_sums(spec, params, x, kfac, weights=w),
-        "ekfac correction",
-        ctx.progress,
-    )
-    ekfac = kfac.with_correction(correction)
+    sums = _kronecker_sums(ctx, "factors", None)
+    kfac = inf.KroneckerCurvature.from_factors(inf.compute_kronecker_factors(ctx.spec, sums), l2=ctx.l2)
+    ekfac = kfac.with_correction(_kronecker_sums(ctx, "correction", kfac))
     (kfac_arrays, description), (ekfac_arrays, _) = kfac.to_arrays(), ekfac.to_arrays()
     save_array(paths.array("kronecker_bases"), kfac_arrays["bases"])
     save_array(paths.array("kfac_eigenvalues"), kfac_arrays["eigenvalues"])
@@ -243,25 +257,45 @@ def has_projected_deflation(ctx: BuildContext) -> bool:
     return ctx.manifest.projection is not None and ctx.paths.array("curvature_top_eigenvalues").exists()
 
 
-def whitened_stage(ctx: BuildContext) -> ManifestPatch:
-    """P M^-1/2 g_i of every training example -> FAISS space "grad-whitened" (see the module docstring)."""
+def _whitened_chunk(ctx: BuildContext, rows: int, half: Any, chunk: int) -> dict[str, np.ndarray]:
+    """One chunk of the "whitened" stage: P M^-1/2 g_i of its rows (`half` = M^-1/2, `influence.deflation_power`)."""
     from .examples import head_gradients
+
+    proj = ctx.manifest.projection
+    assert proj is not None
+    h, y = ctx.split("train")
+    sl = slice(chunk * rows, min((chunk + 1) * rows, len(y)))
+    g = head_gradients(ctx, h[sl], y[sl], project=False)
+    whitened = np.asarray(half(jnp.asarray(g)), np.float32)
+    return {"w": np.asarray(inf.project(whitened, seed=proj.seed, d=proj.dim), np.float32)}
+
+
+def whitened_stage(ctx: BuildContext) -> ManifestPatch:
+    """P M^-1/2 g_i of every training example -> FAISS space "grad-whitened" (see the module docstring); chunks
+    on the actor pool in a distributed build (`indexer.shards.run_chunks`)."""
+    from .shards import run_chunks, space_adder
 
     paths, proj = ctx.paths, ctx.manifest.projection
     assert proj is not None  # applies() checked it
     damping = float(ctx.manifest.extra["damping"])
     eigenvalues = np.asarray(load_array(paths.array("curvature_top_eigenvalues")), np.float64)
     half = inf.deflation_power(eigenvalues, load_array(paths.array("curvature_top_eigenvectors")), damping, -0.5)
-    h, y = ctx.split("train")
-    vectors = ctx.chunked(paths.array("whitened_vectors"), shape=(len(h), proj.dim), dtype=np.float32, chunk_rows=256)
-    for chunk in tqdm(vectors.missing_chunks(), desc="whitened gradients", unit="chunk", disable=not ctx.progress):
-        sl = vectors.chunk_slice(chunk)
-        g = head_gradients(ctx, h[sl], y[sl], project=False)
-        whitened = np.asarray(half(jnp.asarray(g)), np.float32)
-        vectors.write_chunk(chunk, np.asarray(inf.project(whitened, seed=proj.seed, d=proj.dim), np.float32))
+    n = len(ctx.split("train")[1])
+    rows = 256
+    vectors = ctx.chunked(paths.array("whitened_vectors"), shape=(n, proj.dim), dtype=np.float32, chunk_rows=rows)
+    remote_ctx = dataclasses.replace(ctx, task=None, progress=False)
+    run_chunks(
+        ctx,
+        "whitened_vectors",
+        vectors.missing_chunks(),
+        functools.partial(_whitened_chunk, remote_ctx, rows, half),
+        lambda chunk, out: vectors.write_chunk(chunk, out["w"]),
+        desc="whitened gradients",
+    )
     vecs = np.ascontiguousarray(vectors.array())
     vectors.close()
-    index, space = build_vector_index(vecs, ctx.ids("train"), factory=ctx.config.factory)
+    add = space_adder(ctx, "whitened_vectors")
+    index, space = build_vector_index(vecs, ctx.ids("train"), factory=ctx.config.factory, add=add)
     index.save(paths.vector("grad-whitened"))
     return ManifestPatch(
         spaces={"grad-whitened": space}, extra={"whitened": {"damping": damping, "rank": len(eigenvalues)}}

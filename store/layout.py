@@ -76,6 +76,16 @@ ARRAYS: dict[str, Artifact] = _catalogue(
     Artifact("kronecker_bases", "kronecker", "K-FAC eigenbases Q_A [k, k], Q_G [out, out] per linear layer, raveled"),
     Artifact("kfac_eigenvalues", "kronecker", "K-FAC eigenvalues lambda_G lambda_A^T per block, raveled [p] float64"),
     Artifact("ekfac_eigenvalues", "kronecker", "EK-FAC corrected eigenvalues per block, raveled [p] float64"),
+    Artifact(
+        "kronecker_factor_sums",
+        "kronecker",
+        "scratch of a distributed build: per-chunk partial sums of the K-FAC factors (shards only, removed)",
+    ),
+    Artifact(
+        "kronecker_correction_sums",
+        "kronecker",
+        "scratch of a distributed build: per-chunk partial sums of the EK-FAC correction (shards only, removed)",
+    ),
     Artifact("tracin_self_influence", "tracin", "TracIn self-influence sum_c eta_c |g_i(theta_c)|^2 [n_train]"),
     Artifact("query_solutions", "queries", "LiSSA vectors (C + l2 I + dI)^-1 g_q of the stored tests [n_test, p]"),
     Artifact("query_targets", "queries", "the class each cached query vector was taken at [n_test] int64"),

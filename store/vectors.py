@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -359,6 +360,52 @@ class FaissVectorIndex:
         """Returns the stored ids, int64 ``[ntotal]``, in insertion order."""
         return faiss.vector_to_array(self._index.id_map).astype(np.int64, copy=False)
 
+    @property
+    def mergeable(self) -> bool:
+        """Whether parts of this index filled separately can be merged (`merge_parts`): IVF indexes (FAISS's
+        recipe for indexes built in pieces: train once, add each piece to a copy, merge the inverted lists)."""
+        try:
+            faiss.extract_index_ivf(self._index.index)
+        except RuntimeError:
+            return False
+        return True
+
+    def to_bytes(self) -> np.ndarray:
+        """The index serialized by FAISS (uint8 [size]), to ship to another process; `from_bytes` reads it."""
+        return faiss.serialize_index(self._index)
+
+    @classmethod
+    def from_bytes(cls, data: np.ndarray) -> FaissVectorIndex:
+        """The index `to_bytes` serialized."""
+        return cls(faiss.deserialize_index(np.asarray(data, np.uint8)))
+
+    def merge_parts(self, parts: Sequence[FaissVectorIndex]) -> None:
+        """Appends `parts` (copies of this trained index, each filled with other vectors and ids) in order.
+
+        The result is byte-identical to adding the parts' vectors to this index in the same order: the inverted
+        lists are merged with the inner ids shifted (FAISS ``IndexIVF.merge_from``), then the id map appended
+        once. (FAISS's own ``IndexIDMap2.merge_from`` does not shift the inner ids and mislabels the hits.)
+
+        Raises:
+            ValueError: The index is not `mergeable`, a part has another dimension, or ids repeat.
+        """
+        self._check_writable()
+        if not self.mergeable:
+            raise ValueError(f"index: a {self._index.index.__class__.__name__} cannot merge parts (IVF only)")
+        all_ids = [self.ids()]
+        for i, part in enumerate(parts):
+            if part.dim != self.dim:
+                raise ValueError(f"parts[{i}]: dimension {part.dim}, expected {self.dim}")
+            all_ids.append(part.ids())
+        ids = np.concatenate(all_ids)
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("parts: ids repeat across parts (or with this index)")
+        for part in parts:
+            self._index.index.merge_from(part._index.index, self._index.ntotal)
+            self._index.ntotal += part.ntotal
+        faiss.copy_array_to_vector(ids, self._index.id_map)
+        self._index.construct_rev_map()
+
     def flat_vectors(self) -> np.ndarray | None:
         """The stored vectors ``[ntotal, d]`` of an exact ``Flat`` index as a zero-copy float32 view, else None.
 
@@ -565,6 +612,7 @@ def build_vector_index(
     n_queries: int = 256,
     seed: int = 0,
     max_train: int | None = None,
+    add: Callable[[FaissVectorIndex, np.ndarray, np.ndarray], None] | None = None,
 ) -> tuple[FaissVectorIndex, dict[str, Any]]:
     """Builds a FAISS index of ``vectors`` under ``ids``; approximate ones are tuned and their recall measured.
 
@@ -577,6 +625,9 @@ def build_vector_index(
         ``(index, spec)`` with ``spec`` the manifest entry: ``dim``, ``ntotal``, ``factory`` (resolved),
         ``metric``, ``recall@<k>`` (1.0 for ``Flat``), ``recall_queries`` and ``nprobe`` / ``ef_search``.
         ``max_train`` caps the vectors used to train IVF centroids / PQ codebooks (a random sample).
+        ``add(index, vectors, ids)`` fills the trained index with ``vectors`` under ``ids`` in that order another
+        way (a distributed build adds shards on its workers and merges them, `FaissVectorIndex.merge_parts`);
+        None: ``index.add`` here.
     """
     if np.ndim(vectors) != 2:
         raise ValueError(f"vectors: must be 2-D [n, d], got shape {np.shape(vectors)}")
@@ -591,7 +642,12 @@ def build_vector_index(
             None if max_train is None or max_train >= x.shape[0] else rng.choice(x.shape[0], max_train, replace=False)
         )
         index.train(x if sample_rows is None else x[np.sort(sample_rows)])
-    index.add(x, id_arr)
+    if add is None:
+        index.add(x, id_arr)
+    else:
+        add(index, x, id_arr)
+        if index.ntotal != x.shape[0] or not np.array_equal(index.ids(), id_arr):
+            raise RuntimeError(f"add: filled the index with {index.ntotal} vectors, not the {x.shape[0]} given")
     spec: dict[str, Any] = {"dim": int(x.shape[1]), "ntotal": int(x.shape[0]), "factory": resolved, "metric": "ip"}
     key = f"recall@{recall_k}"
     if resolved == "Flat" or x.shape[0] == 0:

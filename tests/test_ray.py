@@ -16,6 +16,7 @@ from api.ray_cluster import RAY_INSTALL, RayNotInstalledError, check_ray, ray_se
 from indexer import IndexConfig
 
 ARRAYS = ("train_features", "train_labels", "train_ids", "train_logits", "test_features", "grad_vectors")
+KRONECKER = ("kronecker_bases", "kfac_eigenvalues", "ekfac_eigenvalues")  # sums of per-shard partial sums
 
 
 @pytest.mark.parametrize("value", ["remote", "", "host:", "host:0", "host:70000", "http://h:1", 7, ["local"]])
@@ -48,19 +49,19 @@ def test_every_node_of_the_test_cluster_is_on_loopback(ray_cluster):
     assert all(n["NodeManagerAddress"].startswith("127.") for n in nodes), [n["NodeManagerAddress"] for n in nodes]
 
 
-def _assert_same_run(a, b):
+def _assert_same_run(a, b, arrays=ARRAYS + KRONECKER, spaces=("grad", "grad-unit")):
     """Two built runs hold the same arrays (float32 round-off), FAISS ids and explanations."""
-    for name in ARRAYS:
+    for name in arrays:
         x, y = np.asarray(a.run.array(name)), np.asarray(b.run.array(name))
         assert x.shape == y.shape, name
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=name)
     q = np.asarray(a.run.array("grad_vectors"))[:5]
-    for space in ("grad", "grad-unit"):
+    for space in spaces:
         ia, ib = a.run.space(space), b.run.space(space)
         np.testing.assert_array_equal(ia.ids(), ib.ids())  # FAISS ids in id order
         for ha, hb in zip(ia.search(q, 10), ib.search(q, 10), strict=True):
             np.testing.assert_array_equal(ha.ids, hb.ids)
-    for method in ("lissa", "grad-dot", "representer"):
+    for method in ("lissa", "grad-dot", "representer", "ekfac"):
         ea, eb = a.explain(test_ids=[0, 5], k=5, method=method), b.explain(test_ids=[0, 5], k=5, method=method)
         for x, y in zip(ea, eb, strict=True):
             assert [p.example_id for p in x.proponents] == [p.example_id for p in y.proponents], method
@@ -84,7 +85,31 @@ def test_a_projected_head_built_on_two_nodes_equals_the_single_process_build(ray
     with build_index(digits_mlp_task, tmp_path / "one", config=config, progress=False) as ref:
         assert ref.manifest.projection is not None
         with build_index(digits_mlp_task, tmp_path / "ray", config=config, progress=False, ray="auto") as index:
-            _assert_same_run(index, ref)
+            assert not (tmp_path / "ray" / "shards").exists()
+            _assert_same_run(
+                index, ref, ARRAYS + KRONECKER + ("whitened_vectors",), ("grad", "grad-unit", "grad-whitened")
+            )
+
+
+@pytest.mark.slow
+def test_ivf_spaces_filled_in_parts_on_two_nodes_are_the_single_process_indexes(
+    ray_cluster, digits_mlp_task, tmp_path, monkeypatch
+):
+    """FAISS's recipe for indexes built in pieces: trained once by the driver, each part added by a Ray task,
+    parts merged in id order -> byte for byte the index one process fills (ids, lists, codes)."""
+    from indexer import shards
+
+    monkeypatch.setattr(shards, "MIN_PART_ROWS", 200)  # several parts on this small training set
+    config = IndexConfig(project_above=1000, projection_dim=64, damping_subsets=0, factory="IVF8,Flat")
+    with (
+        build_index(digits_mlp_task, tmp_path / "one", config=config, progress=False) as ref,
+        build_index(digits_mlp_task, tmp_path / "ray", config=config, progress=False, ray="auto") as index,
+    ):
+        for space in ("grad", "grad-unit", "grad-whitened"):
+            a, b = ref.run.space(space), index.run.space(space)
+            assert a.mergeable and a.ntotal == len(ref.train_ids) > 3 * 200, space
+            np.testing.assert_array_equal(a.to_bytes(), b.to_bytes(), err_msg=space)
+            assert ref.manifest.spaces[space] == index.manifest.spaces[space]
 
 
 @pytest.mark.slow
@@ -152,3 +177,37 @@ def test_cli_refuses_a_bad_ray_address_in_one_line(command, digits_mlp_run, tmp_
     assert result.exit_code == 2
     assert "ray must be" in result.output and "'nowhere'" in result.output
     assert not (tmp_path / "run").exists() and not (tmp_path / "d.parquet").exists()
+
+
+def test_stages_that_run_the_model_ask_for_one_gpu_per_actor_where_the_cluster_has_gpus():
+    from indexer.shards import actor_resources
+
+    assert actor_resources({"CPU": 8.0, "GPU": 2.0}, model=True) == (2, {"num_cpus": 1, "num_gpus": 1})
+    assert actor_resources({"CPU": 8.0, "GPU": 2.0}, model=False) == (8, {"num_cpus": 1})  # JAX head stages
+    assert actor_resources({"CPU": 3.0}, model=True) == (3, {"num_cpus": 1})
+    assert actor_resources({}, model=False) == (1, {"num_cpus": 1})
+
+
+@pytest.mark.slow
+def test_a_build_on_a_cluster_with_a_gpu_node_runs_the_model_on_that_node(ray_cluster, digits_mlp_task, tmp_path):
+    """A third node advertises a GPU: the body-forward actors are placed there (one per GPU; the model stays on
+    the CPU since this machine has no CUDA), and the run equals the single-process one."""
+    import ray
+    from ray.util.state import list_actors
+
+    gpu_node = ray_cluster.add_node(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1")
+    try:
+        ray_cluster.wait_for_nodes()
+        config = IndexConfig(chunk_rows=256, damping_subsets=0)
+        with (
+            build_index(digits_mlp_task, tmp_path / "one", config=config, progress=False) as ref,
+            build_index(digits_mlp_task, tmp_path / "ray", config=config, progress=False, ray="auto") as index,
+        ):
+            _assert_same_run(index, ref)
+        gpu_node_id = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU"))
+        actors = list_actors(filters=[("class_name", "=", "ShardWorker")], detail=True, limit=1000)
+        on_gpu = [a for a in actors if a.get("required_resources", {}).get("GPU")]
+        assert on_gpu and all(a["node_id"] == gpu_node_id for a in on_gpu)
+        assert len(on_gpu) < len(actors)  # the JAX head stages used one actor per CPU
+    finally:
+        ray_cluster.remove_node(gpu_node)
