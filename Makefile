@@ -159,7 +159,7 @@ projected-recall: $(STAMP) data
 # Jobs on Ray (issue 16): build + 10k-query dump of the Fashion-MNIST MLP head (60k) with ray=None and a local
 # Ray instance of 1 and 2 workers (127.0.0.1 only); RAY_SCALE_ARGS="--n-train 10000 --queries 2000" for a quick pass.
 bench-ray: $(STAMP) data
-	$(BIN)/python -m experiments.ray_scale $(RAY_SCALE_ARGS)
+	for w in 0 1 2; do $(BIN)/python -m experiments.ray_scale --workers $$w $(RAY_SCALE_ARGS) || exit 1; done
 
 # HTTP service under load (issue 7): 5,000 POST /explain at concurrency 16 against a Fashion-MNIST index.
 bench-service: $(STAMP) data

@@ -4,8 +4,13 @@ Usage: .venv/bin/python -m experiments.ray_scale [--n-train 60000] [--queries 10
 (`make bench-ray`; needs `make data`). The Fashion-MNIST MLP 784-128-10 of experiments/model_scale.py, the whole
 MLP as the head (101,770 parameters, so gradients are projected to 1,024 dimensions), trained 2 epochs (the
 model's quality does not matter here), indexed with the default IndexConfig; the dump scores `--queries` test
-images with method "grad-dot" (k=100). Each mode builds a fresh run directory. Local Ray instances are bound to
-127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, set by the Makefile and here).
+images with method "representer" (k=100; `--method`). Why not a gradient method: this head's FAISS space is
+projected, and the exact gradient scores recompute every training gradient (101,770 dimensions) for each block of
+256 queries: 10,000 queries x 60,000 rows x 101,770 x 2 = 1.2e14 multiply-adds, hours on 2 cores in any mode
+(issue 14's projected-index item); representer scores are 1,290-dimensional inner products. Each mode builds a
+fresh run directory, one mode per call of this script (so each process's peak RSS is its own mode's), merged
+into the JSON. Local Ray instances are bound to 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, set by the
+Makefile and here).
 
 Reported per mode: wall seconds of the build and of the dump, parallel efficiency t(None) / (workers x t(mode)),
 Ray's overhead at one worker t(local, 1) / t(None) - 1 (target <= 15%), and the peak RSS of the driver and of
@@ -94,7 +99,7 @@ def make_task(n_train: int, n_test: int):
     )
 
 
-def run_mode(task: Any, workers: int | None, queries: int, config: Any) -> dict[str, Any]:
+def run_mode(task: Any, workers: int | None, queries: int, config: Any, method: str) -> dict[str, Any]:
     from api import build_index
     from api.ray_cluster import start_local
 
@@ -119,7 +124,7 @@ def run_mode(task: Any, workers: int | None, queries: int, config: Any) -> dict[
             WORK / f"dump_{workers or 0}.parquet",
             index.test_ids[:queries].tolist(),
             k=100,
-            method="grad-dot",
+            method=method,
             progress=False,
             ray=ray,
         )
@@ -181,10 +186,16 @@ def main() -> None:
     ap.add_argument(
         "--damping-subsets", type=int, default=16, help="IndexConfig.damping_subsets (0: no calibration refits)"
     )
+    ap.add_argument("--method", default="representer", help="the dump's method (see the module docstring)")
     ap.add_argument("--out", type=Path, default=Path("experiments/results/ray_scale.json"))
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    settings = {"n_train": args.n_train, "queries": args.queries, "damping_subsets": args.damping_subsets}
+    settings = {
+        "n_train": args.n_train,
+        "queries": args.queries,
+        "damping_subsets": args.damping_subsets,
+        "dump_method": args.method,
+    }
     res: dict[str, Any] = {**settings, "cpus": os.cpu_count(), "modes": []}
     if args.out.exists():  # modes run by earlier invocations with the same settings are kept (one mode per call)
         old = json.loads(args.out.read_text())
@@ -196,7 +207,7 @@ def main() -> None:
     config = IndexConfig(damping_subsets=args.damping_subsets)
     for w in args.workers:
         workers = w or None
-        rec = run_mode(task, workers, args.queries, config)
+        rec = run_mode(task, workers, args.queries, config, args.method)
         res["modes"] = sorted(
             [m for m in res["modes"] if m["workers"] != workers] + [rec], key=lambda m: m["workers"] or 0
         )

@@ -281,7 +281,9 @@ def whitened_stage(ctx: BuildContext) -> ManifestPatch:
     eigenvalues = np.asarray(load_array(paths.array("curvature_top_eigenvalues")), np.float64)
     half = inf.deflation_power(eigenvalues, load_array(paths.array("curvature_top_eigenvectors")), damping, -0.5)
     n = len(ctx.split("train")[1])
-    rows = 256
+    # as many rows per chunk as the "grad" stage: each chunk regenerates the seeded projection (p x d draws),
+    # which dominated this stage at 256 rows (1,181 s vs 364 s for "grad" at 60k rows, experiments/ray_scale.py)
+    rows = min(ctx.config.chunk_rows, 1024)
     vectors = ctx.chunked(paths.array("whitened_vectors"), shape=(n, proj.dim), dtype=np.float32, chunk_rows=rows)
     remote_ctx = dataclasses.replace(ctx, task=None, progress=False)
     run_chunks(
