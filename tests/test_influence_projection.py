@@ -62,3 +62,23 @@ def test_similarity_helpers() -> None:
     np.testing.assert_allclose(np.einsum("ij,ij->i", G, 2 * G), [50.0, 0.0])
     with pytest.raises(ValueError, match="mismatch"):  # query and train vectors must agree on d
         Q @ np.ones((2, 3)).T
+
+
+def test_kept_projection_blocks_give_the_products_of_blocks_drawn_afresh(monkeypatch) -> None:
+    from influence import projection
+
+    rng = np.random.default_rng(3)
+    G = rng.standard_normal((5, 1000)).astype(np.float32)
+    dense = G.astype(np.float64) @ make_projection(1000, 16, seed=9).matrix(dtype=np.float32)
+    monkeypatch.setattr(projection, "_cache", projection.collections.OrderedDict())
+    monkeypatch.setattr(projection, "CACHE_BYTES", 0)  # nothing fits: every call draws P afresh
+    fresh = project(G, d=16, seed=9, block_size=256)
+    assert not projection._cache
+    monkeypatch.setattr(projection, "CACHE_BYTES", 4 * 256 * 16 * 4)  # exactly this projection's 4 blocks
+    first, again = project(G, d=16, seed=9, block_size=256), project(G[:2], d=16, seed=9, block_size=256)
+    assert list(projection._cache) == [(1000, 16, 9, 256, "float32")]
+    np.testing.assert_array_equal(first, fresh)  # bit for bit: the same blocks, the same products
+    np.testing.assert_array_equal(again, fresh[:2])
+    np.testing.assert_allclose(first, dense, rtol=1e-4, atol=1e-4)
+    project(G, d=16, seed=10, block_size=256)  # another projection: the least recently used one is dropped
+    assert list(projection._cache) == [(1000, 16, 10, 256, "float32")]
