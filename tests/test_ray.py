@@ -189,25 +189,39 @@ def test_stages_that_run_the_model_ask_for_one_gpu_per_actor_where_the_cluster_h
 
 
 @pytest.mark.slow
-def test_a_build_on_a_cluster_with_a_gpu_node_runs_the_model_on_that_node(ray_cluster, digits_mlp_task, tmp_path):
-    """A third node advertises a GPU: the body-forward actors are placed there (one per GPU; the model stays on
-    the CPU since this machine has no CUDA), and the run equals the single-process one."""
+def test_chunks_that_run_the_model_go_to_the_gpu_node_of_a_cluster(ray_cluster, digits_mlp_task, tmp_path):
+    """A third node advertises a GPU: a stage that runs the model (model=task) gets one actor per GPU, placed on
+    that node; its copy of the Task stays on the CPU since this machine has no CUDA. Without model=, one actor
+    per CPU as before."""
+    import functools
+    import types
+
     import ray
-    from ray.util.state import list_actors
+
+    from indexer.shards import run_chunks
+    from store import RunPaths
+
+    def where(task, chunk):  # nested: pickled by value to the workers
+        import ray
+
+        return {"node": np.array(ray.get_runtime_context().get_node_id()), "device": np.array(str(task.device))}
 
     gpu_node = ray_cluster.add_node(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1")
     try:
         ray_cluster.wait_for_nodes()
-        config = IndexConfig(chunk_rows=256, damping_subsets=0)
-        with (
-            build_index(digits_mlp_task, tmp_path / "one", config=config, progress=False) as ref,
-            build_index(digits_mlp_task, tmp_path / "ray", config=config, progress=False, ray="auto") as index,
-        ):
-            _assert_same_run(index, ref)
         gpu_node_id = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU"))
-        actors = list_actors(filters=[("class_name", "=", "ShardWorker")], detail=True, limit=1000)
-        on_gpu = [a for a in actors if a.get("required_resources", {}).get("GPU")]
-        assert on_gpu and all(a["node_id"] == gpu_node_id for a in on_gpu)
-        assert len(on_gpu) < len(actors)  # the JAX head stages used one actor per CPU
+        ctx = types.SimpleNamespace(distributed=True, progress=False, paths=RunPaths(tmp_path))
+        seen = {}
+        run_chunks(
+            ctx,
+            "train_features",
+            range(6),
+            functools.partial(where, digits_mlp_task),
+            lambda chunk, out: seen.__setitem__(chunk, (str(out["node"]), str(out["device"]))),
+            desc="where",
+            model=digits_mlp_task,
+        )
+        assert sorted(seen) == list(range(6))
+        assert set(seen.values()) == {(gpu_node_id, "cpu")}
     finally:
         ray_cluster.remove_node(gpu_node)
