@@ -14,7 +14,7 @@ Makefile and here).
 
 Reported per mode: wall seconds of the build and of the dump, parallel efficiency t(None) / (workers x t(mode)),
 Ray's overhead at one worker t(local, 1) / t(None) - 1 (target <= 15%), and the peak RSS of the driver and of
-each Ray worker process (VmHWM, sampled from /proc). The machine is shared: ratios, not absolute times, are the
+each Ray worker process this run started (VmHWM, sampled from /proc). The machine is shared: ratios, not absolute times, are the
 result. Writes experiments/results/ray_scale.json and .png.
 """
 
@@ -38,8 +38,25 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 WORK = Path("experiments/cache/ray_scale")
 
 
+def _parent(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), 0)
+
+
+def _descends_from(pid: int, root: int) -> bool:
+    while pid > 1:
+        if pid == root:
+            return True
+        pid = _parent(pid)
+    return False
+
+
 class RssSampler:
-    """Peak VmHWM (MiB) of every ``ray::`` process of this machine while running (sampled every 0.2 s)."""
+    """Peak VmHWM (MiB) of every ``ray::`` process this process started (its Ray instance's workers, not other
+    Ray instances of the machine) while running, sampled every 0.2 s."""
 
     def __init__(self) -> None:
         self.peak: dict[int, float] = {}
@@ -47,12 +64,15 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        me = os.getpid()
         while not self._stop.is_set():
             for entry in Path("/proc").iterdir():
                 if not entry.name.isdigit():
                     continue
                 try:
                     if not (entry / "cmdline").read_bytes().startswith(b"ray::"):
+                        continue
+                    if not _descends_from(int(entry.name), me):
                         continue
                     for line in (entry / "status").read_text().splitlines():
                         if line.startswith("VmHWM:"):

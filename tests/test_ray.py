@@ -96,23 +96,28 @@ def test_ivf_spaces_filled_in_parts_on_two_nodes_are_the_single_process_indexes(
     ray_cluster, digits_mlp_task, tmp_path, monkeypatch
 ):
     """FAISS's recipe for indexes built in pieces: trained once by the driver, each part added by a Ray task,
-    parts merged in id order -> byte for byte the index one process fills (ids, lists, codes)."""
+    parts merged in id order -> byte for byte the index one process fills from the same vectors (ids, lists)."""
+    import influence as inf
     from indexer import shards
+    from store import build_vector_index
 
     monkeypatch.setattr(shards, "MIN_PART_ROWS", 200)  # several parts on this small training set
     config = IndexConfig(project_above=1000, projection_dim=64, damping_subsets=0, factory="IVF8,Flat")
-    with (
-        build_index(digits_mlp_task, tmp_path / "one", config=config, progress=False) as ref,
-        build_index(digits_mlp_task, tmp_path / "ray", config=config, progress=False, ray="auto") as index,
-    ):
-        for space in ("grad", "grad-unit", "grad-whitened"):
-            a, b = ref.run.space(space), index.run.space(space)
-            assert a.mergeable and a.ntotal == len(ref.train_ids) > 3 * 200, space
-            np.testing.assert_array_equal(a.to_bytes(), b.to_bytes(), err_msg=space)
-            assert ref.manifest.spaces[space] == index.manifest.spaces[space]
+    with build_index(digits_mlp_task, tmp_path / "ray", config=config, progress=False, ray="auto") as index:
+        ids = np.asarray(index.run.array("train_ids"))
+        grads = np.ascontiguousarray(index.run.array("grad_vectors"))
+        for space, vectors in (
+            ("grad", grads),
+            ("grad-unit", np.asarray(inf.normalize_rows(grads), np.float32)),
+            ("grad-whitened", np.ascontiguousarray(index.run.array("whitened_vectors"))),
+        ):
+            here, spec = build_vector_index(vectors, ids, factory="IVF8,Flat")
+            built = index.run.space(space)
+            assert here.mergeable and built.ntotal == len(ids) > 3 * 200, space
+            np.testing.assert_array_equal(built.to_bytes(), here.to_bytes(), err_msg=space)
+            assert index.manifest.spaces[space] == spec
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dense", [False, True])
 def test_a_dump_on_two_nodes_equals_the_single_process_dump(ray_cluster, digits_mlp_run, tmp_path, dense):
     import pyarrow.parquet as pq

@@ -49,16 +49,21 @@ def slow_task(delay: float = 0.004):
     return dataclasses.replace(task, train=SlowDataset(task.train, delay))
 
 
-def _shard_worker_pids() -> list[int]:
-    """Pids of this machine's Ray actor processes of the build (their title is ``ray::ShardWorker...``)."""
+def _shard_worker_pids(cluster) -> list[int]:
+    """Pids of the build's Ray actor processes (title ``ray::ShardWorker...``) of this test's cluster: children of
+    its raylets, never another Ray instance's on this machine."""
+    raylets = {info.process.pid for node in cluster.list_all_nodes() for info in node.all_processes.get("raylet", [])}
+    assert raylets, "the test cluster reports no raylet process"
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmd = (entry / "cmdline").read_bytes()
+                status = (entry / "status").read_text()
             except OSError:
                 continue
-            if cmd.startswith(b"ray::ShardWorker"):
+            ppid = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), -1)
+            if cmd.startswith(b"ray::ShardWorker") and ppid in raylets:
                 pids.append(int(entry.name))
     return pids
 
@@ -98,7 +103,7 @@ def test_a_worker_killed_mid_build_is_replaced_and_the_build_is_complete(ray_clu
 
     def kill_one_worker() -> None:
         if _wait_for_shard(out):
-            pids = _shard_worker_pids()
+            pids = _shard_worker_pids(ray_cluster)
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
