@@ -218,7 +218,6 @@ class ShardWorker:
         from store import RunPaths
 
         self.compute, self.shards = compute, ShardFiles(RunPaths(root), name)
-        self.device = "cpu"
         if model:  # the Task among compute's arguments moves its model to this actor's GPU, if it has one
             import ray
             import torch
@@ -229,13 +228,6 @@ class ShardWorker:
                 for arg in getattr(compute, "args", ()):
                     if isinstance(arg, Task):
                         arg.to_device("cuda")
-                        self.device = str(arg.device)
-
-    def where(self) -> tuple[str, str]:
-        """(the node id this worker runs on, the device its model runs on)."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id(), self.device
 
     def shard(self, chunk: int) -> int:
         """Computes chunk `chunk`, writes its shard file (atomically) and returns `chunk`."""
