@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 # every Ray instance the tests and benchmarks start stays on 127.0.0.1 (Ray resolves it to the host's address without)
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install demo test lint format typecheck bench bench-cli bench-first-explain bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets tweets-noise tweets-lastblock bench-lastblock scale scale-dump scale-update bench-service bench-ray model-scale solver-speed projected-recall clean
+.PHONY: install demo test lint format typecheck bench bench-cli bench-first-explain bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets tweets-noise tweets-lastblock bench-lastblock scale scale-dump scale-update bench-service bench-ray model-scale cnn-model-scope solver-speed projected-recall clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -147,6 +147,17 @@ $(PEERS)/.kronfluence: $(STAMP)
 
 model-scale: $(STAMP) $(PEERS)/.kronfluence data
 	$(BIN)/python -m experiments.model_scale
+
+# Whole-model influence (issue 15): the Fashion-MNIST CNN (105,962 parameters), ours scope="model" and "head" beside
+# kronfluence EK-FAC / K-FAC and TRAK (1 checkpoint; 5 models) in one run (~30 min; the model, the 50 retrains and
+# the peers' scores are cached in experiments/cache/cnn_model_scope/). traker lives in $(PEERS)/trak (CPU:
+# BasicProjector, no fast_jl), never in the project's dependencies. `--quick` for a smoke test.
+$(PEERS)/.trak: $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt --no-deps --target $(PEERS)/trak traker==0.3.2
+	touch $@
+
+cnn-model-scope: $(STAMP) $(PEERS)/.kronfluence $(PEERS)/.trak data
+	$(BIN)/python -m experiments.cnn_model_scope
 
 # The default method's solve at model scale: LiSSA, CG, deflation- and EK-FAC-preconditioned CG (~5 min).
 solver-speed: $(STAMP) data
