@@ -27,7 +27,7 @@ Rows, same model, same machine, same process:
 - kronfluence 1.0.1 (`.peers/kronfluence`), EK-FAC and K-FAC over every Conv2d / Linear layer: factors fitted on the
   training set, pairwise scores of the queries with its classification example's margin measurement at the true
   label and its damping heuristic (damping_factor=None), fit and pairwise timed separately
-  (`model_scale.kronfluence_scores`). Scores cached by configuration ("cached": true in the JSON).
+  (`kronfluence_scores`, as model_scale.py). Scores cached by configuration ("cached": true in the JSON).
 - TRAK (traker, `.peers/trak`): CPU, `BasicProjector` with a normal projection (proj_dim 2048, one block), model
   output "image_classification" (margin), float32; one row with the trained model (1 checkpoint), one with 5
   independently trained models (seeds 1..5, same recipe, cached); featurize + finalize + score timed. Cached like
@@ -44,9 +44,11 @@ import argparse
 import datetime
 import json
 import os
+import subprocess
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +58,6 @@ from torch import nn
 
 from experiments import common
 from experiments import fidelity_common as fc
-from experiments.model_scale import code_version, gflops, kronfluence_scores, lds_record
 
 FULL = {
     "n_train": 5000,
@@ -84,6 +85,46 @@ KRONFLUENCE_VERSION = "1.0.1"
 TRAK_VERSION = "0.3.2"
 WORK = common.CACHE / "cnn_model_scope"
 THREADS = 2
+
+
+# ------------------------------------------------ shared with model_scale.py, copied (scripts never import each other)
+def gflops() -> float:
+    """This machine's float32 matmul rate now (2048 x 2048, median of 5)."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((2048, 2048)).astype(np.float32) for _ in range(2))
+    return common.matmul_gflop_s(a, b, repeats=5)
+
+
+def code_version() -> dict[str, Any]:
+    """The commit measured (MODEL_SCALE_COMMIT when run from an exported snapshot) and whether the library's
+    packages had uncommitted changes."""
+    out: dict[str, Any] = {"commit": os.environ.get("MODEL_SCALE_COMMIT")}
+    try:
+        git = ["git", "-C", str(common.ROOT)]
+        if out["commit"] is None:
+            out["commit"] = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "api", "influence", "indexer", "store"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")
+        out["uncommitted_library_changes"] = [line for line in dirty if line.strip()]
+    except (OSError, subprocess.CalledProcessError):
+        out["uncommitted_library_changes"] = "unknown (not a git checkout: an exported snapshot of the commit)"
+    return out
+
+
+def mean_se(rho: np.ndarray) -> tuple[float, float]:
+    r = np.asarray(rho, np.float64)
+    r = r[np.isfinite(r)]
+    return float(r.mean()), float(r.std(ddof=1) / np.sqrt(len(r))) if len(r) > 1 else float("nan")
+
+
+def lds_record(scores: np.ndarray, masks: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    rho = fc.lds_per_point(np.asarray(scores, np.float64), masks, truth)
+    m, se = mean_se(rho)
+    return {"lds_mean": m, "lds_se": se, "lds_median": float(np.nanmedian(rho)), "per_query": rho.tolist()}
 
 
 def tag(c: dict) -> str:
@@ -261,6 +302,87 @@ def run_ours(scope: str, make_task, run: Path, labels, masks, truth, reuse: bool
 
 
 # ------------------------------------------------------------------------------------------------------ peers
+def kronfluence_scores(path: str, model, xtr, ytr, xq, yq, strategy: str, out: Path) -> dict[str, Any]:
+    """kronfluence's own pipeline on the torch MLP: fit_all_factors on the training set, then
+    compute_pairwise_scores of the queries (margin measurement at the true label, damping heuristic)."""
+    import logging
+
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    common.add_sys_path(path)
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task as KTask
+
+    logging.getLogger("kronfluence").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="kronfluence")  # torch.cuda.amp on CPU
+
+    class ClassificationTask(KTask):  # kronfluence's examples/cifar/analyze.py
+        def compute_train_loss(self, batch, model, sample=False):
+            inputs, labels = batch
+            logits = model(inputs)
+            if not sample:
+                return F.cross_entropy(logits, labels, reduction="sum")
+            with torch.no_grad():
+                probs = torch.nn.functional.softmax(logits.detach(), dim=-1)
+                sampled = torch.multinomial(probs, num_samples=1).flatten()
+            return F.cross_entropy(logits, sampled, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            inputs, labels = batch
+            logits = model(inputs)
+            bindex = torch.arange(logits.shape[0])
+            correct = logits[bindex, labels]
+            others = logits.clone()
+            others[bindex, labels] = -torch.inf
+            return -(correct - others.logsumexp(dim=-1)).sum()
+
+    import copy
+
+    task = ClassificationTask()
+    kmodel = prepare_model(copy.deepcopy(model).eval(), task)
+    common.fresh(out)
+    analyzer = Analyzer(
+        analysis_name=strategy, model=kmodel, task=task, cpu=True, disable_tqdm=True, output_dir=str(out)
+    )
+    train = TensorDataset(torch.from_numpy(xtr), torch.from_numpy(ytr))
+    query = TensorDataset(torch.from_numpy(xq), torch.from_numpy(yq))
+    common.peak_rss_reset()
+    rate_before = gflops()
+    t0 = time.perf_counter()
+    analyzer.fit_all_factors(
+        factors_name=strategy,
+        factor_args=FactorArguments(strategy=strategy),
+        dataset=train,
+        per_device_batch_size=None,
+        overwrite_output_dir=True,
+    )
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    analyzer.compute_pairwise_scores(
+        scores_name=strategy,
+        factors_name=strategy,
+        query_dataset=query,
+        train_dataset=train,
+        per_device_query_batch_size=len(yq),
+        score_args=ScoreArguments(damping_factor=None),
+        overwrite_output_dir=True,
+    )
+    pairwise_s = time.perf_counter() - t0
+    S = analyzer.load_pairwise_scores(strategy)["all_modules"].double().numpy()
+    return {
+        "scores": S,
+        "fit_seconds": fit_s,
+        "pairwise_seconds": pairwise_s,
+        "pairwise_seconds_per_query": pairwise_s / len(yq),
+        "peak_rss_mb": common.peak_rss_mb(),
+        "matmul_gflop_s_float32_at_fit": rate_before,
+        "at": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
 def cached_scores(path: Path, shape: tuple[int, int], refresh: bool, compute) -> dict[str, Any]:
     """compute() -> {"scores": [m, n], ...meta}, cached in `path` (npz; "cached": True when read back)."""
     if path.exists() and not refresh:
