@@ -20,6 +20,7 @@ the kept outputs, once per target vector (the labels, or each class for the Gaus
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,12 +66,25 @@ class ModelScope:
     Args:
         model: the torch classifier (eval mode).
         layers: `indexer.layers.resolve_layers(model, scope)`.
-        forward: raw batch (list of inputs) -> logits [b, classes] on the model's device.
+        make_forward: model -> the forward of a raw batch (list of inputs) -> logits [b, classes] on the model's
+            device (`tensor_forward`, `text_forward`); applied to `model`, and to copies of it (`forward_of`).
     """
 
-    def __init__(self, model: nn.Module, layers: list[Layer], forward: Callable[[list[Any]], torch.Tensor]) -> None:
-        self.model, self.layers, self.forward = model, layers, forward
+    def __init__(
+        self, model: nn.Module, layers: list[Layer], make_forward: Callable[[nn.Module], Callable[[list[Any]], Any]]
+    ) -> None:
+        self.model, self.layers, self.make_forward = model, layers, make_forward
+        self.forward = make_forward(model)
         self._projections: dict[tuple, list] = {}
+
+    def forward_of(self, model: nn.Module) -> Callable[[list[Any]], torch.Tensor]:
+        """The forward of raw batches through `model` (a copy of this scope's model)."""
+        return self.make_forward(model)
+
+    def parameters_of(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters of this scope's layers in `model` (this scope's model or a copy of it), layer order."""
+        modules = dict(model.named_modules())
+        return [p for layer in self.layers for p in modules[layer.name].parameters(recurse=False)]
 
     @property
     def names(self) -> list[str]:
@@ -277,7 +291,9 @@ def model_scope_of(task: Any) -> ModelScope:
     layers = resolve_layers(task.model, task.scope)
     body = task.body_module
     if isinstance(body, TextBody):
-        forward = text_forward(task.model, body.tokenizer, body.max_length, task.device)
+        make_forward = functools.partial(
+            text_forward, tokenizer=body.tokenizer, max_length=body.max_length, device=task.device
+        )
     else:
-        forward = tensor_forward(task.model, task.device)
-    return ModelScope(task.model, layers, forward)
+        make_forward = functools.partial(tensor_forward, device=task.device)
+    return ModelScope(task.model, layers, make_forward)

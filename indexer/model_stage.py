@@ -174,7 +174,8 @@ def model_curvature_stage(ctx: BuildContext) -> ManifestPatch:
     save_array(paths.array("model_kronecker_bases"), kfac_arrays["bases"])
     save_array(paths.array("model_kfac_eigenvalues"), kfac_arrays["eigenvalues"])
     save_array(paths.array("model_ekfac_eigenvalues"), ekfac_arrays["eigenvalues"])
-    updated = {k: v for k, v in record.items() if k != "curvature_stale"} | {
+    stale = ("curvature_stale", "rule_damping", "damping_calibration")  # the stage "model-damping" redoes the last two
+    updated = {k: v for k, v in record.items() if k not in stale} | {
         "curvature": "ggn",
         "curvature_rows": len(rows),
         "top_eigenvalue": top,

@@ -27,6 +27,7 @@ The order and the names are those of every run directory written so far ("comple
 | block | task, labels, logits, ids | block_* arrays, spaces block / block-unit | no |
 | model | task, labels, logits, ids | model_train / test vectors, test targets, spaces model / model-unit | yes |
 | model-curvature | task, train labels, the model record | model_curvature, model_kronecker_bases, model_(e)kfac_eigenvalues | no |
+| model-damping | task, train and test labels, model_curvature, model_train_vectors | the calibrated damping (manifest) | no |
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .block import block_stage, is_last_block
 from .calibration import damping_stage
 from .context import BuildContext, ManifestPatch
 from .examples import features_stage, grad_stage, has_checkpoints, metadata_stage, tracin_stage
+from .model_calibration import model_damping_stage
 from .model_stage import is_model_scope, model_curvature_stage, model_stage
 from .queries import has_query_cache, queries_stage
 from .training_set import (
@@ -231,6 +233,14 @@ STAGES: tuple[Stage, ...] = (
         writes=MODEL_CURVATURE_ARRAYS,
         per_example=False,
         run=model_curvature_stage,
+        applies=is_model_scope,
+    ),
+    Stage(
+        "model-damping",
+        reads=(TASK, "train_labels", "test_labels", "model_curvature", "model_train_vectors"),
+        writes=(),
+        per_example=False,
+        run=model_damping_stage,
         applies=is_model_scope,
     ),
 )

@@ -151,7 +151,7 @@ class UpdateReport:
 
 
 #: the stages that estimate the curvature of the training loss (kept together by refresh_curvature=False)
-CURVATURE_STAGES = ("curvature", "damping", "kronecker", "model-curvature")
+CURVATURE_STAGES = ("curvature", "damping", "kronecker", "model-curvature", "model-damping")
 
 
 def stages_to_rerun(ctx: BuildContext, *, refresh_curvature: bool) -> tuple[list[Stage], list[Stage]]:

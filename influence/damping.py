@@ -62,6 +62,16 @@ def damping_grid(top_eigenvalue: float, *extra: float) -> np.ndarray:
     return np.array(sorted(values), np.float64)
 
 
+def spectral_predictions(eigenvalues: np.ndarray, U: np.ndarray, W: np.ndarray, damping: float) -> np.ndarray:
+    """pred [m, K] = U diag(1 / (lambda + d)) W^T, i.e. pred_k(q; d) = x_q^T (A + d I)^-1 w_k for a symmetric
+    A = V diag(lambda) V^T given in its eigenbasis: U = X V [m, r] (the queries' vectors), W = W_raw V [K, r] (the
+    subsets' summed vectors). One eigendecomposition serves every damping of a grid."""
+    lam = np.asarray(eigenvalues, np.float64) + float(damping)
+    if np.any(lam <= 0):
+        raise ValueError(f"eigenvalues + damping must be > 0, got min {float(lam.min())!r}")
+    return (np.asarray(U, np.float64) / lam) @ np.asarray(W, np.float64).T
+
+
 def correct_class_margins(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """z_y - max_{c != y} z_c of logits [..., m, C] at labels [m]: [..., m] float64."""
     z = np.asarray(logits, np.float64)

@@ -47,13 +47,15 @@ def model_curvature(engine: Engine) -> inf.ProjectedCurvature:
 
 def model_kronecker(engine: Engine, kind: str) -> inf.KroneckerCurvature:
     """The run's K-FAC or EK-FAC model of G in phi's space (stage "model-curvature"), with the engine's damping
-    (the LissaConfig's when set, else the build's rule on G + l2 I), cached."""
+    (the LissaConfig's when set, else the build's rule on G + l2 I: the calibrated damping of stage
+    "model-damping" is measured for the exact operator, as on the head), cached."""
     from indexer.training_set import load_kronecker
 
     cache = engine.__dict__.setdefault("_model_cache", {})
     if "kronecker" not in cache:
         damping = engine.lissa_config.damping
-        damping = float(model_record(engine)["damping"] if damping is None else damping)
+        record = model_record(engine)
+        damping = float(record.get("rule_damping", record["damping"]) if damping is None else damping)
         cache["kronecker"] = load_kronecker(engine.run.paths, engine.run.extra, damping=damping, prefix="model_")
     if kind not in cache["kronecker"]:
         raise ValueError(
