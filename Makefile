@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 # every Ray instance the tests and benchmarks start stays on 127.0.0.1 (Ray resolves it to the host's address without)
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install demo test lint format typecheck bench bench-cli bench-first-explain bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets tweets-noise tweets-lastblock bench-lastblock scale scale-dump scale-update bench-service bench-ray model-scale cnn-model-scope solver-speed projected-recall clean
+.PHONY: install demo test lint format typecheck bench bench-cli bench-first-explain bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets tweets-noise tweets-lastblock bench-lastblock scale scale-dump scale-update bench-service bench-ray model-scale cnn-model-scope tweets-model-scope solver-speed projected-recall clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -158,6 +158,12 @@ $(PEERS)/.trak: $(STAMP)
 
 cnn-model-scope: $(STAMP) $(PEERS)/.kronfluence $(PEERS)/.trak data
 	$(BIN)/python -m experiments.cnn_model_scope
+
+# Whole-model influence on MiniLM (issue 15): the whole encoder + head fine-tuned on 200 tweets, indexed with
+# scope="model", "last-block" and "head" (build s, peak RSS), LDS of each against 16 half-subset retrains (the model
+# and retrain margins cached in experiments/cache/tweets_model_scope/; ~25 min on 2 shared cores). `--quick` smoke.
+tweets-model-scope: $(STAMP) $(PEERS)/.hf
+	$(BIN)/python -m experiments.tweets_model_scope
 
 # The default method's solve at model scale: LiSSA, CG, deflation- and EK-FAC-preconditioned CG (~5 min).
 solver-speed: $(STAMP) data
