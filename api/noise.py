@@ -43,6 +43,7 @@ intermediate arrays (self-influence, p_oos) are cached under ``arrays/`` so an i
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -137,13 +138,21 @@ def _grad_chunk_rows(p: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ signals
+def _cache_key(run: OpenedRun, config: dict[str, Any]) -> dict[str, Any]:
+    """What a job cache is keyed on: `config` and the training rows it covers (their number and a SHA-1 of the
+    run's training ids in row order), so that after an add or a delete, even one that keeps n, it misses."""
+    ids = np.ascontiguousarray(np.asarray(run.array("train_ids"), np.int64))
+    return config | {"train_rows": len(ids), "train_ids_sha1": hashlib.sha1(ids.tobytes()).hexdigest()}
+
+
 def _cached(run: OpenedRun, name: str, config: dict[str, Any]) -> np.ndarray | None:
-    """The job cache `arrays/<name>.npy` when its sidecar says it was computed with `config`, else None."""
+    """The job cache `arrays/<name>.npy` when its sidecar says it was computed with `config` over the run's
+    current training rows (`_cache_key`), else None."""
     meta = run.paths.cache_config(name)
     path = run.paths.array(name)
     if path.exists() and meta.exists():
         try:
-            if json.loads(meta.read_text()) == config:
+            if json.loads(meta.read_text()) == _cache_key(run, config):
                 return np.asarray(load_array(path, mmap=False))
         except (OSError, ValueError):
             return None
@@ -152,7 +161,7 @@ def _cached(run: OpenedRun, name: str, config: dict[str, Any]) -> np.ndarray | N
 
 def _save_cached(run: OpenedRun, name: str, config: dict[str, Any], arr: np.ndarray) -> None:
     save_array(run.paths.array(name), arr)
-    atomic_write_json(run.paths.cache_config(name), config)
+    atomic_write_json(run.paths.cache_config(name), _cache_key(run, config))
 
 
 def model_self_influence(engine: Engine, *, progress: bool = True) -> tuple[np.ndarray, dict[str, Any]]:

@@ -270,3 +270,27 @@ def test_cli_noise_table_csv_and_png(noisy_digits, tmp_path):
     assert bad.exit_code != 0 and "--known-wrong" in bad.output
     bad = CliRunner().invoke(app, [*args, "--oos-refit", "everything"])
     assert bad.exit_code == 2 and "oos_refit must be one of" in bad.output
+
+
+def test_job_caches_miss_after_the_training_set_changes_even_at_the_same_size(
+    tmp_path, digits_logreg_task, digits_logreg_run
+):
+    """The self-influence cache is keyed on the training rows: a delete then an add (same n, other ids) recomputes,
+    and the result is the old one with the re-added example's row moved to the end."""
+    import shutil
+
+    from api import open_index
+    from api.noise import compute_self_influence
+    from indexer.update import add_examples, delete_examples
+
+    path = shutil.copytree(digits_logreg_run, tmp_path / "run")
+    with open_index(path) as index:
+        first, info = compute_self_influence(index.engine, progress=False)
+        assert "cached" not in info
+        assert compute_self_influence(index.engine, progress=False)[1]["cached"]
+    delete_examples(path, [0])
+    add_examples(digits_logreg_task, path, [digits_logreg_task.train[0]], ids=[10_000])
+    with open_index(path) as index:
+        got, info = compute_self_influence(index.engine, progress=False)
+        assert "cached" not in info and len(got) == len(first)
+        np.testing.assert_allclose(got, np.concatenate([first[1:], first[:1]]), rtol=1e-5)
