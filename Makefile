@@ -159,9 +159,9 @@ $(PEERS)/.trak: $(STAMP)
 cnn-model-scope: $(STAMP) $(PEERS)/.kronfluence $(PEERS)/.trak data
 	$(BIN)/python -m experiments.cnn_model_scope
 
-# Whole-model influence on MiniLM (issue 15): the whole encoder + head fine-tuned on 200 tweets, indexed with
+# Whole-model influence on MiniLM (issue 15): the whole encoder + head fine-tuned on 120 tweets, indexed with
 # scope="model", "last-block" and "head" (build s, peak RSS), LDS of each against 16 half-subset retrains (the model
-# and retrain margins cached in experiments/cache/tweets_model_scope/; ~25 min on 2 shared cores). `--quick` smoke.
+# and retrain margins cached in experiments/cache/tweets_model_scope/; ~35 min on 2 busy cores). `--quick` smoke.
 tweets-model-scope: $(STAMP) $(PEERS)/.hf
 	$(BIN)/python -m experiments.tweets_model_scope
 

@@ -25,7 +25,8 @@ tweets_model_scope/); for each query q, Spearman over k between sum_{i in S_k} s
 
 Results -> experiments/results/tweets_model_scope.json + .png. `make tweets-model-scope`, i.e.
 `python -m experiments.tweets_model_scope` from the repository root; `--quick` for a smoke test (64 / 24 tweets,
-4 retrains: experiments/results/tweets_model_scope_quick.json).
+4 retrains; written under experiments/cache/). `--stage truth` and `--stage build` can run side by side (the build
+needs only the cached fine-tuned model), then `--stage lds` scores the built runs against the cached retrains.
 """
 
 from __future__ import annotations
@@ -153,28 +154,34 @@ def lds_record(scores: np.ndarray, masks: np.ndarray, truth: np.ndarray, seconds
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-train", type=int, default=200)
-    ap.add_argument("--n-test", type=int, default=100)
+    ap.add_argument("--n-train", type=int, default=120)
+    ap.add_argument("--n-test", type=int, default=60)
     ap.add_argument("--queries", type=int, default=60, help="test tweets the LDS is measured on (the first ones)")
     ap.add_argument("--subsets", type=int, default=16, help="half-subset retrains for the LDS")
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=5e-5, help="the encoder's Adam step size")
+    ap.add_argument("--lr", type=float, default=2e-5, help="the encoder's Adam step size")
     ap.add_argument("--head-lr", type=float, default=1e-3, help="the head's Adam step size")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--dim", type=int, default=1024, help="projection size of the last-block gradients")
     ap.add_argument("--layer-dim", type=int, default=8, help="scope='model': IndexConfig.layer_projection_dim")
-    ap.add_argument("--damping-subsets", type=int, default=4, help="scope='model': IndexConfig.damping_subsets")
+    ap.add_argument("--damping-subsets", type=int, default=3, help="scope='model': IndexConfig.damping_subsets")
     ap.add_argument("--scopes", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--quick", action="store_true", help="smoke test: 64 train, 24 test, 12 queries, 4 subsets")
-    ap.add_argument("--truth-only", action="store_true", help="train the model and the retrains (cached), then stop")
+    ap.add_argument(
+        "--stage",
+        choices=("all", "truth", "build", "lds"),
+        default="all",
+        help="truth: the model and the retrains (cached); build: the three indexes (their records to --out); "
+        "lds: the LDS of the built indexes (needs both); all: everything in turn",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.quick:
         args.n_train, args.n_test, args.queries, args.subsets, args.damping_subsets = 64, 24, 12, 4, 3
     if args.out is None:
         name = "tweets_model_scope_quick.json" if args.quick else "tweets_model_scope.json"
-        args.out = str(common.RESULTS / name)
+        args.out = str((CACHE if args.quick else common.RESULTS) / name)
     if not 0 < args.queries <= args.n_test:
         raise SystemExit(f"--queries must be in 1..--n-test ({args.n_test}), got {args.queries}")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -182,6 +189,8 @@ def main() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     res: dict[str, Any] = {"args": vars(args), "l2": L2, "machine": f"{os.cpu_count()} CPU cores (shared)"}
+    if args.stage == "lds" and Path(args.out).exists():  # the build stage's records
+        res["builds"] = json.loads(Path(args.out).read_text()).get("builds", {})
 
     texts, labels, _ = common.load_tweets()
     perm = np.random.default_rng(0).permutation(len(texts))
@@ -231,9 +240,13 @@ def main() -> None:
 
     # ---- LDS ground truth: T(S_k) from the same start
     masks = fc.half_masks(args.subsets, len(y), np.random.default_rng(1))
-    truth_path = CACHE / f"truth_{qkey}.npz"
-    if truth_path.exists():
+    truth_path, timing_path = CACHE / f"truth_{qkey}.npz", CACHE / f"timing_{qkey}.json"
+    if args.stage == "build":
+        truth = None
+    elif truth_path.exists():
         truth = np.load(truth_path)["truth"]
+        if timing_path.exists():
+            res |= json.loads(timing_path.read_text())
     else:
         truth = np.empty((args.subsets, args.queries))
         t0 = time.perf_counter()
@@ -243,8 +256,10 @@ def main() -> None:
             print(f"retrain {k + 1}/{args.subsets} ({time.perf_counter() - t0:.0f} s)", flush=True)
         res["retrain_seconds"] = time.perf_counter() - t0
         np.savez(truth_path, truth=truth, masks=masks)
+        timing = ("head_init_seconds", "fine_tune_seconds", "retrain_seconds")
+        timing_path.write_text(json.dumps({k: res[k] for k in timing if k in res}))
     res["retrain"] = {"subsets": args.subsets, "fraction": 0.5, "cache": str(truth_path.relative_to(common.ROOT))}
-    if args.truth_only:
+    if args.stage == "truth":
         print(f"cached {truth_path}")
         return
     model.load_state_dict(final)
@@ -255,7 +270,8 @@ def main() -> None:
         projection_dim=args.dim, layer_projection_dim=args.layer_dim, damping_subsets=args.damping_subsets
     )
     queries = list(range(args.queries))
-    res["builds"], res["lds"] = {}, {}
+    res.setdefault("builds", {})
+    res["lds"] = {}
     for scope in args.scopes:
         task = Task.from_hf(
             model,
@@ -267,25 +283,13 @@ def main() -> None:
             batch_size=args.batch_size,
             max_length=args.max_length,
         )
-        path = common.fresh(CACHE / f"run-{scope}")
-        gc.collect()
-        common.peak_rss_reset()
-        rss0 = common.rss_mb()
-        t0 = time.perf_counter()
-        build_index(task, path, config=config, progress=False).close()
-        build = {"build_seconds": time.perf_counter() - t0, "peak_rss_mb": common.peak_rss_mb(), "rss_before_mb": rss0}
+        path = CACHE / f"run-{scope}"
+        if args.stage != "lds":
+            res["builds"][scope] = build_record(task, path, config, scope)
+        if args.stage == "build":
+            common.save_results(res, Path(args.out), None)
+            continue
         with open_index(path, task=task) as index:
-            extra = index.manifest.extra
-            build["stage_seconds"] = extra.get("stage_seconds_last")
-            if scope == "model":
-                m = extra["model"]
-                build["model"] = {
-                    k: m.get(k) for k in ("damping", "rule_damping", "damping_calibration", "dim", "layers")
-                }
-            if scope == "last-block":
-                build["block"] = extra.get("block")
-            res["builds"][scope] = build
-            print(scope, {k: v for k, v in build.items() if k.endswith(("seconds", "mb"))}, flush=True)
             for method in METHODS[scope]:
                 t0 = time.perf_counter()
                 try:
@@ -299,6 +303,28 @@ def main() -> None:
                 print(f"LDS {scope}/{method}: {rec['mean']:.3f} +- {rec['sem']:.3f}", flush=True)
         res["total_seconds"] = time.perf_counter() - t_all
         common.save_results(res, Path(args.out), plot)  # after every scope: a partial run keeps what it measured
+
+
+def build_record(task: Task, path: Path, config: IndexConfig, scope: str) -> dict[str, Any]:
+    """Builds the run at `path` afresh: seconds, peak RSS (VmHWM reset before), the stages' seconds, and the
+    scope's manifest record (scope="model": its damping, the rule's, the calibration's evidence)."""
+    common.fresh(path)
+    gc.collect()
+    common.peak_rss_reset()
+    rss0 = common.rss_mb()
+    t0 = time.perf_counter()
+    build_index(task, path, config=config, progress=False).close()
+    build = {"build_seconds": time.perf_counter() - t0, "peak_rss_mb": common.peak_rss_mb(), "rss_before_mb": rss0}
+    with open_index(path) as index:
+        extra = index.manifest.extra
+        build["stage_seconds"] = extra.get("stage_seconds_last")
+        if scope == "model":
+            m = extra["model"]
+            build["model"] = {k: m.get(k) for k in ("damping", "rule_damping", "damping_calibration", "dim", "layers")}
+        if scope == "last-block":
+            build["block"] = extra.get("block")
+    print(scope, {k: v for k, v in build.items() if k.endswith(("seconds", "mb"))}, flush=True)
+    return build
 
 
 def _recipe(args: argparse.Namespace) -> dict[str, Any]:
