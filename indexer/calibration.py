@@ -46,6 +46,37 @@ CALIBRATION_SOLVE = inf.LissaConfig(tol=0.1)
 MIN_TRAIN_ROWS, MIN_QUERIES = 40, 10
 
 
+def calibration_queries(n_test: int, count: int, seed: int) -> np.ndarray:
+    """The stored test rows a calibration scores: a seeded sample of min(count, n_test), sorted."""
+    return np.sort(np.random.default_rng([seed, 31]).choice(n_test, size=min(count, n_test), replace=False))
+
+
+def calibration_record(
+    chosen: float,
+    rule: float,
+    grid: np.ndarray,
+    lds: np.ndarray,
+    se: np.ndarray,
+    *,
+    subsets: int,
+    queries: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The evidence of a calibrated damping (the manifest's `damping_calibration`): grid, LDS and s.e. per damping."""
+    return {
+        "damping": chosen,
+        "chosen_by": "calibration",
+        "rule_damping": rule,
+        "grid": [float(d) for d in grid],
+        "lds": [float(v) for v in lds],
+        "lds_se": [float(v) for v in se],
+        "subsets": subsets,
+        "fraction": SUBSET_FRACTION,
+        "queries": queries,
+        "seed": seed,
+    }
+
+
 def skip_reason(ctx: BuildContext) -> str | None:
     """Why the damping of this run is not calibrated (None when it is)."""
     if ctx.config.damping_subsets == 0:
@@ -99,9 +130,7 @@ def damping_stage(ctx: BuildContext) -> ManifestPatch:
     h, y = ctx.split("train")
     h = np.asarray(h)
     ht, yt = ctx.split("test")
-    queries = np.sort(
-        np.random.default_rng([seed, 31]).choice(len(yt), size=min(ctx.config.damping_queries, len(yt)), replace=False)
-    )
+    queries = calibration_queries(len(yt), ctx.config.damping_queries, seed)
     hq, yq = np.asarray(ht[queries]), np.asarray(yt[queries])
     masks = subset_masks(len(y), k, SUBSET_FRACTION, seed)
 
@@ -134,17 +163,7 @@ def damping_stage(ctx: BuildContext) -> ManifestPatch:
     lds, se = calibration_lds(predictions, margins, grid)
     solves.close()
     chosen = select_damping(grid, lds)
-    record: dict[str, Any] = {
-        "damping": chosen,
-        "chosen_by": "calibration",
-        "rule_damping": rule,
-        "grid": [float(d) for d in grid],
-        "lds": [float(v) for v in lds],
-        "lds_se": [float(v) for v in se],
-        "subsets": k,
-        "fraction": SUBSET_FRACTION,
-        "queries": len(queries),
-        "seed": seed,
+    record = calibration_record(chosen, rule, grid, lds, se, subsets=k, queries=len(queries), seed=seed) | {
         "refit_epochs": [int(e) for e in epochs],
         "seconds": time.perf_counter() - t0,
     }

@@ -52,7 +52,14 @@ from influence.damping import (
 )
 from store import load_array
 
-from .calibration import CALIBRATION_SEED, MIN_QUERIES, MIN_TRAIN_ROWS, SUBSET_FRACTION
+from .calibration import (
+    CALIBRATION_SEED,
+    MIN_QUERIES,
+    MIN_TRAIN_ROWS,
+    SUBSET_FRACTION,
+    calibration_queries,
+    calibration_record,
+)
 from .context import BuildContext, ManifestPatch
 from .model_stage import embed_inputs
 
@@ -146,9 +153,7 @@ def model_damping_stage(ctx: BuildContext) -> ManifestPatch:
     task.model_scope.check_record(record)
     _, y = ctx.split("train")
     _, yt = ctx.split("test")
-    queries = np.sort(
-        np.random.default_rng([seed, 31]).choice(len(yt), size=min(ctx.config.damping_queries, len(yt)), replace=False)
-    )
+    queries = calibration_queries(len(yt), ctx.config.damping_queries, seed)
     yq = np.asarray(yt[queries], np.int64)
     xq = [task.test[int(i)][0] for i in queries]
     masks = subset_masks(len(y), k, SUBSET_FRACTION, seed)
@@ -164,17 +169,7 @@ def model_damping_stage(ctx: BuildContext) -> ManifestPatch:
     grid = damping_grid(top, rule, *(top * r for r in EXTRA_RELATIVE))
     lds, se = calibration_lds(lambda d: spectral_predictions(lam, U, W, d), margins, grid)
     chosen = select_damping(grid, lds)
-    calibration: dict[str, Any] = {
-        "damping": chosen,
-        "chosen_by": "calibration",
-        "rule_damping": rule,
-        "grid": [float(d) for d in grid],
-        "lds": [float(v) for v in lds],
-        "lds_se": [float(v) for v in se],
-        "subsets": k,
-        "fraction": SUBSET_FRACTION,
-        "queries": len(queries),
-        "seed": seed,
+    calibration = calibration_record(chosen, rule, grid, lds, se, subsets=k, queries=len(queries), seed=seed) | {
         "refit": {"start": "trained model", "epochs": REFIT_EPOCHS, "optimizer": "adam", "lr": REFIT_LR},
         "seconds": time.perf_counter() - t0,
     }
