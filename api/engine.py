@@ -239,14 +239,15 @@ class Engine:
 
     @cached_property
     def whitening_half(self) -> Any | None:
-        """v -> M^1/2 v for rows of v, M the spectral model of the curvature the build whitened the projected
-        space "grad-whitened" with (`indexer.training_set.whitened_stage`); None when the run has no such space."""
+        """v -> K^1/2 v for rows of v, K the curvature model the build whitened the projected space "grad-whitened"
+        with (`indexer.training_set.whitened_stage`: the run's EK-FAC, or in runs without Kronecker factors and
+        those built before, the spectral model of the top eigenpairs); None when the run has no such space."""
+        from indexer.training_set import whitening_powers
+
         record = self.run.extra.get("whitened")
         if record is None or "grad-whitened" not in self.run.manifest.spaces:
             return None
-        eigenvalues = np.asarray(self.run.array("curvature_top_eigenvalues"), np.float64)
-        vectors = self.run.array("curvature_top_eigenvectors")
-        return inf.deflation_power(eigenvalues, vectors, float(record["damping"]), 0.5)
+        return whitening_powers(self.run.paths, self.run.extra, record)[1]
 
     def require_exact(self) -> None:
         """Raises a ValueError naming the limit when the run has no dense eigendecomposition."""

@@ -10,7 +10,9 @@ stages in `STAGES` order:
 - an incremental update (`indexer.update`) re-runs the recorded stages that depend on the whole training set
   (``per_example=False``) on the changed training set, and saves the manifest last, after SQLite.
 
-The order and the names are those of every run directory written so far ("complete" is recorded after the last).
+The names are those of every run directory written so far ("complete" is recorded after the last); "whitened"
+ran before "kronecker" until it whitened with the EK-FAC (a build resumed from such a directory skips whichever
+of the two its manifest records and runs the other).
 
 | stage | reads | writes | per-example |
 |---|---|---|---|
@@ -20,8 +22,8 @@ The order and the names are those of every run directory written so far ("comple
 | representer | train and test features, train labels, ids | train_phi, representer_alpha / _theta, space | no |
 | curvature | train features, labels | curvature_(top_)eigenvalues / eigenvectors | no |
 | damping | train and test features, labels, curvature arrays | the calibrated damping (manifest) | no |
-| whitened | train features, labels, ids, curvature top eigenpairs | whitened_vectors, space grad-whitened | no |
 | kronecker | train features | kronecker_bases, kfac_eigenvalues, ekfac_eigenvalues | no |
+| whitened | train features, labels, ids, EK-FAC arrays (else curvature top eigenpairs) | whitened_vectors, space grad-whitened | no |
 | tracin | task, train features, labels | tracin_self_influence | yes |
 | queries | train and test arrays, curvature arrays | query_solutions / targets / residuals / depths | no |
 | block | task, labels, logits, ids | block_* arrays, spaces block / block-unit | no |
@@ -160,6 +162,13 @@ STAGES: tuple[Stage, ...] = (
         run=damping_stage,
     ),
     Stage(
+        "kronecker",
+        reads=("train_features",),
+        writes=(*KRONECKER_ARRAYS, "kronecker_factor_sums", "kronecker_correction_sums"),  # the last two: scratch
+        per_example=False,
+        run=kronecker_stage,
+    ),
+    Stage(
         "whitened",
         reads=(
             "train_features",
@@ -167,18 +176,12 @@ STAGES: tuple[Stage, ...] = (
             "train_ids",
             "curvature_top_eigenvalues",
             "curvature_top_eigenvectors",
+            *KRONECKER_ARRAYS,
         ),
         writes=("whitened_vectors", "grad-whitened"),
         per_example=False,
         run=whitened_stage,
         applies=has_projected_deflation,
-    ),
-    Stage(
-        "kronecker",
-        reads=("train_features",),
-        writes=(*KRONECKER_ARRAYS, "kronecker_factor_sums", "kronecker_correction_sums"),  # the last two: scratch
-        per_example=False,
-        run=kronecker_stage,
     ),
     Stage(
         "tracin",

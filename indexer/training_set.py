@@ -7,12 +7,14 @@ Adding or deleting one training example changes every output of these stages, so
   + lambda ||Theta||^2 over the augmented penultimate features phi_i = [f(h_i), 1], started from the model's
   last linear layer (a rerun: from the stored Theta*); alpha_i = -(softmax(Theta* phi_i) - onehot(y_i)) /
   (2 lambda n) and the FAISS space of vec(alpha_i phi_i^T). lambda is `influence.resolve_representer_lambda`.
-- "whitened" (projected heads only): the head gradients whitened by the spectral model of the curvature,
-  M^-1/2 g_i (`influence.curvature.deflation_power`: the stored top eigenpairs kept, the rest of the spectrum
-  flattened to the smallest of them), projected with the run's seed -> FAISS space "grad-whitened". A query
-  vector s is searched as P M^1/2 s: in full space (M^1/2 s) . (M^-1/2 g_i) = s . g_i is the exact score, so the
-  projection only adds Johnson-Lindenstrauss noise, on vectors whose curvature-dominated directions no longer
-  drown the rest (raw projected gradients rank by those few directions).
+- "whitened" (projected heads only): the head gradients whitened by a model K of the curvature, K^-1/2 g_i,
+  projected with the run's seed -> FAISS space "grad-whitened". A query vector s is searched as P K^1/2 s: in full
+  space (K^1/2 s) . (K^-1/2 g_i) = s . g_i is the exact score for ANY symmetric positive definite K, so the
+  projection only adds Johnson-Lindenstrauss noise ~ ||K^1/2 s|| ||K^-1/2 g_i|| / sqrt(d), smallest when K is
+  close to the curvature C + (l2 + d) I the query was solved with (raw projected gradients rank by the few
+  curvature-dominated directions). K is the run's EK-FAC (stage "kronecker", which runs before it;
+  `influence.KroneckerCurvature.power_fn`) at the exact solve's damping, or without Kronecker factors the spectral
+  model of the top eigenpairs with the rest of the spectrum flattened (`influence.curvature.deflation_power`).
 - "kronecker": the K-FAC factors of every linear layer of the head and the EK-FAC eigenvalue correction
   (`influence.kfac`; Martens & Grosse 2015, George et al. 2018), two passes over the training features in chunks:
   the methods "kfac" / "ekfac" and the preconditioner of the exact-target solve.
@@ -253,12 +255,32 @@ def load_kronecker(
 
 
 def has_projected_deflation(ctx: BuildContext) -> bool:
-    """Whether the run projects its head gradients and has top eigenpairs to whiten them with."""
-    return ctx.manifest.projection is not None and ctx.paths.array("curvature_top_eigenvalues").exists()
+    """Whether the run projects its head gradients and has a curvature model to whiten them with: the EK-FAC of
+    stage "kronecker" or the top eigenpairs of stage "curvature"."""
+    if ctx.manifest.projection is None:
+        return False
+    return "kronecker" in ctx.manifest.extra or ctx.paths.array("curvature_top_eigenvalues").exists()
+
+
+def whitening_powers(paths: RunPaths, extra: dict[str, Any], record: dict[str, Any]) -> tuple[Any, Any]:
+    """(K^-1/2, K^1/2) as functions of rows [m, p] for the whitening model `record` describes (`extra["whitened"]`):
+    {"model": "ekfac", "damping": d} the run's EK-FAC (`influence.KroneckerCurvature.power_fn`), K = Q (Lambda + l2
+    + d) Q^T; otherwise ("spectral", and records written before the model was named) the spectral model of the
+    curvature's top eigenpairs with the rest of the spectrum flattened (`influence.deflation_power`)."""
+    damping = float(record["damping"])
+    if record.get("model", "spectral") == "ekfac":
+        ekfac = load_kronecker(paths, extra, damping=damping)["ekfac"]
+        return ekfac.power_fn(-0.5), ekfac.power_fn(0.5)
+    eigenvalues = np.asarray(load_array(paths.array("curvature_top_eigenvalues")), np.float64)
+    vectors = load_array(paths.array("curvature_top_eigenvectors"))
+    return (
+        inf.deflation_power(eigenvalues, vectors, damping, -0.5),
+        inf.deflation_power(eigenvalues, vectors, damping, 0.5),
+    )
 
 
 def _whitened_chunk(ctx: BuildContext, rows: int, half: Any, chunk: int) -> dict[str, np.ndarray]:
-    """One chunk of the "whitened" stage: P M^-1/2 g_i of its rows (`half` = M^-1/2, `influence.deflation_power`)."""
+    """One chunk of the "whitened" stage: P K^-1/2 g_i of its rows (`half` = K^-1/2, `whitening_powers`)."""
     from .examples import head_gradients
 
     proj = ctx.manifest.projection
@@ -271,15 +293,21 @@ def _whitened_chunk(ctx: BuildContext, rows: int, half: Any, chunk: int) -> dict
 
 
 def whitened_stage(ctx: BuildContext) -> ManifestPatch:
-    """P M^-1/2 g_i of every training example -> FAISS space "grad-whitened" (see the module docstring); chunks
-    on the actor pool in a distributed build (`indexer.shards.run_chunks`)."""
+    """P K^-1/2 g_i of every training example -> FAISS space "grad-whitened" (see the module docstring); chunks
+    on the actor pool in a distributed build (`indexer.shards.run_chunks`). K is the EK-FAC of stage "kronecker"
+    when the run has it, else the spectral model of the top eigenpairs; both at the damping of the run's exact
+    solve (`extra["damping"]`). The record `extra["whitened"]` names the model (`whitening_powers` reads it)."""
     from .shards import run_chunks, space_adder
 
     paths, proj = ctx.paths, ctx.manifest.projection
     assert proj is not None  # applies() checked it
     damping = float(ctx.manifest.extra["damping"])
-    eigenvalues = np.asarray(load_array(paths.array("curvature_top_eigenvalues")), np.float64)
-    half = inf.deflation_power(eigenvalues, load_array(paths.array("curvature_top_eigenvectors")), damping, -0.5)
+    if "kronecker" in ctx.manifest.extra:
+        record: dict[str, Any] = {"model": "ekfac", "damping": damping}
+    else:
+        rank = len(load_array(paths.array("curvature_top_eigenvalues")))
+        record = {"model": "spectral", "damping": damping, "rank": rank}
+    half, _ = whitening_powers(paths, ctx.manifest.extra, record)
     n = len(ctx.split("train")[1])
     # as many rows per chunk as the "grad" stage: each chunk regenerates the seeded projection (p x d draws),
     # which dominated this stage at 256 rows (1,181 s vs 364 s for "grad" at 60k rows, experiments/ray_scale.py)
@@ -299,6 +327,4 @@ def whitened_stage(ctx: BuildContext) -> ManifestPatch:
     add = space_adder(ctx, "whitened_vectors")
     index, space = build_vector_index(vecs, ctx.ids("train"), factory=ctx.config.factory, add=add)
     index.save(paths.vector("grad-whitened"))
-    return ManifestPatch(
-        spaces={"grad-whitened": space}, extra={"whitened": {"damping": damping, "rank": len(eigenvalues)}}
-    )
+    return ManifestPatch(spaces={"grad-whitened": space}, extra={"whitened": record})

@@ -659,24 +659,29 @@ def _get_sum(sums: KroneckerSums, name: str, shape: tuple[int, ...]) -> np.ndarr
 # ----------------------------------------------------------------------------------------------- the curvature
 
 
-def _apply_inverse(
+def _apply_power(
     blocks: tuple[Block, ...],
     q_a: tuple[jax.Array, ...],
     q_g: tuple[jax.Array, ...],
     eigenvalues: tuple[jax.Array, ...],
     shift: jax.Array,
+    power: float,
     R: jax.Array,
 ) -> jax.Array:
-    """Applies Q (Lambda + shift)^-1 Q^T block by block to the rows of R [m, p]; q_a / q_g hold one array per
-    linear block (in order)."""
+    """Applies Q (Lambda + shift)^power Q^T block by block to the rows of R [m, p]; q_a / q_g hold one array per
+    linear block (in order). power = -1 divides (the inverse, as before powers were added)."""
     m = R.shape[0]
     parts = []
     linear_index = 0
+
+    def scale(x: jax.Array, lam: jax.Array) -> jax.Array:
+        denom = lam.astype(R.dtype) + shift.astype(R.dtype)
+        return x / denom if power == -1.0 else x * denom**power
+
     for b, lam in zip(blocks, eigenvalues, strict=True):
         seg = R[:, b.offset : b.offset + b.size]
-        denom = lam.astype(R.dtype) + shift.astype(R.dtype)
         if isinstance(b, DiagonalBlock):
-            parts.append(seg / denom)
+            parts.append(scale(seg, lam))
             continue
         qa = q_a[linear_index].astype(R.dtype)
         qg = q_g[linear_index].astype(R.dtype)
@@ -686,7 +691,7 @@ def _apply_inverse(
             M = jnp.concatenate([seg[:, o:].reshape(m, o, i), seg[:, :o, None]], axis=-1)
         else:
             M = seg.reshape(m, o, i)
-        X = (qg.T @ M @ qa) / denom
+        X = scale(qg.T @ M @ qa, lam)
         Y = qg @ X @ qa.T
         if b.bias:
             parts.extend([Y[:, :, i], Y[:, :, :i].reshape(m, o * i)])
@@ -696,7 +701,7 @@ def _apply_inverse(
 
 
 @functools.lru_cache(maxsize=32)
-def _inverse_fn(blocks: tuple[Block, ...]) -> Callable[..., jax.Array]:
+def _power_fn(blocks: tuple[Block, ...], power: float) -> Callable[..., jax.Array]:
     @jax.jit
     def fn(
         q_a: tuple[jax.Array, ...],
@@ -705,7 +710,7 @@ def _inverse_fn(blocks: tuple[Block, ...]) -> Callable[..., jax.Array]:
         shift: jax.Array,
         R: jax.Array,
     ) -> jax.Array:
-        return _apply_inverse(blocks, q_a, q_g, eigenvalues, shift, R)
+        return _apply_power(blocks, q_a, q_g, eigenvalues, shift, power, R)
 
     return fn
 
@@ -849,11 +854,36 @@ class KroneckerCurvature:
         Args:
             damping: replaces this curvature's damping (None keeps it).
         """
+        return self.power_fn(-1.0, damping=damping)
+
+    def power_fn(self, power: float, *, damping: float | None = None) -> Partial:
+        """Returns R [m, p] -> K^power applied to every row, K = Q (Lambda + l2 + damping) Q^T this approximation
+        (block-diagonal; per linear block X = Q_G [(Q_G^T G Q_A) * (Lambda + l2 + d)^power] Q_A^T on the [out, k]
+        matrix G of the row's block), as a jitted ``Partial`` (arrays as leaves). power -1 is ``preconditioner``;
+        -1/2 and +1/2 whiten gradients and un-whiten queries (z = K^-1/2 g, y = K^1/2 x: y . z = x . g for any
+        such K, `indexer.training_set.whitened_stage`).
+
+        Args:
+            power: a real exponent (K is positive definite once l2 + damping > 0 or every eigenvalue is).
+            damping: replaces this curvature's damping (None keeps it).
+        """
+        if not is_real(power) or not math.isfinite(power):
+            raise ValueError(f"power must be a finite real number, got {power!r}")
         shift = self._shift(damping)
         q_a = tuple(jnp.asarray(q) for q in self.q_a if q is not None)
         q_g = tuple(jnp.asarray(q) for q in self.q_g if q is not None)
         eigenvalues = tuple(jnp.asarray(lam) for lam in self.eigenvalues)
-        return Partial(_inverse_fn(self.blocks), q_a, q_g, eigenvalues, jnp.asarray(shift, jnp.float64))
+        return Partial(_power_fn(self.blocks, float(power)), q_a, q_g, eigenvalues, jnp.asarray(shift, jnp.float64))
+
+    def power(self, G: ArrayLike, power: float, *, damping: float | None = None) -> np.ndarray:
+        """Returns K^power g for every row g of G [m, p], in G's dtype (``power_fn``; ``solve`` is power -1).
+
+        Args:
+            G: flat gradients [m, p] (``flatten_params`` order).
+            power: a real exponent, e.g. -0.5 or 0.5.
+            damping: replaces this curvature's damping (None keeps it).
+        """
+        return np.asarray(self.power_fn(power, damping=damping)(self._check_rows(G)))
 
     def solve(self, G: ArrayLike, *, damping: float | None = None) -> np.ndarray:
         """Returns Q (Lambda + l2 + damping)^-1 Q^T g for every row g of G [m, p], in G's dtype.
@@ -862,13 +892,16 @@ class KroneckerCurvature:
             G: flat gradients [m, p] (``flatten_params`` order).
             damping: replaces this curvature's damping (None keeps it).
         """
+        return np.asarray(self.preconditioner(damping=damping)(self._check_rows(G)))
+
+    def _check_rows(self, G: ArrayLike) -> jax.Array:
         G_arr = jnp.asarray(G)
         p = self.n_params
         if G_arr.ndim != 2 or G_arr.shape[1] != p:
             raise ValueError(f"G must have shape [m, {p}], got shape {G_arr.shape}")
         if not jnp.issubdtype(G_arr.dtype, jnp.floating):
             raise ValueError(f"G must be a floating array, got dtype {G_arr.dtype}")
-        return np.asarray(self.preconditioner(damping=damping)(G_arr))
+        return G_arr
 
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Returns the arrays to store and a JSON-able description (``from_arrays`` rebuilds the object).

@@ -17,16 +17,19 @@ def test_stage_names_and_order_are_those_of_existing_runs():
     names = [s.name for s in STAGES]
     existing = ["features", "metadata", "grad", "representer", "curvature", "tracin", "queries", "block"]
     assert [n for n in names if n in existing] == existing  # runs written before a new stage resume in order
-    assert names == [
-        *existing[:5],
-        "damping",
-        "whitened",
-        "kronecker",
-        *existing[5:],
-        "model",
-        "model-curvature",
-        "model-damping",
-    ]
+    assert (
+        names
+        == [
+            *existing[:5],
+            "damping",
+            "kronecker",
+            "whitened",  # after "kronecker" (it whitens with the EK-FAC); older runs resume either way
+            *existing[5:],
+            "model",
+            "model-curvature",
+            "model-damping",
+        ]
+    )
 
 
 def test_each_stage_writes_what_the_run_layout_says_it_does():

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.linalg
 
 from influence import (
     KroneckerCurvature,
@@ -247,6 +248,65 @@ def test_ekfac_is_closer_to_the_ggn_block_than_kfac(name):
         err_k = np.linalg.norm(block - U_b @ np.diag(kfac.eigenvalues[i].ravel()) @ U_b.T)
         err_e = np.linalg.norm(block - U_b @ np.diag(ekfac.eigenvalues[i].ravel()) @ U_b.T)
         assert err_e <= err_k + 1e-12
+
+
+def dense_kronecker(curvature, spec, params):
+    """The approximation as a dense [p, p] matrix built here: per linear block U diag(Lambda) U^T with U the
+    columns vec(Q_G[:, j] Q_A[:, k]^T) in theta's layout, diag(Lambda) on a diagonal block (without l2, damping)."""
+    index = theta_index(spec, params)
+    p = curvature.n_params
+    dense = np.zeros((p, p))
+    for i, b in enumerate(curvature.blocks):
+        lam = np.asarray(curvature.eigenvalues[i], np.float64).ravel()
+        if curvature.q_a[i] is None:
+            idx = index[b.layer]
+            dense[np.ix_(idx, idx)] = np.diag(lam)
+        else:
+            U = eigenbasis_vectors(curvature, b, index, p)
+            dense += U @ np.diag(lam) @ U.T
+    return dense
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_fractional_powers_equal_the_dense_matrix_power(name, kind):
+    """K^-1/2 and K^1/2 (K = the approximation + (l2 + d) I, the whitening of stage "whitened") equal
+    scipy's fractional_matrix_power of the dense matrix built from the same factors; their product is the identity
+    and -1 is the inverse."""
+    spec, params, h = HEADS[name]()
+    curvature = fit(spec, params, h, kind)
+    K = dense_kronecker(curvature, spec, params)
+    p = K.shape[0]
+    rng = np.random.default_rng(3)
+    R = rng.normal(size=(4, p))
+    for damping in (None, 0.3):
+        shifted = K + (L2 + (DAMPING if damping is None else damping)) * np.eye(p)
+        for power in (-0.5, 0.5, -1.0, 1.0):
+            expected = np.real(scipy.linalg.fractional_matrix_power(shifted, power))
+            got = curvature.power(np.eye(p), power, damping=damping)  # row j: K^power e_j (K symmetric)
+            np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-11)
+            np.testing.assert_allclose(curvature.power(R, power, damping=damping), R @ expected, rtol=1e-8, atol=1e-11)
+        half, inv_half = curvature.power(R, 0.5, damping=damping), curvature.power(R, -0.5, damping=damping)
+        np.testing.assert_allclose(curvature.power(half, -0.5, damping=damping), R, rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(np.sum(half * inv_half, 1), np.sum(R * R, 1), rtol=1e-9)
+    np.testing.assert_allclose(curvature.power(R, -1.0), curvature.solve(R), rtol=1e-12, atol=1e-14)
+    assert curvature.power(R.astype(np.float32), -0.5).dtype == np.float32
+    with pytest.raises(ValueError, match="power"):
+        curvature.power(R, float("nan"))
+
+
+def test_whitened_inner_product_is_the_score_for_any_curvature_model():
+    """y . z = x . g with z = K^-1/2 g, y = K^1/2 x, for EK-FAC, K-FAC and an arbitrary damping: the identity the
+    projected index rests on, exact without a projection."""
+    spec, params, h = HEADS["mlp"]()
+    rng = np.random.default_rng(4)
+    p = fit(spec, params, h, "kfac").n_params
+    x, g = rng.normal(size=(3, p)), rng.normal(size=(7, p))
+    for kind in ("kfac", "ekfac"):
+        curvature = fit(spec, params, h, kind)
+        for damping in (None, 2.0):
+            y, z = curvature.power(x, 0.5, damping=damping), curvature.power(g, -0.5, damping=damping)
+            np.testing.assert_allclose(y @ z.T, x @ g.T, rtol=1e-9, atol=1e-11)
 
 
 # ------------------------------------------------------------------------------------------ (d) PCG
