@@ -53,16 +53,14 @@ def dense_scores(index, method: str, test_ids: list[int], chunk: int = 2048):
     return np.asarray(q, np.float32), scores
 
 
-def estimates(index, q: np.ndarray) -> dict[str, np.ndarray]:
-    """The FAISS inner products of every training row [m, n]: "raw" P q . P g_i (space "grad") and "whitened"
-    P K^1/2 q . P K^-1/2 g_i (space "grad-whitened", the vectors the build stored)."""
+def estimates(index, q: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(the FAISS inner products of every training row [m, n]: "raw" P q . P g_i (space "grad") and "whitened"
+    P K^1/2 q . P K^-1/2 g_i (space "grad-whitened", the vectors the build stored); P K^1/2 q [m, d])."""
     engine, run = index.engine, index.run
     raw = engine.project(q) @ np.asarray(run.array("grad_vectors"), np.float32).T
     white = engine.project(np.asarray(engine.whitening_half(q), np.float32))
-    return {
-        "raw": raw.astype(np.float64),
-        "whitened": (white @ np.asarray(run.array("whitened_vectors")).T).astype(np.float64),
-    }
+    whitened = white @ np.asarray(run.array("whitened_vectors")).T
+    return {"raw": raw.astype(np.float64), "whitened": whitened.astype(np.float64)}, white
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -141,8 +139,9 @@ def main() -> None:
         t0 = time.perf_counter()
         q, exact = dense_scores(index, method, test_ids)
         out = {"exact_seconds": time.perf_counter() - t0, "offline": {}, "explain": {}}
-        est = estimates(index, q)
-        dumps |= {f"{method}_exact": exact, **{f"{method}_{name}": e for name, e in est.items()}}
+        est, white = estimates(index, q)
+        dumps |= {f"{method}_exact": exact, f"{method}_query_whitened": white}
+        dumps |= {f"{method}_{name}": e for name, e in est.items()}
         for name, e in est.items():
             out["offline"][name] = [offline_recall(exact, e, c) for c in PER_SIGN if c <= n // 2]
             out["pearson_" + name] = float(np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(e, exact, strict=True)]))
