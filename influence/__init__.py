@@ -17,6 +17,7 @@ jax.config.update("jax_enable_x64", True)
 from influence.curvature import (  # noqa: E402
     HeadCurvature,
     ProjectedCurvature,
+    deflated_inverse,
     deflation_power,
     pencil_eigenvalues,
     pencil_eigh,
@@ -136,6 +137,7 @@ __all__ = [
     "compute_representer_queries",
     "compute_top_eigenpairs",
     "cross_entropy",
+    "deflated_inverse",
     "deflation_power",
     "dense_curvature_rows",
     "eigenpair_residuals",

@@ -17,6 +17,7 @@ from influence import (
     compute_damping,
     compute_dense_curvature,
     compute_top_eigenpairs,
+    deflated_inverse,
     flatten_params,
     make_head_matvec,
     pencil_eigenvalues,
@@ -266,3 +267,28 @@ def test_deflation_powers_compose_and_invert(head) -> None:
     )
     with pytest.raises(ValueError, match="eigenvalues"):
         deflation_power(np.array([-1.0]), np.ones((3, 1)), 0.0, 0.5)
+
+
+def test_deflated_inverse_is_exact_on_the_top_eigenspace_and_the_approximation_elsewhere() -> None:
+    """float64, dense: U diag(1/(lambda + d)) U^T R + P K^-1 P R for any SPD K; the exact inverse when K = A + dI."""
+    rng = np.random.default_rng(3)
+    p, r, d = 30, 6, 0.05
+    X = rng.standard_normal((p, p))
+    A = X @ X.T / p + 1e-3 * np.eye(p)
+    lam, vecs = np.linalg.eigh(A)
+    lam, U = lam[::-1][:r], vecs[:, ::-1][:, :r]
+    Y = rng.standard_normal((p, p))
+    K = Y @ Y.T / p + 0.1 * np.eye(p)  # any SPD approximation
+    R = rng.standard_normal((4, p))
+    P = np.eye(p) - U @ U.T
+
+    def inverse_of(M: np.ndarray) -> Partial:
+        return Partial(lambda M_inv, B: B @ M_inv, jnp.asarray(np.linalg.inv(M)))
+
+    got = np.asarray(deflated_inverse(lam, U, d, inverse_of(K))(jnp.asarray(R)))
+    expected = (R @ U / (lam + d)) @ U.T + (R @ P) @ np.linalg.inv(K) @ P
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+    exact = np.asarray(deflated_inverse(lam, U, d, inverse_of(A + d * np.eye(p)))(jnp.asarray(R)))
+    np.testing.assert_allclose(exact, np.linalg.solve(A + d * np.eye(p), R.T).T, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="eigenvalues \\+ damping"):
+        deflated_inverse(-lam, U, 0.0, inverse_of(K))

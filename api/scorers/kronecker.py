@@ -3,15 +3,17 @@
 K is the block-diagonal K-FAC approximation of the GGN C (Martens & Grosse 2015, arXiv:1503.05671), per linear
 layer A_l (x) G_l from the layer's inputs and output gradients, or its EK-FAC refinement (George et al. 2018,
 arXiv:1806.03884; Grosse et al. 2023, arXiv:2308.03296): the same eigenbasis with the eigenvalues replaced by the
-diagonal of C in it. The query side is one application of the inverse (`influence.KroneckerCurvature.solve`): no
-iteration, so a query costs a gradient and a few small matrix products. Train side: the head gradients g_i
-(space "grad", re-scored exactly where the run projects them), as for the other head methods.
+diagonal of C in it. Where the run stores the top eigenpairs of C + l2 I, the model is exact on that subspace and
+Kronecker-factored on the rest (`Engine.kronecker_inverse`, `influence.deflated_inverse`). The query side is one
+application of the inverse: no iteration, so a query costs a gradient and a few small matrix products. Train side:
+the head gradients g_i (space "grad", re-scored exactly where the run projects them), as for the other head methods.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import jax.numpy as jnp
 import numpy as np
 
 from api.scorers.base import register
@@ -25,8 +27,9 @@ class KroneckerInfluence(HeadGradient):
     method = "ekfac"
 
     def query_vectors(self, queries: Queries) -> tuple[np.ndarray, dict[str, float]]:
-        curvature = self.engine.kronecker(self.method)
-        return curvature.solve(self.gradients(queries)), {"damping": curvature.damping}
+        inverse, diagnostics = self.engine.kronecker_inverse(self.method)
+        g = self.gradients(queries)
+        return np.asarray(inverse(jnp.asarray(g)), g.dtype), diagnostics
 
 
 @register("ekfac", scope="head")
