@@ -80,42 +80,42 @@ def test_a_build_on_two_nodes_equals_the_single_process_build(ray_cluster, digit
 
 
 @pytest.mark.slow
-def test_a_projected_head_built_on_two_nodes_equals_the_single_process_build(ray_cluster, digits_mlp_task, tmp_path):
-    config = IndexConfig(chunk_rows=300, project_above=1000, projection_dim=128, damping_subsets=0)
-    with build_index(digits_mlp_task, tmp_path / "one", config=config, progress=False) as ref:
-        assert ref.manifest.projection is not None
-        with build_index(digits_mlp_task, tmp_path / "ray", config=config, progress=False, ray="auto") as index:
-            assert not (tmp_path / "ray" / "shards").exists()
-            _assert_same_run(
-                index, ref, ARRAYS + KRONECKER + ("whitened_vectors",), ("grad", "grad-unit", "grad-whitened")
-            )
-
-
-@pytest.mark.slow
-def test_ivf_spaces_filled_in_parts_on_two_nodes_are_the_single_process_indexes(
+def test_a_projected_head_built_on_two_nodes_equals_the_single_process_build_ivf_spaces_byte_for_byte(
     ray_cluster, digits_mlp_task, tmp_path, monkeypatch
 ):
-    """FAISS's recipe for indexes built in pieces: trained once by the driver, each part added by a Ray task,
-    parts merged in id order -> byte for byte the index one process fills from the same vectors (ids, lists)."""
+    """A projected head (grad-whitened space too) with IVF spaces, built on two nodes and in one process: the same
+    arrays, ids, hits and explanations. FAISS's recipe for indexes built in pieces (trained once by the driver,
+    each part added by a Ray task, parts merged in id order) gives byte for byte the index one process fills from
+    the same vectors (ids, lists). (Flat spaces, added by the driver, are the two-node build's above.)"""
     import influence as inf
     from indexer import shards
     from store import build_vector_index
 
     monkeypatch.setattr(shards, "MIN_PART_ROWS", 200)  # several parts on this small training set
-    config = IndexConfig(project_above=1000, projection_dim=64, damping_subsets=0, factory="IVF8,Flat")
-    with build_index(digits_mlp_task, tmp_path / "ray", config=config, progress=False, ray="auto") as index:
-        ids = np.asarray(index.run.array("train_ids"))
-        grads = np.ascontiguousarray(index.run.array("grad_vectors"))
-        for space, vectors in (
-            ("grad", grads),
-            ("grad-unit", np.asarray(inf.normalize_rows(grads), np.float32)),
-            ("grad-whitened", np.ascontiguousarray(index.run.array("whitened_vectors"))),
-        ):
-            here, spec = build_vector_index(vectors, ids, factory="IVF8,Flat")
-            built = index.run.space(space)
-            assert here.mergeable and built.ntotal == len(ids) > 3 * 200, space
-            np.testing.assert_array_equal(built.to_bytes(), here.to_bytes(), err_msg=space)
-            assert index.manifest.spaces[space] == spec
+    config = IndexConfig(chunk_rows=300, project_above=1000, projection_dim=128, damping_subsets=0, factory="IVF8,Flat")
+    spaces = ("grad", "grad-unit", "grad-whitened")
+    with build_index(digits_mlp_task, tmp_path / "one", config=config, progress=False) as ref:
+        assert ref.manifest.projection is not None
+        with build_index(digits_mlp_task, tmp_path / "ray", config=config, progress=False, ray="auto") as index:
+            assert not (tmp_path / "ray" / "shards").exists()
+            _assert_same_run(index, ref, ARRAYS + KRONECKER + ("whitened_vectors",), spaces)
+            ids = np.asarray(index.run.array("train_ids"))
+            grads = np.ascontiguousarray(index.run.array("grad_vectors"))
+            for space, vectors in zip(
+                spaces,
+                (
+                    grads,
+                    np.asarray(inf.normalize_rows(grads), np.float32),
+                    np.ascontiguousarray(index.run.array("whitened_vectors")),
+                ),
+                strict=True,
+            ):
+                here, spec = build_vector_index(vectors, ids, factory="IVF8,Flat")
+                built = index.run.space(space)
+                assert here.mergeable and built.ntotal == len(ids) > 3 * 200, space
+                np.testing.assert_array_equal(built.to_bytes(), here.to_bytes(), err_msg=space)
+                np.testing.assert_array_equal(built.to_bytes(), ref.run.space(space).to_bytes(), err_msg=space)
+                assert index.manifest.spaces[space] == spec == ref.manifest.spaces[space]
 
 
 @pytest.mark.parametrize("dense", [False, True])
