@@ -258,13 +258,17 @@ class Engine:
     def whitening_half(self) -> Any | None:
         """v -> K^1/2 v for rows of v, K the curvature model the build whitened the projected space "grad-whitened"
         with (`indexer.training_set.whitened_stage`: the run's EK-FAC, or in runs without Kronecker factors and
-        those built before, the spectral model of the top eigenpairs); None when the run has no such space."""
+        those built before, the spectral model of the top eigenpairs), deflated along the ReLU rescaling
+        directions (`influence.symmetry`); None when the run has no such space."""
         from indexer.training_set import whitening_powers
 
         record = self.run.extra.get("whitened")
         if record is None or "grad-whitened" not in self.run.manifest.spaces:
             return None
-        return whitening_powers(self.run.paths, self.run.extra, record)[1]
+        up = whitening_powers(self.run.paths, self.run.extra, record)[1]
+        # y = K^1/2 v without its component along K^1/2 of the head's ReLU rescaling directions, which every
+        # z_i = K^-1/2 g_i is orthogonal to: the same y . z_i, a smaller ||y||, less projection noise
+        return inf.deflated_rows(up, inf.rescaling_directions(self.run.spec, self.run.params))
 
     def require_exact(self) -> None:
         """Raises a ValueError naming the limit when the run has no dense eigendecomposition."""

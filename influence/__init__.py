@@ -98,6 +98,7 @@ from influence.solvers import (  # noqa: E402
     solve_exact,
     solve_lissa,
 )
+from influence.symmetry import deflated_rows, rescaling_directions  # noqa: E402
 from influence.topk import StreamingTopK, merge_topk, select_topk, topk_both_signs  # noqa: E402
 
 __all__ = [
@@ -138,6 +139,7 @@ __all__ = [
     "compute_top_eigenpairs",
     "cross_entropy",
     "deflated_inverse",
+    "deflated_rows",
     "deflation_power",
     "dense_curvature_rows",
     "eigenpair_residuals",
@@ -164,6 +166,7 @@ __all__ = [
     "penultimate_features",
     "project",
     "reference_eigenvalue",
+    "rescaling_directions",
     "resolve_batch_size",
     "resolve_damping",
     "resolve_representer_lambda",

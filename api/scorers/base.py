@@ -109,15 +109,19 @@ def search(engine: Engine, scorer: Scorer, q: np.ndarray, k: int) -> tuple[list[
 
     An exact space answers from FAISS directly; a projected one proposes max(20 k, `engine.min_candidates`)
     candidates per sign, which are re-scored exactly and ranked with `influence.topk_both_signs` (ties: smaller
-    id first). Candidates for scores against raw gradients come from the whitened space where the run has one:
-    P M^1/2 q against P M^-1/2 g_i (`indexer.training_set.whitened_stage`), whose inner product estimates q . g_i.
+    id first). Candidates for influence scores (a curvature solve q against raw gradients, `whitened_candidates`)
+    come from the whitened space where the run has one: P K^1/2 q against P K^-1/2 g_i
+    (`indexer.training_set.whitened_stage`; K^1/2 q deflated along the ReLU rescaling directions,
+    `influence.symmetry`), whose inner product estimates q . g_i; grad-dot's from the raw projected space.
     """
     if not scorer.projected:
         index = engine.run.space(scorer.space)
         pos, neg = search_both_signs(index, np.ascontiguousarray(q, np.float32), k)
         return [(h.ids, h.scores) for h in pos], [(h.ids, h.scores) for h in neg]
-    space, half = scorer.space, engine.whitening_half
-    if space == "grad" and half is not None and engine.use_whitened_space:
+    space = scorer.space
+    whiten = space == "grad" and engine.use_whitened_space and getattr(scorer, "whitened_candidates", False)
+    half = engine.whitening_half if whiten else None
+    if half is not None:
         space, q_search = "grad-whitened", np.asarray(half(np.asarray(q, np.float32)))
     else:
         q_search = q

@@ -28,6 +28,9 @@ class HeadGradient(StoredTrainSide):
     method = "grad-dot"
     space = "grad"
     unit = False  # both sides normalised (grad-cos)
+    #: the query vector is a curvature solve x_q: candidates from the whitened space "grad-whitened" where the run
+    #: has one (`api.scorers.base.search`); a raw gradient (grad-dot) is estimated better by the raw space
+    whitened_candidates = False
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -62,6 +65,7 @@ class Lissa(HeadGradient):
     """Influence by LiSSA; stored test examples at their cached target read the build's query cache."""
 
     method = "lissa"
+    whitened_candidates = True
 
     def query_vectors(self, queries: Queries) -> tuple[np.ndarray, dict[str, float]]:
         engine, g = self.engine, self.gradients(queries)
@@ -85,6 +89,7 @@ class Lissa(HeadGradient):
 @register("exact", scope="head")
 class Exact(HeadGradient):
     method = "exact"
+    whitened_candidates = True
 
     def query_vectors(self, queries: Queries) -> tuple[np.ndarray, dict[str, float]]:
         self.engine.require_exact()

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 class KroneckerInfluence(HeadGradient):
     method = "ekfac"
+    whitened_candidates = True
 
     def query_vectors(self, queries: Queries) -> tuple[np.ndarray, dict[str, float]]:
         inverse, diagnostics = self.engine.kronecker_inverse(self.method)
