@@ -32,7 +32,10 @@ def reference(tmp_path_factory, digits_mlp_task):
     return path
 
 
-@pytest.mark.parametrize("fail_at", [2, 5, 9])
+# Interrupted at the 2nd chunk write (stage "features": train labels chunk 0 written, its features not) and at the
+# 18th (stage "grad", after "features" and "metadata" are recorded): SMALL_CHUNKS writes 6 + 6 train, 2 + 2 test
+# feature / label chunks, then 6 gradient chunks.
+@pytest.mark.parametrize("fail_at", [2, 18])
 def test_interrupted_build_resumes_to_the_same_run(tmp_path, monkeypatch, digits_mlp_task, reference, fail_at):
     from store import ChunkedArray
     from store.atomic import _temp_path
@@ -50,7 +53,10 @@ def test_interrupted_build_resumes_to_the_same_run(tmp_path, monkeypatch, digits
     path = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         build_index(digits_mlp_task, path, config=SMALL_CHUNKS, progress=False)
-    assert "complete" not in load_manifest(path).stages
+    assert calls["n"] == fail_at
+    recorded = load_manifest(path).stages
+    assert "complete" not in recorded and "grad" not in recorded
+    assert ("metadata" in recorded) == (fail_at > 16)  # the second point is past the feature stages
     # what a SIGKILL in the middle of an atomic write leaves behind (the real temp names of store.atomic)
     planted = [_temp_path(path / "arrays" / "curvature_eigenvectors.npy"), _temp_path(path / "manifest.json")]
     monkeypatch.setattr(ChunkedArray, "write_chunk", original)
