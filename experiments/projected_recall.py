@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import influence as inf
 from experiments.common import CACHE, RESULTS, fresh, load_fashion_mnist, make_fmnist_mlp, save_results, train_minibatch
 
 L2 = 1e-3
@@ -54,13 +55,23 @@ def dense_scores(index, method: str, test_ids: list[int], chunk: int = 2048):
 
 
 def estimates(index, q: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """(the FAISS inner products of every training row [m, n]: "raw" P q . P g_i (space "grad") and "whitened"
-    P K^1/2 q . P K^-1/2 g_i (space "grad-whitened", the vectors the build stored); P K^1/2 q [m, d])."""
+    """(the FAISS inner products of every training row [m, n]: "raw" P q . P g_i (space "grad"), "whitened"
+    P y . P K^-1/2 g_i with the engine's query side y (K^1/2 q deflated along the ReLU rescaling directions,
+    `influence.symmetry`) against the vectors the build stored (space "grad-whitened"), "whitened_undeflated" the
+    same with y = K^1/2 q; the engine's P y [m, d])."""
+    from indexer.training_set import whitening_powers
+
     engine, run = index.engine, index.run
     raw = engine.project(q) @ np.asarray(run.array("grad_vectors"), np.float32).T
+    stored = np.asarray(run.array("whitened_vectors"))
     white = engine.project(np.asarray(engine.whitening_half(q), np.float32))
-    whitened = white @ np.asarray(run.array("whitened_vectors")).T
-    return {"raw": raw.astype(np.float64), "whitened": whitened.astype(np.float64)}, white
+    up = whitening_powers(run.paths, run.extra, run.extra["whitened"])[1]  # K^1/2 without the deflation
+    plain = engine.project(np.asarray(up(q), np.float32))
+    return {
+        "raw": raw.astype(np.float64),
+        "whitened_undeflated": (plain @ stored.T).astype(np.float64),
+        "whitened": (white @ stored.T).astype(np.float64),
+    }, white
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,26 +110,37 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=60_000)
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--out", default=str(RESULTS / "projected_recall.json"))
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="measure the complete run already in experiments/cache (query-side changes need no rebuild)",
+    )
     args = ap.parse_args()
-    from api import build_index
+    from api import build_index, open_index
     from indexer import Task
 
     torch.set_num_threads(2)
-    xtr, ytr, xte, yte = load_fashion_mnist(args.n_train, seed=0)
-    t0 = time.perf_counter()
-    model = train_minibatch(make_fmnist_mlp(128, 0), torch.tensor(xtr), torch.tensor(ytr), l2=L2, epochs=15, seed=0)
-    train_s = time.perf_counter() - t0
-    task = Task(
-        model=model,
-        train=torch.utils.data.TensorDataset(torch.tensor(xtr), torch.tensor(ytr)),
-        test=torch.utils.data.TensorDataset(torch.tensor(xte), torch.tensor(yte)),
-        l2=L2,
-    )
-    run = fresh(CACHE / f"projected_recall_{args.n_train}")
-    t0 = time.perf_counter()
-    index = build_index(task, run, progress=True)
-    build_s = time.perf_counter() - t0
-    test_ids = sorted(np.random.default_rng(0).choice(len(xte), size=args.queries, replace=False).tolist())
+    run = CACHE / f"projected_recall_{args.n_train}"
+    if args.reuse:
+        index, train_s, build_s = open_index(run), None, None
+        n_test = len(index.run.test.labels)
+    else:
+        xtr, ytr, xte, yte = load_fashion_mnist(args.n_train, seed=0)
+        t0 = time.perf_counter()
+        model = make_fmnist_mlp(128, 0)
+        model = train_minibatch(model, torch.tensor(xtr), torch.tensor(ytr), l2=L2, epochs=15, seed=0)
+        train_s = time.perf_counter() - t0
+        task = Task(
+            model=model,
+            train=torch.utils.data.TensorDataset(torch.tensor(xtr), torch.tensor(ytr)),
+            test=torch.utils.data.TensorDataset(torch.tensor(xte), torch.tensor(yte)),
+            l2=L2,
+        )
+        t0 = time.perf_counter()
+        index = build_index(task, fresh(run), progress=True)
+        build_s = time.perf_counter() - t0
+        n_test = len(xte)
+    test_ids = sorted(np.random.default_rng(0).choice(n_test, size=args.queries, replace=False).tolist())
     n = len(index.train_ids)
     res = {
         "model": f"Fashion-MNIST MLP 784-128-10, {n} training images, l2 = 1e-3, Adam 15 epochs",
@@ -127,6 +149,8 @@ def main() -> None:
         "projection": {"dim": index.run.projection.dim, "seed": index.run.projection.seed},
         "whitened": index.manifest.extra.get("whitened"),
         "damping": index.manifest.extra.get("damping"),
+        "reused_build": bool(args.reuse),
+        "rescaling_directions": len(inf.rescaling_directions(index.run.spec, index.run.params)),
         "train_seconds": train_s,
         "build_seconds": build_s,
         "build_stage_seconds": index.manifest.extra.get("stage_seconds"),
