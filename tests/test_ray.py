@@ -92,7 +92,15 @@ def test_a_projected_head_built_on_two_nodes_equals_the_single_process_build_ivf
     from store import build_vector_index
 
     monkeypatch.setattr(shards, "MIN_PART_ROWS", 200)  # several parts on this small training set
-    config = IndexConfig(chunk_rows=300, project_above=1000, projection_dim=128, damping_subsets=0, factory="IVF8,Flat")
+    # no dense curvature (exact_max_params=0) and no damping calibration: driver-side stages, the same in both builds
+    config = IndexConfig(
+        chunk_rows=300,
+        project_above=1000,
+        projection_dim=128,
+        exact_max_params=0,
+        damping_subsets=0,
+        factory="IVF8,Flat",
+    )
     spaces = ("grad", "grad-unit", "grad-whitened")
     with build_index(digits_mlp_task, tmp_path / "one", config=config, progress=False) as ref:
         assert ref.manifest.projection is not None
