@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=60_000)
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--out", default=str(RESULTS / "projected_recall.json"))
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to measure")
+    ap.add_argument("--skip-explain", action="store_true", help="the offline replay only (no explain calls)")
     ap.add_argument(
         "--reuse",
         action="store_true",
@@ -159,7 +161,7 @@ def main() -> None:
         "methods": {},
     }
     dumps = {}
-    for method in METHODS:
+    for method in args.methods.split(","):
         t0 = time.perf_counter()
         q, exact = dense_scores(index, method, test_ids)
         out = {"exact_seconds": time.perf_counter() - t0, "offline": {}, "explain": {}}
@@ -176,6 +178,9 @@ def main() -> None:
                     f" - {row['recall_at_10_opponents']:.3f})",
                     flush=True,
                 )
+        res["methods"][method] = out
+        if args.skip_explain:
+            continue
         # explain itself at the budget that keeps the union within 1% (its floor: 20 k = 200 per sign)
         cands = max(1, round(BUDGET * n))
         index.engine.min_candidates = cands
