@@ -49,7 +49,7 @@ from .model_stage import is_model_scope, model_curvature_stage, model_stage
 from .queries import has_query_cache, queries_stage
 from .training_set import (
     curvature_stage,
-    has_projected_deflation,
+    has_whitening_model,
     kronecker_stage,
     representer_stage,
     whitened_stage,
@@ -181,7 +181,7 @@ STAGES: tuple[Stage, ...] = (
         writes=("whitened_vectors", "grad-whitened"),
         per_example=False,
         run=whitened_stage,
-        applies=has_projected_deflation,
+        applies=has_whitening_model,
     ),
     Stage(
         "tracin",

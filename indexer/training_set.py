@@ -254,7 +254,7 @@ def load_kronecker(
     }
 
 
-def has_projected_deflation(ctx: BuildContext) -> bool:
+def has_whitening_model(ctx: BuildContext) -> bool:
     """Whether the run projects its head gradients and has a curvature model to whiten them with: the EK-FAC of
     stage "kronecker" or the top eigenpairs of stage "curvature"."""
     if ctx.manifest.projection is None:
