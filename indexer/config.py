@@ -20,7 +20,9 @@ class IndexConfig:
         layer_projection_dim: scope="model": when the scope has more than min(`project_above`, `exact_max_params`)
             parameters (its curvature is a dense [d, d] matrix), each side
             (inputs, output gradients) of each layer larger than this is projected to this many dimensions
-            (LoGra, `indexer.logra`), so a layer's vector has at most this squared entries.
+            (LoGra, `indexer.logra`), so a layer's vector has at most this squared entries; except the layers
+            nearest the output that together fit that same min(...) budget, kept whole
+            (`indexer.logra.unprojected_layers`: the classifier of a CNN or an encoder is exact).
         exact_max_params: heads up to this many parameters get a dense eigendecomposition (method "exact").
         deflation_rank: top eigenpairs of the curvature computed once and deflated in LiSSA (0 = plain LiSSA).
         curvature_rows: the top-eigenpair subspace iterations run over a seeded subsample of this many

@@ -2,7 +2,8 @@
 
 phi_i = S^T g_i with S the block-diagonal LoGra projection (per layer P_in (x) P_out, `indexer.logra`; identity
 when the scope has at most min(`project_above`, `exact_max_params`) parameters: phi_i = g_i, the full per-example
-gradient, since the curvature below is a dense [d, d] matrix).
+gradient, since the curvature below is a dense [d, d] matrix; in a larger scope the layers nearest the output that
+fit that budget together keep identity blocks, `indexer.logra.unprojected_layers`).
 Influence is taken in that space (LoGra, Choe et al. 2024, arXiv:2405.13954):
 
     score(q, i) = phi_q^T (G + (l2 + delta) I)^-1 phi_i,   G = (1/m) sum_i sum_c p_ic phi_ic phi_ic^T
@@ -137,8 +138,10 @@ def model_stage(ctx: BuildContext) -> ManifestPatch:
     task, paths, config = ctx.task, ctx.paths, ctx.config
     scope = task.model_scope
     # the projected Gauss-Newton matrix is dense [d, d]: full gradients only up to the dense-solve size
-    k = config.layer_projection_dim if scope.n_params > min(config.project_above, config.exact_max_params) else None
-    record = layer_projection_record(scope.layers, k=k, seed=config.projection_seed)
+    full = min(config.project_above, config.exact_max_params)
+    k = config.layer_projection_dim if scope.n_params > full else None
+    # the layers nearest the output stay whole while together they fit the size a whole scope could have
+    record = layer_projection_record(scope.layers, k=k, seed=config.projection_seed, whole_budget=full)
     _, y = ctx.split("train")
     train_vecs = write_vectors(ctx, "model_train_vectors", task.train, y, record, "model grads train")
     if task.test is not None:

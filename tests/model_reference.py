@@ -65,12 +65,22 @@ def gradients_and_ggn(logits: np.ndarray, J: np.ndarray, targets: np.ndarray) ->
     return g, G
 
 
-def projection(model: nn.Module, names: list[str], k: int | None, seed: int) -> np.ndarray:
-    """S [p, d]: block-diagonal per layer, kron(P_out, P_in) (or a norm's Gaussian), identity sides <= k."""
+def projection(model: nn.Module, names: list[str], k: int | None, seed: int, whole_budget: int = 0) -> np.ndarray:
+    """S [p, d]: block-diagonal per layer, kron(P_out, P_in) (or a norm's Gaussian), identity sides <= k; the
+    layers that fit in `whole_budget` parameters together, taken from the last one back, are identity blocks."""
     modules = dict(model.named_modules())
+    whole, left = set(), whole_budget
+    for i in reversed(range(len(names))):
+        size = sum(p.numel() for p in modules[names[i]].parameters(recurse=False))
+        if size <= left:
+            whole.add(i)
+            left -= size
     blocks = []
     for i, n in enumerate(names):
         m = modules[n]
+        if i in whole:
+            blocks.append(np.eye(sum(p.numel() for p in m.parameters(recurse=False))))
+            continue
         if isinstance(m, nn.LayerNorm | nn.BatchNorm1d | nn.BatchNorm2d):
             size = 2 * m.weight.numel()
             kk = size if k is None or size <= k * k else k * k

@@ -98,6 +98,11 @@ def test_scope_model_takes_every_layer_and_records_it(task, runs):
     assert manifest.extra["model"]["dim"] == task.model_scope.n_params and manifest.extra["model"]["layer_dim"] is None
     on = load_manifest(runs["on"]).extra["model"]
     assert on["layer_dim"] == 4 and on["seed"] == 0 and all("seeds" in r for r in on["layers"])
+    # kept whole from the last layer back while they fit project_above=100 together: "7" (27), "0" (40), not the
+    # 222 and 440 entries of "2" and "5"
+    assert on["whole_budget"] == 100
+    assert [(r["k_in"], r["k_out"]) for r in on["layers"]] == [(10, 4), (4, 4), (4, 4), (9, 3)]
+    assert on["dim"] == 40 + 16 + 16 + 27
 
 
 def test_projection_off_exact_scores_are_the_full_gauss_newton_influence(runs, reference):
@@ -111,7 +116,7 @@ def test_projection_off_exact_scores_are_the_full_gauss_newton_influence(runs, r
 
 
 def test_projection_on_per_layer_vectors_and_scores_are_the_projected_formula(task, runs, reference):
-    S = projection(task.model, reference["names"], 4, 0)
+    S = projection(task.model, reference["names"], 4, 0, whole_budget=ON.project_above)
     phi, phiq, GS = reference["g"] @ S, reference["gq"] @ S, S.T @ reference["G"] @ S
     with open_index(runs["on"]) as index:
         stored = np.asarray(index.run.array("model_train_vectors"), np.float64)
@@ -184,9 +189,7 @@ def test_interrupted_build_resumes_to_the_same_arrays(task, runs, tmp_path, monk
         return original(self, i, arr)
 
     monkeypatch.setattr(ChunkedArray, "write_chunk", flaky)
-    config = IndexConfig(
-        exact_max_params=0, damping_subsets=0, project_above=100, layer_projection_dim=4, chunk_rows=10
-    )
+    config = IndexConfig(damping_subsets=0, project_above=100, layer_projection_dim=4, chunk_rows=10)
     path = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         build_index(task, path, config=config, progress=False)

@@ -87,7 +87,7 @@ def test_projection_off_scores_are_the_full_gauss_newton_influence(setup):
 
 def test_projection_on_scores_and_vectors_are_the_projected_formula(setup):
     _, runs, ref = setup
-    S = projection(ref["model"], ref["names"], 3, 0)
+    S = projection(ref["model"], ref["names"], 3, 0, whole_budget=100)
     phi, phiq, GS = ref["g"] @ S, ref["gq"] @ S, S.T @ ref["G"] @ S
     with open_index(runs["on"]) as index:
         stored = np.asarray(index.run.array("model_train_vectors"), np.float64)
@@ -104,7 +104,7 @@ def test_kfac_and_ekfac_on_the_projected_encoder(setup):
     from indexer.training_set import load_kronecker
 
     _, runs, ref = setup
-    S = projection(ref["model"], ref["names"], 3, 0)
+    S = projection(ref["model"], ref["names"], 3, 0, whole_budget=100)
     phi, phiq, GS = ref["g"] @ S, ref["gq"] @ S, S.T @ ref["G"] @ S
     with open_index(runs["on"]) as index:
         curv = load_kronecker(index.run.paths, index.run.extra, damping=0.0, prefix="model_")

@@ -95,7 +95,7 @@ def run(task, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(task):
     names = task.model_scope.names
-    S = projection(task.model, names, 4, 0)
+    S = projection(task.model, names, 4, 0, whole_budget=ON.project_above)
     logits, J = jacobians(task.model, names, [x for x, _ in task.train])
     y = np.array([t for _, t in task.train])
     g, G = gradients_and_ggn(logits, J, y)
@@ -145,7 +145,8 @@ def test_kfac_factors_and_ekfac_eigenvalues_on_the_projected_cnn(task, run, refe
         curv = load_kronecker(index.run.paths, index.run.extra, damping=0.0, prefix="model_")
     kfac, ekfac = curv["kfac"], curv["ekfac"]
     dims = [(r["k_out"], r["k_in"]) for r in record["layers"]]
-    assert [(b.out_features, b.in_features) for b in kfac.blocks] == dims == [(4, 4), (4, 4), (4, 4), (3, 4)]
+    # the last layer (27 entries) and the first (40) fit project_above=100 together and stay whole
+    assert [(b.out_features, b.in_features) for b in kfac.blocks] == dims == [(4, 10), (4, 4), (4, 4), (3, 9)]
     G = reference["G"]
     # EK-FAC: the diagonal of each block of the dense projected GGN in the K-FAC eigenbasis
     for b, qa, qg, lam in zip(ekfac.blocks, ekfac.q_a, ekfac.q_g, ekfac.eigenvalues, strict=True):

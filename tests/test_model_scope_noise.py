@@ -42,7 +42,7 @@ def test_self_influence_is_the_dense_whole_model_formula_and_finds_the_flips(fli
     names = task.model_scope.names
     logits, J = jacobians(task.model, names, [x for x, _ in task.train])
     g, G = gradients_and_ggn(logits, J, np.array([t for _, t in task.train]))
-    S = projection(task.model, names, 4, 0)
+    S = projection(task.model, names, 4, 0, whole_budget=ON.project_above)
     phi, GS = g @ S, S.T @ G @ S
     expected = np.einsum("nd,nd->n", phi, np.linalg.solve(GS + L2 * np.eye(len(GS)), phi.T).T)
     with open_index(path, lissa=inf.LissaConfig(damping=0.0)) as index:
