@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 # every Ray instance the tests and benchmarks start stays on 127.0.0.1 (Ray resolves it to the host's address without)
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install demo test lint format typecheck bench bench-cli bench-first-explain bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets tweets-noise tweets-lastblock bench-lastblock scale scale-dump scale-update bench-service bench-ray model-scale cnn-model-scope cnn-model-scale tweets-model-scope solver-speed projected-recall clean
+.PHONY: install demo test lint format typecheck bench bench-cli bench-first-explain bench-noise bench-noise-fmnist bench-noise-60k data loo lds lissa hvp fidelity tweets tweets-noise tweets-lastblock bench-lastblock scale scale-dump scale-update bench-service bench-ray model-scale cnn-model-scope cnn-layer-dims cnn-model-scale tweets-model-scope solver-speed projected-recall clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -158,6 +158,11 @@ $(PEERS)/.trak: $(STAMP)
 
 cnn-model-scope: $(STAMP) $(PEERS)/.kronfluence $(PEERS)/.trak data
 	$(BIN)/python -m experiments.cnn_model_scope
+
+# Which layers of the CNN's scope="model" run to project, and how far: LDS per layout (reads cnn-model-scope's cache;
+# five builds, ~30 min on 2 cores).
+cnn-layer-dims: $(STAMP) data
+	$(BIN)/python -m experiments.cnn_layer_dims
 
 # Whole-model influence on MiniLM (issue 15): the whole encoder + head fine-tuned on 120 tweets, indexed with
 # scope="model", "last-block" and "head" (build s, peak RSS), LDS of each against 16 half-subset retrains (the model
