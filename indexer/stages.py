@@ -30,6 +30,10 @@ of the two its manifest records and runs the other).
 | model | task, labels, logits, ids | model_train / test vectors, test targets, spaces model / model-unit | yes |
 | model-curvature | task, train labels, the model record | model_curvature, model_kronecker_bases, model_(e)kfac_eigenvalues | no |
 | model-damping | task, train and test labels, model_curvature, model_train_vectors | the calibrated damping (manifest) | no |
+
+A scope="model" run skips the head's solve stages (curvature, damping, kronecker, whitened, queries: `is_head_solve`);
+its "model-*" stages hold the curvature and damping every solve on it uses. The head's grad and representer stages
+still run (the representer stays on the last linear layer).
 """
 
 from __future__ import annotations
@@ -118,6 +122,13 @@ MODEL_CURVATURE_ARRAYS = (
     "model_ekfac_eigenvalues",
 )
 
+
+def is_head_solve(ctx: BuildContext) -> bool:
+    """Whether the run's influence solves are taken over the head (its curvature, damping, Kronecker models,
+    whitened space and query cache): every scope but "model", whose stages "model-*" hold their own."""
+    return not is_model_scope(ctx)
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "features",
@@ -153,6 +164,7 @@ STAGES: tuple[Stage, ...] = (
         writes=(*CURVATURE_ARRAYS, "curvature_dense_rows"),  # the last one: scratch chunks, removed at the end
         per_example=False,
         run=curvature_stage,
+        applies=is_head_solve,
     ),
     Stage(
         "damping",
@@ -160,6 +172,7 @@ STAGES: tuple[Stage, ...] = (
         writes=(),
         per_example=False,
         run=damping_stage,
+        applies=is_head_solve,
     ),
     Stage(
         "kronecker",
@@ -167,6 +180,7 @@ STAGES: tuple[Stage, ...] = (
         writes=(*KRONECKER_ARRAYS, "kronecker_factor_sums", "kronecker_correction_sums"),  # the last two: scratch
         per_example=False,
         run=kronecker_stage,
+        applies=is_head_solve,
     ),
     Stage(
         "whitened",
@@ -181,7 +195,7 @@ STAGES: tuple[Stage, ...] = (
         writes=("whitened_vectors", "grad-whitened"),
         per_example=False,
         run=whitened_stage,
-        applies=has_whitening_model,
+        applies=lambda ctx: is_head_solve(ctx) and has_whitening_model(ctx),
     ),
     Stage(
         "tracin",
@@ -204,7 +218,7 @@ STAGES: tuple[Stage, ...] = (
         writes=("query_solutions", "query_targets", "query_residuals", "query_depths"),
         per_example=False,
         run=queries_stage,
-        applies=has_query_cache,
+        applies=lambda ctx: is_head_solve(ctx) and has_query_cache(ctx),
     ),
     Stage(
         "block",
