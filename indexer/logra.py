@@ -36,7 +36,8 @@ from .layers import Layer
 
 def unprojected_layers(layers: Sequence[Layer], budget: int) -> set[int]:
     """The layers kept whole in a projected scope: walking from the last layer back, a layer whose full
-    per-example gradient (n_in x n_out entries) still fits in what is left of `budget` is kept whole.
+    per-example gradient (`Layer.n_params` = n_in x n_out entries) still fits in what is left of `budget` is
+    kept whole.
 
     The layers nearest the output go first (a classifier's gradient is exact, whatever the rest). On the
     Fashion-MNIST CNN of `experiments/cnn_layer_dims.py` (`results/cnn_layer_dims.json`) keeping the 385 x 10
@@ -46,10 +47,9 @@ def unprojected_layers(layers: Sequence[Layer], budget: int) -> set[int]:
     """
     keep, used = set(), 0
     for i in reversed(range(len(layers))):
-        size = layers[i].n_in * layers[i].n_out
-        if used + size <= budget:
+        if used + layers[i].n_params <= budget:
             keep.add(i)
-            used += size
+            used += layers[i].n_params
     return keep
 
 
